@@ -1,0 +1,48 @@
+"""aspy: an observability proxy for Claude Code and other Anthropic API clients."""
+from __future__ import annotations
+
+import json
+import logging
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from flask import Flask
+
+    from .config import Config
+    from .observe import Exchange
+
+__version__ = "0.1.0"
+
+
+def create_app(config: Config | None = None, test_config: dict | None = None) -> Flask:
+    """Create the WSGI app: the proxy, the API and the health check."""
+    # Imported here so that gunicorn's master, and gevent before it patches, load nothing heavy.
+    from flask import Flask
+
+    from . import health, proxy
+    from .config import load_config
+
+    app = Flask(__name__)
+    app.config["ASPY"] = config if config is not None else load_config()
+    app.config.update(test_config or {})
+    _setup_logging()
+    app.extensions["aspy.record"] = log_exchange
+    app.register_blueprint(health.bp)
+    app.register_blueprint(proxy.bp)
+    return app
+
+
+def log_exchange(exchange: Exchange) -> None:
+    """Write one structured log line for an exchange."""
+    logging.getLogger("aspy.exchange").info(json.dumps(exchange.summary(), separators=(",", ":")))
+
+
+def _setup_logging() -> None:
+    """Send aspy's own log lines to stderr unless something else already set them up."""
+    logger = logging.getLogger("aspy")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False

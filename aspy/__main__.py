@@ -1,0 +1,4 @@
+"""Allow ``python -m aspy``."""
+from .cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,401 @@
+"""Read config.toml and check every table and key before anything is served.
+
+The file is found at ``--config``, else ``$ASPY_CONFIG``, else
+``$XDG_CONFIG_HOME/aspy/config.toml``. No file at all is valid: aspy then runs in
+legacy mode to Anthropic. Every mistake is collected and reported in one
+:class:`ConfigError` whose lines name the file, the table, the key and what was expected.
+"""
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+DEFAULT_LISTEN = "127.0.0.1:8080"
+DEFAULT_PROVIDER = "anthropic"
+DEFAULT_BASE_URL = "https://api.anthropic.com"
+CLIENT_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
+PROXY_TOKEN = re.compile(r"pt_[A-Za-z0-9_-]{16,128}")
+# First path segments that mean something to aspy itself, so no client may take them.
+RESERVED_SEGMENTS = frozenset({"api", "v1", "health", "metrics", "dashboard"})
+DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?")
+DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
+
+
+class ConfigError(Exception):
+    """One or more mistakes in the configuration, each on its own line."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("invalid configuration:\n  " + "\n  ".join(problems))
+
+
+@dataclass(frozen=True)
+class Provider:
+    """An upstream that speaks the Messages API (or Bedrock's framing of it)."""
+
+    id: str
+    base_url: str
+    name: str
+    api_key_env: str | None = None
+
+
+@dataclass(frozen=True)
+class Client:
+    """A named user of the proxy, reached as ``/<id>/...`` or ``/<proxy_token>/...``."""
+
+    id: str
+    name: str
+    provider: str
+    tags: tuple[str, ...] = ()
+    proxy_token: str | None = field(default=None, repr=False)
+    legacy_user_hashes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Server:
+    """The ``[server]`` table."""
+
+    host: str = "127.0.0.1"
+    port: int = 8080
+    workers: int = 2
+    api_token: str | None = field(default=None, repr=False)
+    # Seconds to wait for upstream headers, and between two reads of its body.
+    upstream_timeout: float = 600.0
+    connect_timeout: float = 10.0
+
+    @property
+    def listen(self) -> str:
+        """Return the address as ``host:port`` (IPv6 hosts in brackets)."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class Store:
+    """The ``[store]`` table."""
+
+    url: str
+    retention_days: int = 90
+
+
+@dataclass(frozen=True)
+class Sessions:
+    """The ``[sessions]`` table, durations in seconds."""
+
+    idle_after: float = 300.0
+    end_after: float = 3600.0
+    events_per_session: int = 500
+
+
+@dataclass(frozen=True)
+class Legacy:
+    """The ``[legacy]`` table: requests that carry no client segment."""
+
+    enabled: bool = True
+    provider: str = DEFAULT_PROVIDER
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything aspy was told, checked."""
+
+    path: Path | None
+    server: Server
+    store: Store
+    sessions: Sessions
+    capture_content: bool
+    legacy: Legacy
+    clients: dict[str, Client]
+    providers: dict[str, Provider]
+
+    def client_by_token(self) -> dict[str, Client]:
+        """Return the clients that have a proxy token, keyed by it."""
+        return {c.proxy_token: c for c in self.clients.values() if c.proxy_token}
+
+
+def config_path(explicit: str | os.PathLike | None = None) -> Path:
+    """Return where the configuration is looked for, by the documented order."""
+    if explicit:
+        return Path(explicit).expanduser()
+    if os.environ.get("ASPY_CONFIG"):
+        return Path(os.environ["ASPY_CONFIG"]).expanduser()
+    base = os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config"
+    return Path(base) / "aspy" / "config.toml"
+
+
+def default_store_url() -> str:
+    """Return the embedded store's default location under ``$XDG_STATE_HOME``."""
+    base = os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state"
+    return f"sqlite:///{Path(base) / 'aspy' / 'aspy.db'}"
+
+
+def load_config(path: str | os.PathLike | None = None) -> Config:
+    """Find, read and check the configuration; raise ConfigError on any mistake."""
+    found = config_path(path)
+    if not found.exists():
+        if path or os.environ.get("ASPY_CONFIG"):
+            raise ConfigError([f"{found}: file not found"])
+        return parse_config({}, None)
+    try:
+        data = tomllib.loads(found.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError([f"{found}: cannot read: {exc}"]) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([f"{found}: not valid TOML: {exc}"]) from None
+    return parse_config(data, found)
+
+
+def parse_config(data: dict[str, Any], path: Path | None) -> Config:
+    """Check a decoded TOML document and build the Config it describes."""
+    checker = _Checker(path)
+    return checker.config(data)
+
+
+def parse_duration(value: Any) -> float | None:
+    """Return seconds for ``"5m"``, ``"30s"``, ``"1h"``, ``"250ms"`` or a number; None if invalid."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return float(value) if value >= 0 else None
+    if isinstance(value, str):
+        match = DURATION.fullmatch(value.strip())
+        if match:
+            return float(match.group(1)) * DURATION_UNITS[match.group(2)]
+    return None
+
+
+def url_problem(url: Any) -> str | None:
+    """Say what is wrong with an upstream base URL, or return None if it is usable."""
+    if not isinstance(url, str):
+        return "expected a string URL such as \"https://api.anthropic.com\""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return f"expected an http:// or https:// URL with a host, got {url!r}"
+    if parts.query or parts.fragment or "@" in parts.netloc or "\\" in url:
+        return f"expected a plain base URL without credentials, query or fragment, got {url!r}"
+    try:
+        parts.port
+    except ValueError:
+        return f"expected a valid port in {url!r}"
+    return None
+
+
+class _Checker:
+    """Walk a TOML document, building typed tables and collecting every problem."""
+
+    def __init__(self, path: Path | None):
+        self.where = str(path) if path else "(defaults)"
+        self.problems: list[str] = []
+
+    def problem(self, table: str, key: str | None, message: str) -> None:
+        """Note one mistake, naming file, table and key."""
+        spot = f"[{table}]" + (f" {key}" if key else "")
+        self.problems.append(f"{self.where}: {spot}: {message}")
+
+    def table(self, data: dict, name: str, known: set[str]) -> dict:
+        """Return a table, reporting a wrong type or unknown keys."""
+        value = data.get(name, {})
+        if not isinstance(value, dict):
+            self.problem(name, None, "expected a table")
+            return {}
+        for key in value.keys() - known:
+            self.problem(name, key, f"unknown key; expected one of: {', '.join(sorted(known))}")
+        return value
+
+    def typed(self, table: str, data: dict, key: str, kind: type | tuple, default: Any,
+              expected: str) -> Any:
+        """Return ``data[key]`` if it has the right type, else note it and return default."""
+        if key not in data:
+            return default
+        value = data[key]
+        if isinstance(value, bool) and kind is not bool:
+            ok = False
+        else:
+            ok = isinstance(value, kind)
+        if not ok:
+            self.problem(table, key, f"expected {expected}, got {value!r}")
+            return default
+        return value
+
+    def duration(self, table: str, data: dict, key: str, default: float) -> float:
+        """Return a duration in seconds, noting a malformed one."""
+        if key not in data:
+            return default
+        seconds = parse_duration(data[key])
+        if seconds is None:
+            self.problem(table, key, f'expected a duration such as "30s", "5m" or "1h", got {data[key]!r}')
+            return default
+        return seconds
+
+    def config(self, data: dict) -> Config:
+        """Check the whole document."""
+        known = {"server", "store", "sessions", "capture", "legacy", "clients", "providers"}
+        for key in data.keys() - known:
+            self.problem(key, None, f"unknown table; expected one of: {', '.join(sorted(known))}")
+        server = self.server(data)
+        store = self.store(data)
+        sessions = self.sessions(data)
+        capture = self.table(data, "capture", {"content"})
+        capture_content = self.typed("capture", capture, "content", bool, True, "true or false")
+        providers = self.providers(data)
+        legacy = self.legacy(data, providers)
+        clients = self.clients(data, providers)
+        if self.problems:
+            raise ConfigError(self.problems)
+        return Config(
+            path=None if self.where == "(defaults)" else Path(self.where),
+            server=server, store=store, sessions=sessions, capture_content=capture_content,
+            legacy=legacy, clients=clients, providers=providers,
+        )
+
+    def server(self, data: dict) -> Server:
+        """Check ``[server]``."""
+        t = self.table(data, "server", {"listen", "workers", "api_token", "upstream_timeout",
+                                        "connect_timeout"})
+        listen = self.typed("server", t, "listen", str, DEFAULT_LISTEN, 'a string "host:port"')
+        host, port = self.listen(listen)
+        workers = self.typed("server", t, "workers", int, 2, "a whole number of worker processes")
+        if workers < 1:
+            self.problem("server", "workers", f"expected at least 1, got {workers}")
+        token = self.typed("server", t, "api_token", str, None, "a string")
+        if token is not None and len(token) < 16:
+            self.problem("server", "api_token", "expected at least 16 characters")
+        return Server(
+            host=host, port=port, workers=workers, api_token=token,
+            upstream_timeout=self.duration("server", t, "upstream_timeout", 600.0),
+            connect_timeout=self.duration("server", t, "connect_timeout", 10.0),
+        )
+
+    def listen(self, listen: str) -> tuple[str, int]:
+        """Split ``host:port``, noting a malformed address."""
+        match = re.fullmatch(r"\[?([^\[\]]*?)\]?:(\d{1,5})", listen)
+        if not match or not match.group(1) or not 0 < int(match.group(2)) < 65536:
+            self.problem("server", "listen", f'expected "host:port" such as "{DEFAULT_LISTEN}", got {listen!r}')
+            return "127.0.0.1", 8080
+        return match.group(1), int(match.group(2))
+
+    def store(self, data: dict) -> Store:
+        """Check ``[store]``."""
+        t = self.table(data, "store", {"url", "retention_days"})
+        url = self.typed("store", t, "url", str, None, "a string URL")
+        if url is None:
+            url = default_store_url()
+        elif not url.startswith(("sqlite:///", "postgresql://", "postgres://")):
+            self.problem("store", "url", f'expected "sqlite:///PATH" or "postgresql://...", got {url!r}')
+        days = self.typed("store", t, "retention_days", int, 90, "a whole number of days")
+        if days < 1:
+            self.problem("store", "retention_days", f"expected at least 1, got {days}")
+        return Store(url=url, retention_days=days)
+
+    def sessions(self, data: dict) -> Sessions:
+        """Check ``[sessions]``."""
+        t = self.table(data, "sessions", {"idle_after", "end_after", "events_per_session"})
+        idle = self.duration("sessions", t, "idle_after", 300.0)
+        end = self.duration("sessions", t, "end_after", 3600.0)
+        if end < idle:
+            self.problem("sessions", "end_after", "expected a duration no shorter than idle_after")
+        events = self.typed("sessions", t, "events_per_session", int, 500, "a whole number")
+        if events < 1:
+            self.problem("sessions", "events_per_session", f"expected at least 1, got {events}")
+        return Sessions(idle_after=idle, end_after=end, events_per_session=events)
+
+    def providers(self, data: dict) -> dict[str, Provider]:
+        """Check every ``[providers.*]`` table; add the default Anthropic one."""
+        providers = {DEFAULT_PROVIDER: Provider(DEFAULT_PROVIDER, DEFAULT_BASE_URL, "Anthropic")}
+        tables = data.get("providers", {})
+        if not isinstance(tables, dict):
+            self.problem("providers", None, "expected tables such as [providers.anthropic]")
+            return providers
+        for pid, t in tables.items():
+            name = f"providers.{pid}"
+            if not isinstance(t, dict):
+                self.problem(name, None, "expected a table")
+                continue
+            for key in t.keys() - {"base_url", "name", "api_key_env"}:
+                self.problem(name, key, "unknown key; expected one of: api_key_env, base_url, name")
+            if "base_url" not in t:
+                self.problem(name, "base_url", "missing required field; expected a URL")
+                continue
+            problem = url_problem(t["base_url"])
+            if problem:
+                self.problem(name, "base_url", problem)
+                continue
+            env = self.typed(name, t, "api_key_env", str, None, "the name of an environment variable")
+            if env is not None and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", env):
+                self.problem(name, "api_key_env", f"expected an environment variable name, got {env!r}")
+            providers[pid] = Provider(
+                id=pid, base_url=t["base_url"].rstrip("/"),
+                name=self.typed(name, t, "name", str, pid, "a string"), api_key_env=env,
+            )
+        return providers
+
+    def legacy(self, data: dict, providers: dict[str, Provider]) -> Legacy:
+        """Check ``[legacy]``."""
+        t = self.table(data, "legacy", {"enabled", "provider"})
+        enabled = self.typed("legacy", t, "enabled", bool, True, "true or false")
+        provider = self.typed("legacy", t, "provider", str, DEFAULT_PROVIDER, "a provider name")
+        if provider not in providers:
+            self.problem("legacy", "provider", f"unknown provider {provider!r}; expected one of: "
+                         f"{', '.join(sorted(providers))}")
+        return Legacy(enabled=enabled, provider=provider)
+
+    def clients(self, data: dict, providers: dict[str, Provider]) -> dict[str, Client]:
+        """Check every ``[clients.*]`` table."""
+        tables = data.get("clients", {})
+        if not isinstance(tables, dict):
+            self.problem("clients", None, "expected tables such as [clients.dev-1]")
+            return {}
+        clients: dict[str, Client] = {}
+        token_owner: dict[str, str] = {}
+        known = {"name", "provider", "tags", "proxy_token", "legacy_user_hashes"}
+        for cid, t in tables.items():
+            name = f"clients.{cid}"
+            if not CLIENT_ID.fullmatch(cid):
+                self.problem(name, None, "client id must be 1 to 64 of A-Z a-z 0-9 . _ -")
+            elif cid.lower() in RESERVED_SEGMENTS or cid.startswith("pt_") or cid in (".", ".."):
+                self.problem(name, None, f"client id {cid!r} is reserved (api, v1, health, metrics, "
+                                         "dashboard, ., .., and anything starting with pt_)")
+            if not isinstance(t, dict):
+                self.problem(name, None, "expected a table")
+                continue
+            for key in t.keys() - known:
+                self.problem(name, key, f"unknown key; expected one of: {', '.join(sorted(known))}")
+            for key in ("name", "provider"):
+                if key not in t:
+                    self.problem(name, key, "missing required field; expected a string")
+            display = self.typed(name, t, "name", str, cid, "a string")
+            provider = self.typed(name, t, "provider", str, None, "a provider name")
+            if provider is not None and provider not in providers:
+                self.problem(name, "provider", f"unknown provider {provider!r}; expected one of: "
+                             f"{', '.join(sorted(providers))}")
+            tags = self.string_list(name, t, "tags", re.compile(r".{1,64}"), "short strings")
+            hashes = self.string_list(name, t, "legacy_user_hashes", re.compile(r"[0-9a-f]{16}"),
+                                      "16 lowercase hex characters each")
+            token = self.typed(name, t, "proxy_token", str, None, "a string")
+            if token is not None:
+                if not PROXY_TOKEN.fullmatch(token):
+                    self.problem(name, "proxy_token", "expected \"pt_\" followed by at least 16 URL-safe "
+                                                      "characters (make one with `aspy token new`)")
+                elif token in token_owner:
+                    self.problem(name, "proxy_token", f"duplicate proxy token: clients.{token_owner[token]} "
+                                                      "has the same one")
+                else:
+                    token_owner[token] = cid
+            clients[cid] = Client(id=cid, name=display, provider=provider or DEFAULT_PROVIDER,
+                                  tags=tags, proxy_token=token, legacy_user_hashes=hashes)
+        return clients
+
+    def string_list(self, table: str, data: dict, key: str, pattern: re.Pattern,
+                    expected: str) -> tuple[str, ...]:
+        """Return a list of strings each matching ``pattern``, noting any that does not."""
+        value = self.typed(table, data, key, list, [], f"a list of {expected}")
+        bad = [v for v in value if not isinstance(v, str) or not pattern.fullmatch(v)]
+        if bad:
+            self.problem(table, key, f"expected a list of {expected}, got {bad!r}")
+            return ()
+        return tuple(value)

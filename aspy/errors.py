@@ -1,0 +1,30 @@
+"""The one place that makes errors in Anthropic's shape.
+
+Claude Code and the SDKs read ``{"type": "error", "error": {"type", "message"}}``; every
+error aspy itself produces, from the proxy or the API, goes through :func:`error_response`.
+"""
+from __future__ import annotations
+
+import json
+
+from flask import Response
+
+
+class AspyError(Exception):
+    """An error to answer with, in Anthropic's shape."""
+
+    def __init__(self, status: int, kind: str, message: str):
+        super().__init__(message)
+        self.status = status
+        self.kind = kind
+        self.message = message
+
+
+def error_body(kind: str, message: str) -> bytes:
+    """Return the JSON bytes of an Anthropic-shaped error."""
+    return json.dumps({"type": "error", "error": {"type": kind, "message": message}}).encode()
+
+
+def error_response(status: int, kind: str, message: str) -> Response:
+    """Return an Anthropic-shaped error response."""
+    return Response(error_body(kind, message), status=status, content_type="application/json")

@@ -1,0 +1,229 @@
+"""Forward every request to its client's provider and relay the answer as it arrives.
+
+The request body is read whole (up to 32 MiB) and sent as the same bytes; headers are
+filtered in one place (:func:`forward_headers`, :func:`relay_headers`); the response is
+streamed back chunk by chunk through ``iter_content`` and each chunk is handed to an
+observer only after it was yielded, so parsing never delays the client. When the response
+is finished (or the client left), the exchange is recorded after the last byte is out.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Callable, Iterator
+
+import requests
+from flask import Blueprint, Response, current_app, request
+from requests.adapters import HTTPAdapter
+
+from .config import Config
+from .errors import AspyError, error_body, error_response
+from .observe import Exchange, observer_for, read_request
+from .routing import resolve, user_hash
+
+log = logging.getLogger(__name__)
+bp = Blueprint("proxy", __name__)
+
+MAX_BODY = 32 * 1024 * 1024
+READ_CHUNK = 64 * 1024
+# RFC 9110 section 7.6.1 connection-specific fields, plus the legacy ones still seen.
+HOP_BY_HOP = frozenset({
+    "connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding",
+    "upgrade", "proxy-authenticate", "proxy-authorization",
+})
+NOT_FORWARDED = HOP_BY_HOP | {"host", "content-length", "accept-encoding"}
+NOT_RELAYED = HOP_BY_HOP | {"content-length", "content-encoding"}
+STREAM_TYPES = ("text/event-stream", "application/vnd.amazon.eventstream")
+# Request headers kept on the record: session keys and context hints, never credentials.
+OBSERVED_HEADERS = ("x-claude-code-session-id", "x-session-id", "x-claude-code-agent-id",
+                    "anthropic-beta", "user-agent")
+
+
+def is_hop_by_hop(name: str, connection: str | None) -> bool:
+    """Tell whether a header belongs to one connection only (and is never forwarded)."""
+    name = name.lower()
+    if name in HOP_BY_HOP:
+        return True
+    return bool(connection) and name in {t.strip().lower() for t in connection.split(",")}
+
+
+def forward_headers(environ: dict, drop_credentials: bool) -> dict[str, str]:
+    """Return the client's headers as they go upstream."""
+    connection = environ.get("HTTP_CONNECTION")
+    headers = {}
+    for key, value in environ.items():
+        if key.startswith("HTTP_"):
+            name = key[5:].replace("_", "-").lower()
+        elif key == "CONTENT_TYPE" and value:
+            name = "content-type"
+        else:
+            continue
+        if name in NOT_FORWARDED or is_hop_by_hop(name, connection):
+            continue
+        headers[name] = value
+    if drop_credentials:
+        headers.pop("x-api-key", None)
+        headers.pop("authorization", None)
+    # aspy reads the body to observe it, so it asks for it plain.
+    headers["accept-encoding"] = "identity"
+    return headers
+
+
+def relay_headers(upstream: requests.Response) -> list[tuple[str, str]]:
+    """Return the upstream's response headers as they go back to the client."""
+    raw = upstream.raw.headers
+    connection = raw.get("connection")
+    headers = [(k, v) for k, v in raw.items()
+               if k.lower() not in NOT_RELAYED and not is_hop_by_hop(k, connection)]
+    if upstream.headers.get("content-type", "").startswith(STREAM_TYPES):
+        headers.append(("X-Accel-Buffering", "no"))
+    return headers
+
+
+def upstream_session() -> requests.Session:
+    """Return this worker's pooled session to the providers, made on first use after fork."""
+    session = current_app.extensions.get("aspy.upstream")
+    if session is None or session.pid != os.getpid():
+        session = requests.Session()
+        session.headers.clear()
+        session.trust_env = False
+        adapter = HTTPAdapter(pool_connections=16, pool_maxsize=256, max_retries=0)
+        session.mount("http://", adapter)
+        session.mount("https://", adapter)
+        session.pid = os.getpid()
+        current_app.extensions["aspy.upstream"] = session
+    return session
+
+
+def read_body(environ: dict) -> bytes:
+    """Read the request body, declared or chunked; refuse one over 32 MiB with 413."""
+    too_large = AspyError(413, "request_too_large",
+                          f"Request body is larger than the proxy's limit of {MAX_BODY} bytes (32 MiB)")
+    stream = environ["wsgi.input"]
+    declared = environ.get("CONTENT_LENGTH")
+    if declared:
+        try:
+            length = int(declared)
+        except ValueError:
+            raise AspyError(400, "invalid_request_error", "Content-Length is not a number") from None
+        if length > MAX_BODY:
+            raise too_large
+        return stream.read(length) if length else b""
+    if "chunked" not in environ.get("HTTP_TRANSFER_ENCODING", "").lower():
+        return b""
+    parts, size = [], 0
+    while True:
+        part = stream.read(READ_CHUNK)
+        if not part:
+            return b"".join(parts)
+        size += len(part)
+        if size > MAX_BODY:
+            raise too_large
+        parts.append(part)
+
+
+@bp.route("/", defaults={"_path": ""}, methods=["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"])
+@bp.route("/<path:_path>", methods=["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"])
+def forward(_path: str) -> Response:
+    """Forward one request to its provider and stream the answer back."""
+    config: Config = current_app.config["ASPY"]
+    environ = request.environ
+    started = time.time()
+    raw_uri = environ.get("RAW_URI") or environ.get("REQUEST_URI") or environ.get("PATH_INFO", "/")
+    raw_path = raw_uri.split("?", 1)[0]
+    try:
+        route = resolve(config, raw_path, environ.get("QUERY_STRING", ""))
+        body = read_body(environ)
+    except AspyError as exc:
+        return error_response(exc.status, exc.kind, exc.message)
+
+    api_key_env = route.provider.api_key_env
+    headers = forward_headers(environ, drop_credentials=bool(api_key_env))
+    if api_key_env:
+        headers["x-api-key"] = os.environ.get(api_key_env, "")
+    exchange = Exchange(
+        started_at=started, method=request.method, path=raw_path,
+        client=route.client.id if route.client else None, provider=route.provider.id,
+        user=user_hash(environ.get("HTTP_X_API_KEY"), environ.get("HTTP_AUTHORIZATION")),
+        headers={h: headers[h] for h in OBSERVED_HEADERS if h in headers},
+        body=body, content_type=environ.get("CONTENT_TYPE", ""),
+    )
+    record = current_app.extensions["aspy.record"]
+    timeout = (config.server.connect_timeout, config.server.upstream_timeout)
+    try:
+        upstream = upstream_session().request(
+            request.method, route.url, headers=headers, data=body, stream=True,
+            timeout=timeout, allow_redirects=False)
+    except requests.exceptions.ConnectTimeout:
+        return _failed(exchange, record, 502, "upstream_error", "Upstream unreachable")
+    except requests.exceptions.ReadTimeout:
+        return _failed(exchange, record, 504, "timeout_error",
+                       f"Upstream sent no response headers within {config.server.upstream_timeout:g} seconds")
+    except requests.exceptions.RequestException as exc:
+        log.warning("upstream %s unreachable: %s", route.provider.id, type(exc).__name__)
+        return _failed(exchange, record, 502, "upstream_error", "Upstream unreachable")
+
+    exchange.status = upstream.status_code
+    exchange.ttfb_ms = (time.time() - started) * 1000
+    exchange.response_type = upstream.headers.get("content-type", "")
+    exchange.request_id = upstream.headers.get("request-id")
+    exchange.rate_limits = {k.lower(): v for k, v in upstream.headers.items()
+                            if k.lower().startswith("anthropic-ratelimit-")}
+    body_iter = _relay(upstream, exchange)
+    response = Response(body_iter, status=upstream.status_code, headers=relay_headers(upstream),
+                        direct_passthrough=True)
+    response.call_on_close(lambda: _finish(exchange, record))
+    return response
+
+
+def _relay(upstream: requests.Response, exchange: Exchange) -> Iterator[bytes]:
+    """Yield the upstream body as it arrives, observing each chunk after it went out."""
+    observer = observer_for(exchange.response_type)
+    exchange.observer = observer
+    chunked = "chunked" in upstream.headers.get("transfer-encoding", "").lower()
+    try:
+        # Chunked bodies come chunk by chunk as sent; others in reads of up to 64 KiB.
+        for chunk in upstream.iter_content(chunk_size=None if chunked else READ_CHUNK):
+            if not chunk:
+                continue
+            yield chunk
+            exchange.response_bytes += len(chunk)
+            observer.feed(chunk)
+        exchange.complete = True
+    except requests.exceptions.RequestException as exc:
+        exchange.failure = f"upstream stream broke off: {type(exc).__name__}"
+        log.warning("upstream stream broke off after %d bytes: %s", exchange.response_bytes,
+                    type(exc).__name__)
+        if exchange.response_type.startswith("text/event-stream"):
+            # Tell the client in the stream's own terms; the SDKs raise it as an API error.
+            yield b"event: error\ndata: " + error_body(
+                "api_error", "Upstream stream broke off before it was complete") + b"\n\n"
+        else:
+            raise
+    finally:
+        upstream.close()
+
+
+def _finish(exchange: Exchange, record: Callable[[Exchange], None]) -> None:
+    """Complete the record of an exchange and hand it on; observation never raises."""
+    exchange.duration_ms = (time.time() - exchange.started_at) * 1000
+    if not exchange.complete and not exchange.failure:
+        exchange.failure = "client went away before the response was complete"
+    try:
+        exchange.observation = exchange.observer.finish() if exchange.observer else exchange.observation
+        exchange.request = read_request(exchange.body, exchange.content_type)
+        record(exchange)
+    except Exception:
+        log.exception("recording an exchange failed; the proxy goes on")
+
+
+def _failed(exchange: Exchange, record: Callable[[Exchange], None], status: int, kind: str,
+            message: str) -> Response:
+    """Answer an upstream failure in Anthropic's shape, and record it."""
+    exchange.status = status
+    exchange.failure = message
+    exchange.complete = True
+    response = error_response(status, kind, message)
+    response.call_on_close(lambda: _finish(exchange, record))
+    return response

@@ -1,0 +1,51 @@
+"""Run the app under gunicorn with gevent workers, configured from ``[server]``."""
+from __future__ import annotations
+
+from typing import Any
+
+from gunicorn.app.base import BaseApplication
+
+from .config import Config, Server
+
+# Streams can last 10 minutes; a graceful stop lets them finish.
+LONGEST_STREAM = 600
+
+
+def gunicorn_settings(server: Server) -> dict[str, Any]:
+    """Return gunicorn's settings for a ``[server]`` table."""
+    return {
+        "bind": [server.listen],
+        "workers": server.workers,
+        "worker_class": "gevent",
+        "worker_connections": 1000,
+        # The gevent worker heartbeats from its own greenlet, so long streams never trip this.
+        "timeout": 30,
+        "graceful_timeout": LONGEST_STREAM + 20,
+        # Above nginx's upstream keep-alive, so nginx closes idle connections first.
+        "keepalive": 75,
+        # Each worker builds its own app after fork: gevent must patch before anything loads.
+        "preload_app": False,
+        "proc_name": "aspy",
+        "errorlog": "-",
+        "loglevel": "info",
+    }
+
+
+class AspyServer(BaseApplication):
+    """A gunicorn application that serves aspy with a checked Config."""
+
+    def __init__(self, config: Config, overrides: dict[str, Any] | None = None):
+        self.aspy_config = config
+        self.settings = gunicorn_settings(config.server) | (overrides or {})
+        super().__init__()
+
+    def load_config(self) -> None:
+        """Apply the settings to gunicorn."""
+        for key, value in self.settings.items():
+            self.cfg.set(key, value)
+
+    def load(self):
+        """Build the app, in each worker."""
+        from . import create_app
+
+        return create_app(self.aspy_config)

@@ -16,6 +16,7 @@ from typing import Callable, Iterator
 import requests
 from flask import Blueprint, Response, current_app, request
 from requests.adapters import HTTPAdapter
+from werkzeug.wsgi import ClosingIterator
 
 from .config import Config
 from .errors import AspyError, error_body, error_response
@@ -170,11 +171,11 @@ def forward(_path: str) -> Response:
     exchange.request_id = upstream.headers.get("request-id")
     exchange.rate_limits = {k.lower(): v for k, v in upstream.headers.items()
                             if k.lower().startswith("anthropic-ratelimit-")}
-    body_iter = _relay(upstream, exchange)
-    response = Response(body_iter, status=upstream.status_code, headers=relay_headers(upstream),
-                        direct_passthrough=True)
-    response.call_on_close(lambda: _finish(exchange, record))
-    return response
+    # The record is made on close, after the server wrote the last byte; direct passthrough
+    # skips werkzeug's own close hooks, so the iterator carries it.
+    body = ClosingIterator(_relay(upstream, exchange), lambda: _finish(exchange, record))
+    return Response(body, status=upstream.status_code, headers=relay_headers(upstream),
+                    direct_passthrough=True)
 
 
 def _relay(upstream: requests.Response, exchange: Exchange) -> Iterator[bytes]:

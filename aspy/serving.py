@@ -28,6 +28,9 @@ def gunicorn_settings(server: Server) -> dict[str, Any]:
         "proc_name": "aspy",
         "errorlog": "-",
         "loglevel": "info",
+        # gunicorn 23+ opens a control socket in ~/.gunicorn; aspy needs none, and several
+        # instances on one host would fight over it.
+        "control_socket_disable": True,
     }
 
 
@@ -42,7 +45,9 @@ class AspyServer(BaseApplication):
     def load_config(self) -> None:
         """Apply the settings to gunicorn."""
         for key, value in self.settings.items():
-            self.cfg.set(key, value)
+            # Settings an older gunicorn does not know are left out.
+            if key in self.cfg.settings:
+                self.cfg.set(key, value)
 
     def load(self):
         """Build the app, in each worker."""

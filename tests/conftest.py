@@ -1,0 +1,135 @@
+"""Shared fixtures: a real fake upstream, and aspy under real gunicorn with gevent workers."""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+from upstream import FakeUpstream
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = ROOT.parent / "shared" / "fixtures"
+API_KEY = "sk-ant-test-0123456789abcdef"
+
+
+def free_port() -> int:
+    """Return a loopback port nobody listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class AspyProcess:
+    """``aspy serve`` running in a subprocess with its own config and log."""
+
+    def __init__(self, tmp: Path, config_text: str, workers: int = 2, env: dict | None = None):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.config = tmp / "config.toml"
+        self.config.write_text(config_text)
+        self.log = tmp / "aspy.log"
+        self.env = {**os.environ, "XDG_STATE_HOME": str(tmp / "state"), **(env or {})}
+        self.workers = workers
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> AspyProcess:
+        """Start the server and wait until /health answers."""
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "aspy", "serve", "--config", str(self.config),
+             "--listen", f"127.0.0.1:{self.port}", "--workers", str(self.workers)],
+            stdout=self.log.open("ab"), stderr=subprocess.STDOUT, env=self.env, cwd=ROOT)
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"aspy exited early:\n{self.log.read_text()}")
+            try:
+                if requests.get(self.url + "/health", timeout=1).ok:
+                    return self
+            except requests.ConnectionError:
+                time.sleep(0.1)
+        raise RuntimeError(f"aspy did not start:\n{self.log.read_text()}")
+
+    def stop(self) -> None:
+        """Stop the server at once (gunicorn's quick shutdown)."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def log_text(self) -> str:
+        """Return everything the server logged."""
+        return self.log.read_text(errors="replace")
+
+
+def standard_config(upstream_url: str, extra: str = "") -> str:
+    """Return a config with clients on the fake upstream, at its root and under a base path."""
+    return f"""
+[server]
+upstream_timeout = "20s"
+
+[legacy]
+provider = "fake"
+
+[providers.fake]
+base_url = "{upstream_url}"
+name = "Fake upstream"
+
+[providers.fakebase]
+base_url = "{upstream_url}/base/path"
+
+[providers.dead]
+base_url = "http://127.0.0.1:{free_port()}"
+
+[clients.dev-1]
+name = "Dev Laptop"
+provider = "fake"
+tags = ["dev"]
+
+[clients.dev-2]
+name = "CI runner"
+provider = "fakebase"
+
+[clients.gone]
+name = "Nobody listens"
+provider = "dead"
+{extra}
+"""
+
+
+@pytest.fixture(scope="session")
+def upstream() -> FakeUpstream:
+    """A fake Anthropic API on loopback, shared by the session."""
+    return FakeUpstream().start()
+
+
+@pytest.fixture(scope="session")
+def aspy(upstream, tmp_path_factory) -> AspyProcess:
+    """aspy under gunicorn + gevent, configured with the standard clients."""
+    server = AspyProcess(tmp_path_factory.mktemp("aspy"), standard_config(upstream.url)).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def start_aspy(tmp_path):
+    """Start an aspy with a config of the test's own; stopped when the test ends."""
+    started = []
+
+    def start(config_text: str, **kwargs) -> AspyProcess:
+        server = AspyProcess(tmp_path, config_text, **kwargs).start()
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()

@@ -1,0 +1,256 @@
+"""A real local fake of the Anthropic API, for the tests and the bench.
+
+An asyncio HTTP/1.1 server (keep-alive, chunked or sized bodies both ways) that answers
+``/v1/messages`` with a Message, or with an event stream sent event by event with delays.
+What it does is chosen by request headers, which aspy forwards untouched:
+
+- ``x-fake-fixture: NAME``: replay ``shared/fixtures/real/sse/NAME`` event by event.
+- ``x-fake-delay: MS``: pause between events (default 0).
+- ``x-fake-events: N``: a generated stream of N text events (with the delay between).
+- ``x-fake-status: CODE`` with optional ``x-fake-body``: answer that status and body as JSON.
+- ``x-fake-sleep: SECONDS``: wait before sending headers.
+- ``x-fake-gzip: 1``: gzip the body although nobody asked for it.
+- ``x-fake-break: N``: cut the connection after N events, with no end chunk.
+- ``x-fake-close-delimited: 1``: send the body with no length and no chunking, then close.
+- ``x-fake-usage: JSON``: the usage object of a generated answer.
+- ``x-fake-tool: NAME``: a generated answer that calls that tool.
+
+Every request is kept in ``requests`` (method, raw target, headers, body), and every stream
+whose client went away is noted in ``disconnects``.
+"""
+from __future__ import annotations
+
+import asyncio
+import gzip
+import json
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "real" / "sse"
+REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found",
+           413: "Payload Too Large", 429: "Too Many Requests", 500: "Internal Server Error",
+           529: "Overloaded"}
+DEFAULT_USAGE = {"input_tokens": 12, "output_tokens": 7, "cache_read_input_tokens": 100,
+                 "cache_creation_input_tokens": 20,
+                 "cache_creation": {"ephemeral_5m_input_tokens": 15, "ephemeral_1h_input_tokens": 5}}
+
+
+@dataclass
+class Seen:
+    """One request as the fake upstream received it."""
+
+    method: str
+    target: str
+    headers: dict[str, str]
+    header_list: list[tuple[str, str]]
+    body: bytes
+    at: float = field(default_factory=time.time)
+
+    def json(self):
+        """Return the body decoded as JSON."""
+        return json.loads(self.body)
+
+
+def sse(event: str, data: dict) -> bytes:
+    """Return one server-sent event."""
+    return f"event: {event}\ndata: {json.dumps(data)}\n\n".encode()
+
+
+def message(model: str, text: str, usage: dict, tool: str | None = None) -> dict:
+    """Return a whole Message object."""
+    content = [{"type": "text", "text": text}]
+    if tool:
+        content.append({"type": "tool_use", "id": "toolu_fake_1", "name": tool, "input": {}})
+    return {"id": "msg_fake", "type": "message", "role": "assistant", "model": model,
+            "content": content, "stop_reason": "tool_use" if tool else "end_turn",
+            "stop_sequence": None, "usage": usage}
+
+
+def stream_events(model: str, text_parts: list[str], usage: dict, tool: str | None = None) -> list[bytes]:
+    """Return the events of a streamed Message, one text delta per part."""
+    start_usage = {k: v for k, v in usage.items() if k != "output_tokens"} | {"output_tokens": 1}
+    events = [
+        sse("message_start", {"type": "message_start", "message": {
+            "id": "msg_fake", "type": "message", "role": "assistant", "model": model, "content": [],
+            "stop_reason": None, "stop_sequence": None, "usage": start_usage}}),
+        sse("content_block_start", {"type": "content_block_start", "index": 0,
+                                    "content_block": {"type": "text", "text": ""}}),
+    ]
+    for part in text_parts:
+        events.append(sse("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                                  "delta": {"type": "text_delta", "text": part}}))
+    events.append(sse("content_block_stop", {"type": "content_block_stop", "index": 0}))
+    if tool:
+        events += [
+            sse("content_block_start", {"type": "content_block_start", "index": 1, "content_block": {
+                "type": "tool_use", "id": "toolu_fake_1", "name": tool, "input": {}}}),
+            sse("content_block_delta", {"type": "content_block_delta", "index": 1,
+                                        "delta": {"type": "input_json_delta", "partial_json": "{}"}}),
+            sse("content_block_stop", {"type": "content_block_stop", "index": 1}),
+        ]
+    events += [
+        sse("message_delta", {"type": "message_delta",
+                              "delta": {"stop_reason": "tool_use" if tool else "end_turn", "stop_sequence": None},
+                              "usage": {"output_tokens": usage.get("output_tokens", 0)}}),
+        sse("message_stop", {"type": "message_stop"}),
+    ]
+    return events
+
+
+def fixture_events(name: str) -> list[bytes]:
+    """Split a recorded stream into its events, keeping their bytes."""
+    raw = (FIXTURES / name).read_bytes()
+    parts = raw.replace(b"\r\n", b"\n").split(b"\n\n")
+    return [p + b"\n\n" for p in parts if p.strip()]
+
+
+class FakeUpstream:
+    """The server; ``start()`` runs it in a thread, ``serve_forever()`` in this one."""
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 0):
+        self.host, self.port = host, port
+        self.requests: list[Seen] = []
+        self.disconnects: list[float] = []
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._ready = threading.Event()
+
+    @property
+    def url(self) -> str:
+        """Return the server's base URL."""
+        return f"http://{self.host}:{self.port}"
+
+    def start(self) -> FakeUpstream:
+        """Serve from a background thread; return once listening."""
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+        self._ready.wait(10)
+        return self
+
+    def serve_forever(self) -> None:
+        """Serve until the process ends."""
+        self.loop = asyncio.new_event_loop()
+        server = self.loop.run_until_complete(
+            asyncio.start_server(self._connection, self.host, self.port, backlog=1024))
+        self.port = server.sockets[0].getsockname()[1]
+        self._ready.set()
+        self.loop.run_forever()
+
+    def last(self) -> Seen:
+        """Return the newest request."""
+        return self.requests[-1]
+
+    async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while await self._one_request(reader, writer):
+                pass
+        except (ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+            pass
+        finally:
+            writer.close()
+
+    async def _one_request(self, reader, writer) -> bool:
+        head = await reader.readuntil(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        method, target, _ = lines[0].split(" ", 2)
+        header_list = [tuple(part.strip() for part in line.split(":", 1)) for line in lines[1:] if line]
+        headers = {k.lower(): v for k, v in header_list}
+        if "chunked" in headers.get("transfer-encoding", ""):
+            body = bytearray()
+            while True:
+                size = int((await reader.readuntil(b"\r\n")).split(b";")[0], 16)
+                body += await reader.readexactly(size + 2)
+                del body[-2:]
+                if size == 0:
+                    break
+            body = bytes(body)
+        else:
+            body = await reader.readexactly(int(headers.get("content-length", 0)))
+        seen = Seen(method, target, headers, header_list, body)
+        self.requests.append(seen)
+        keep_alive = headers.get("connection", "").lower() != "close"
+        return await self._answer(seen, writer) and keep_alive
+
+    async def _answer(self, seen: Seen, writer) -> bool:
+        h = seen.headers
+        if "x-fake-sleep" in h:
+            await asyncio.sleep(float(h["x-fake-sleep"]))
+        if "x-fake-status" in h:
+            status = int(h["x-fake-status"])
+            body = h.get("x-fake-body", json.dumps({"type": "error", "error": {
+                "type": "overloaded_error", "message": "Overloaded"}})).encode()
+            return await self._send(writer, status, "application/json", [body], h,
+                                    extra=[("request-id", "req_fake_error")])
+        if not seen.target.split("?")[0].endswith("/messages"):
+            echo = {"method": seen.method, "target": seen.target, "headers": seen.header_list,
+                    "body_bytes": len(seen.body)}
+            return await self._send(writer, 200, "application/json", [json.dumps(echo).encode()], h)
+        try:
+            request = json.loads(seen.body or b"{}")
+        except ValueError:
+            request = {}
+        model = request.get("model", "claude-sonnet-4-5-20250929")
+        usage = json.loads(h["x-fake-usage"]) if "x-fake-usage" in h else DEFAULT_USAGE
+        tool = h.get("x-fake-tool")
+        extra = [("request-id", "req_fake_1"), ("anthropic-ratelimit-requests-remaining", "99"),
+                 ("anthropic-ratelimit-tokens-limit", "400000"), ("x-fake-seen", "1")]
+        if "x-fake-fixture" in h:
+            events = fixture_events(h["x-fake-fixture"])
+        elif request.get("stream"):
+            count = int(h.get("x-fake-events", 3))
+            events = stream_events(model, [f"part {i} " for i in range(count)], usage, tool)
+        else:
+            body = json.dumps(message(model, "Hello from the fake upstream.", usage, tool)).encode()
+            return await self._send(writer, 200, "application/json", [body], h, extra=extra)
+        return await self._send(writer, 200, "text/event-stream; charset=utf-8", events, h,
+                                extra=extra + [("cache-control", "no-cache")])
+
+    async def _send(self, writer, status: int, content_type: str, parts: list[bytes], h: dict,
+                    extra: list[tuple[str, str]] = ()) -> bool:
+        """Send a response part by part; return False when the connection must end."""
+        delay = float(h.get("x-fake-delay", 0)) / 1000
+        cut_after = int(h["x-fake-break"]) if "x-fake-break" in h else None
+        headers = [("content-type", content_type), *extra]
+        if h.get("x-fake-gzip"):
+            parts = [gzip.compress(b"".join(parts))]
+            headers.append(("content-encoding", "gzip"))
+        close_delimited = bool(h.get("x-fake-close-delimited"))
+        streamed = len(parts) > 1 or close_delimited
+        if close_delimited:
+            headers.append(("connection", "close"))
+        elif streamed:
+            headers.append(("transfer-encoding", "chunked"))
+        else:
+            headers.append(("content-length", str(len(parts[0]))))
+        head = f"HTTP/1.1 {status} {REASONS.get(status, 'Status')}\r\n" + "".join(
+            f"{k}: {v}\r\n" for k, v in headers) + "\r\n"
+        writer.write(head.encode())
+        try:
+            for index, part in enumerate(parts):
+                if cut_after is not None and index == cut_after:
+                    await writer.drain()
+                    writer.transport.abort()
+                    return False
+                if index and delay:
+                    await asyncio.sleep(delay)
+                writer.write(b"%x\r\n%s\r\n" % (len(part), part) if streamed and not close_delimited else part)
+                await writer.drain()
+            if streamed and not close_delimited:
+                writer.write(b"0\r\n\r\n")
+            await writer.drain()
+        except ConnectionError:
+            self.disconnects.append(time.time())
+            return False
+        return not close_delimited
+
+
+def main() -> None:
+    """Run the fake upstream in the foreground: ``python tests/upstream.py [PORT]``."""
+    server = FakeUpstream(port=int(sys.argv[1]) if len(sys.argv) > 1 else 0)
+    threading.Timer(0, lambda: (server._ready.wait(), print(server.url, flush=True))).start()
+    server.serve_forever()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,218 @@
+"""The stream parser and JSON reader on every real capture, and on any split of the bytes."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from aspy.observe import JsonObserver, SseObserver, Usage, read_request
+
+SSE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "real" / "sse"
+JSON = SSE.parent / "json"
+
+
+def parse(data: bytes, pieces: list[int] | None = None):
+    """Feed a stream whole, or cut at the given offsets; return the observation."""
+    observer = SseObserver()
+    cuts = [0, *sorted(set(pieces or [])), len(data)]
+    for start, end in zip(cuts, cuts[1:]):
+        observer.feed(data[start:end])
+    return observer.finish()
+
+
+def vercel_stream() -> bytes:
+    """Turn the vercel capture (one event JSON a line) back into an event stream."""
+    lines = (SSE / "vercel-ai_code_execution_prompt_cache.chunks.txt").read_bytes().splitlines()
+    return b"".join(b"data: " + line + b"\n\n" for line in lines if line.strip())
+
+
+# name: (model, stop_reason, (input, output, cache_read, write_5m, write_1h, web_searches),
+#        tool names, thinking blocks)
+EXPECTED = {
+    "sdkpy_basic_response.sse": ("claude-3-opus-latest", "end_turn", (11, 6, 0, 0, 0, 0), [], 0),
+    "sdkpy_tool_use_response.sse": ("claude-sonnet-4-20250514", "tool_use", (377, 65, 0, 0, 0, 0),
+                                    ["get_weather"], 0),
+    "sdkpy_incomplete_partial_json_max_tokens.sse": ("claude-3-7-sonnet-20250219", "max_tokens",
+                                                     (450, 124, 0, 0, 0, 0), ["make_file"], 0),
+    "sdkpy_snapshot_555fb399_0_tool_use_haiku45.sse": ("claude-haiku-4-5-20251001", "tool_use",
+                                                       (656, 74, 0, 0, 0, 0), ["get_weather"], 0),
+    "sdkpy_snapshot_555fb399_1_text_haiku45.sse": ("claude-haiku-4-5-20251001", "end_turn",
+                                                   (770, 38, 0, 0, 0, 0), [], 0),
+    "sdkpy_snapshot_a8b7dbb8_2_structured_output_sonnet45.sse": ("claude-sonnet-4-5-20250929", "end_turn",
+                                                                 (135, 10, 0, 0, 0, 0), [], 0),
+    "llm-anthropic_plain_text_sonnet45.sse": ("claude-sonnet-4-5-20250929", "end_turn", (17, 10, 0, 0, 0, 0), [], 0),
+    "llm-anthropic_thinking_prompt_sonnet45.sse": ("claude-sonnet-4-5-20250929", "end_turn",
+                                                   (46, 84, 0, 0, 0, 0), [], 1),
+    "llm-anthropic_adaptive_thinking_opus46.sse": ("claude-opus-4-6", "end_turn", (34, 44, 0, 0, 0, 0), [], 1),
+    "llm-anthropic_thinking_then_tool_use_haiku45.sse": ("claude-haiku-4-5-20251001", "tool_use",
+                                                         (598, 92, 0, 0, 0, 0), ["fixed_version"], 1),
+    "llm-anthropic_tool_use_gzip_body_haiku45.sse": ("claude-haiku-4-5-20251001", "tool_use",
+                                                     (543, 40, 0, 0, 0, 0), ["pelican_name_generator"], 0),
+    # message_delta's input_tokens (10423) replaces message_start's (2039); one search billed.
+    "llm-anthropic_web_search_server_tool_opus41.sse": ("claude-opus-4-1-20250805", "end_turn",
+                                                        (10423, 341, 0, 0, 0, 1), ["web_search"], 0),
+    # Billed usage is the sum of the two iterations: compaction + message.
+    "pydantic-ai_compaction_cache_read_sonnet46.sse": ("claude-sonnet-4-6", "end_turn",
+                                                       (281, 91, 55096, 0, 0, 0), [], 0),
+}
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_every_real_capture_gives_its_usage_stop_reason_tools_and_thinking(name):
+    model, stop, usage, tools, thinking = EXPECTED[name]
+    obs = parse((SSE / name).read_bytes())
+    assert obs.parse_error is None
+    assert obs.model == model
+    assert obs.stop_reason == stop
+    assert obs.usage.astuple() == usage
+    assert [t.name for t in obs.tool_uses] == tools
+    assert len(obs.thinking) == thinking
+
+
+def test_every_sse_capture_is_covered():
+    assert {p.name for p in SSE.glob("*.sse")} == set(EXPECTED)
+
+
+def test_compaction_context_follows_the_last_iteration():
+    obs = parse((SSE / "pydantic-ai_compaction_cache_read_sonnet46.sse").read_bytes())
+    assert obs.context.context_tokens == 181
+    assert obs.usage.context_tokens == 281 + 55096
+
+
+def test_cache_write_split_survives_a_cumulative_delta_without_it():
+    obs = parse(vercel_stream())
+    assert obs.model == "claude-sonnet-5"
+    assert obs.usage.astuple() == (6, 198, 6289, 3337, 0, 0)
+    assert [t.name for t in obs.tool_uses if t.server] == ["bash_code_execution", "bash_code_execution"]
+
+
+def test_tool_use_input_is_assembled_from_its_fragments():
+    obs = parse((SSE / "sdkpy_snapshot_555fb399_0_tool_use_haiku45.sse").read_bytes())
+    tool = obs.tool_uses[0]
+    assert tool.id == "toolu_018acGYLtfR52q9yDbWaEdQZ"
+    assert tool.input == {"location": "San Francisco, CA", "units": "f"}
+    assert tool.complete
+
+
+def test_tool_use_with_an_empty_fragment_has_empty_input():
+    obs = parse((SSE / "llm-anthropic_thinking_then_tool_use_haiku45.sse").read_bytes())
+    assert obs.tool_uses[0].input == {}
+
+
+def test_tool_use_cut_off_by_max_tokens_keeps_its_raw_input_and_says_so():
+    obs = parse((SSE / "sdkpy_incomplete_partial_json_max_tokens.sse").read_bytes())
+    tool = obs.tool_uses[0]
+    assert not tool.complete
+    assert isinstance(tool.input, str) and tool.input.startswith("{")
+
+
+def test_thinking_and_text_are_kept():
+    obs = parse((SSE / "llm-anthropic_thinking_prompt_sonnet45.sse").read_bytes())
+    assert len(obs.thinking[0]) > 50
+    assert obs.text
+
+
+def test_non_ascii_text_is_decoded():
+    obs = parse((SSE / "sdkpy_snapshot_555fb399_1_text_haiku45.sse").read_bytes())
+    assert "°F" in obs.text
+
+
+def test_in_stream_error_event_is_recorded():
+    stream = (b'event: message_start\ndata: {"type":"message_start","message":{"model":"claude-x","usage":'
+              b'{"input_tokens":5,"output_tokens":1}}}\n\n'
+              b'event: error\ndata: {"type":"error","error":{"details":null,"type":"overloaded_error",'
+              b'"message":"Overloaded"},"request_id":"req_1"}\n\n')
+    obs = parse(stream)
+    assert obs.errors == [{"details": None, "type": "overloaded_error", "message": "Overloaded"}]
+    assert obs.usage.input_tokens == 5
+
+
+def test_crlf_and_cr_line_endings_parse_the_same():
+    raw = (SSE / "llm-anthropic_plain_text_sonnet45.sse").read_bytes()
+    expected = parse(raw)
+    assert parse(raw.replace(b"\n", b"\r\n")) == expected
+    assert parse(raw.replace(b"\n", b"\r")) == expected
+
+
+def test_garbage_never_raises():
+    obs = parse(b"data: {not json\n\n\xff\xfe\x00event: x\n\ndata: [1,2]\n\n")
+    assert obs.parse_error is None and obs.model is None
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_any_split_of_the_bytes_gives_the_same_record(name, data):
+    raw = (SSE / name).read_bytes()
+    whole = parse(raw)
+    cuts = data.draw(st.lists(st.integers(min_value=1, max_value=len(raw) - 1), max_size=60))
+    assert parse(raw, cuts) == whole
+
+
+@settings(max_examples=60, deadline=None)
+@given(cuts=st.lists(st.integers(min_value=1, max_value=10_000), max_size=40),
+       crlf=st.booleans())
+def test_any_split_of_crlf_streams_gives_the_same_record(cuts, crlf):
+    raw = vercel_stream()
+    if crlf:
+        raw = raw.replace(b"\n", b"\r\n")
+    assert parse(raw, [c % len(raw) for c in cuts if c % len(raw)]) == parse(raw)
+
+
+def read_json(raw: bytes, cut: int = 10):
+    """Feed a JSON body in two pieces; return the observation."""
+    observer = JsonObserver()
+    observer.feed(raw[:cut])
+    observer.feed(raw[cut:])
+    return observer.finish()
+
+
+def test_json_message_is_read():
+    recorded = json.loads((JSON / "sdkpy_snapshot_d743d628.json").read_text())
+    body = recorded[-1]["response"]["body"]
+    obs = read_json(json.dumps(body).encode())
+    assert (obs.model, obs.stop_reason) == ("claude-sonnet-4-5-20250929", "end_turn")
+    assert obs.usage.astuple() == (406, 50, 0, 0, 0, 0)
+    assert obs.text.startswith('{"items"')
+
+
+def test_json_message_with_cache_read_and_write():
+    cassette = yaml.safe_load((JSON / "pydantic-ai_test_anthropic_cache_real_api.cassette.yaml").read_text())
+    body = cassette["interactions"][1]["response"]["parsed_body"]
+    obs = read_json(json.dumps(body).encode())
+    assert obs.usage.astuple() == (3, 33, 1111, 418, 0, 0)
+
+
+def test_json_error_body_is_recorded_as_an_error():
+    observer = JsonObserver()
+    observer.feed(b'{"type":"error","error":{"type":"rate_limit_error","message":"slow down"}}')
+    assert observer.finish().errors[0]["type"] == "rate_limit_error"
+
+
+def test_usage_without_split_counts_cache_writes_as_5m():
+    assert Usage.from_api({"cache_creation_input_tokens": 40}).astuple() == (0, 0, 0, 40, 0, 0)
+
+
+def test_request_facts_are_read_from_the_body():
+    body = json.dumps({
+        "model": "claude-opus-4-5", "stream": True, "tools": [{}, {}],
+        "metadata": {"user_id": "user_abc_account_def_session_0d6b3e4f-1111-2222-3333-444455556666"},
+        "messages": [
+            {"role": "user", "content": "first"},
+            {"role": "assistant", "content": [{"type": "tool_use", "id": "t1", "name": "Read", "input": {}}]},
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "is_error": True},
+                                         {"type": "text", "text": "go on"}]},
+        ]}).encode()
+    facts = read_request(body, "application/json")
+    assert (facts.model, facts.stream, facts.message_count, facts.tool_count) == ("claude-opus-4-5", True, 3, 2)
+    assert facts.tool_results == [("t1", True)]
+    assert facts.prompt == "go on"
+    assert facts.metadata_user_id.endswith("444455556666")
+
+
+def test_unreadable_request_body_gives_empty_facts():
+    assert read_request(b"\xff{", "application/json").model is None

@@ -249,7 +249,10 @@ def main() -> None:
     """Run the fake upstream in the foreground: ``python tests/upstream.py [PORT]``."""
     server = FakeUpstream(port=int(sys.argv[1]) if len(sys.argv) > 1 else 0)
     threading.Timer(0, lambda: (server._ready.wait(), print(server.url, flush=True))).start()
-    server.serve_forever()
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
 
 
 if __name__ == "__main__":

@@ -1,0 +1,154 @@
+"""Measure what aspy costs: direct to a fast local upstream vs through aspy, in the same run.
+
+    python bench/bench.py [--quick]
+
+Starts the fake upstream (tests/upstream.py) and aspy under gunicorn with the default 2
+gevent workers, then measures added latency at one connection (p50, p99), requests per
+second at 50 connections (wrk), and time to first event of streams. Prints a table with
+the ratio aspy / direct for each.
+"""
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BODY = json.dumps({"model": "claude-sonnet-4-6", "max_tokens": 16,
+                   "messages": [{"role": "user", "content": "hi"}]}).encode()
+STREAM_BODY = json.dumps({"model": "claude-sonnet-4-6", "max_tokens": 16, "stream": True,
+                          "messages": [{"role": "user", "content": "hi"}]}).encode()
+HEADERS = {"content-type": "application/json", "x-api-key": "sk-ant-bench-key", "anthropic-version": "2023-06-01"}
+
+
+def free_port() -> int:
+    """Return a free loopback port."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(port: int, path: str = "/health", proc: subprocess.Popen | None = None) -> None:
+    """Wait until a server on the port answers."""
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        if proc is not None and proc.poll() is not None:
+            sys.exit(f"server exited early with {proc.returncode}")
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
+            conn.request("GET", path)
+            conn.getresponse().read()
+            return
+        except OSError:
+            time.sleep(0.1)
+    sys.exit(f"nothing answered on port {port}")
+
+
+def percentile(values: list[float], pct: float) -> float:
+    """Return the pct-th percentile of the values."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(len(ordered) * pct / 100))]
+
+
+def latencies(port: int, prefix: str, count: int) -> list[float]:
+    """Time sequential non-streaming requests on one keep-alive connection, in ms."""
+    conn = http.client.HTTPConnection("127.0.0.1", port)
+    times = []
+    for i in range(count + count // 10):
+        started = time.perf_counter()
+        conn.request("POST", prefix + "/v1/messages", BODY, HEADERS)
+        response = conn.getresponse()
+        response.read()
+        if response.status != 200:
+            sys.exit(f"unexpected status {response.status}")
+        if i >= count // 10:  # the first tenth warms up
+            times.append((time.perf_counter() - started) * 1000)
+    conn.close()
+    return times
+
+
+def first_events(port: int, prefix: str, count: int) -> list[float]:
+    """Time to the first event of streamed answers (5 events, 20 ms apart), in ms."""
+    conn = http.client.HTTPConnection("127.0.0.1", port)
+    times = []
+    for _ in range(count):
+        started = time.perf_counter()
+        conn.request("POST", prefix + "/v1/messages", STREAM_BODY,
+                     HEADERS | {"x-fake-events": "3", "x-fake-delay": "20"})
+        response = conn.getresponse()
+        first = response.read1(65536)
+        times.append((time.perf_counter() - started) * 1000)
+        assert first.startswith(b"event:"), first[:80]
+        response.read()
+    conn.close()
+    return times
+
+
+def wrk_rps(url: str, seconds: int, connections: int = 50) -> float:
+    """Return requests per second from wrk at the given concurrency."""
+    script = Path(tempfile.mkstemp(suffix=".lua")[1])
+    headers = "".join(f'wrk.headers["{k}"] = "{v}"\n' for k, v in HEADERS.items())
+    script.write_text(f'wrk.method = "POST"\nwrk.body = {json.dumps(BODY.decode())}\n{headers}')
+    out = subprocess.run(["wrk", "-t2", f"-c{connections}", f"-d{seconds}s", "-s", str(script), url],
+                         capture_output=True, text=True, check=True).stdout
+    script.unlink()
+    if "Non-2xx" in out:
+        sys.exit(f"wrk saw errors:\n{out}")
+    return float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+
+
+def main() -> None:
+    """Run the whole bench and print the table."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true", help="fewer requests, shorter wrk runs")
+    args = parser.parse_args()
+    if not shutil.which("wrk"):
+        sys.exit("wrk is needed for the concurrency figures: apt-get install wrk")
+    count, seconds = (500, 3) if args.quick else (3000, 10)
+    tmp = Path(tempfile.mkdtemp(prefix="aspy-bench-"))
+    up_port, aspy_port = free_port(), free_port()
+    procs = [subprocess.Popen([sys.executable, str(ROOT / "tests" / "upstream.py"), str(up_port)],
+                              stdout=subprocess.DEVNULL)]
+    try:
+        wait_for(up_port, "/ping")
+        config = tmp / "config.toml"
+        config.write_text(f'[providers.fake]\nbase_url = "http://127.0.0.1:{up_port}"\n'
+                          f'[clients.bench]\nname = "Bench"\nprovider = "fake"\n')
+        env = os.environ | {"XDG_STATE_HOME": str(tmp / "state")}
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "aspy", "serve", "--config", str(config), "--listen", f"127.0.0.1:{aspy_port}"],
+            stdout=(tmp / "aspy.log").open("w"), stderr=subprocess.STDOUT, env=env, cwd=ROOT))
+        wait_for(aspy_port, proc=procs[-1])
+        rows = []
+        direct, proxied = latencies(up_port, "", count), latencies(aspy_port, "/bench", count)
+        for pct in (50, 99):
+            d, a = percentile(direct, pct), percentile(proxied, pct)
+            rows.append((f"latency p{pct}, 1 connection (ms)", d, a, f"+{a - d:.2f} ms"))
+        d, a = wrk_rps(f"http://127.0.0.1:{up_port}/v1/messages", seconds), \
+            wrk_rps(f"http://127.0.0.1:{aspy_port}/bench/v1/messages", seconds)
+        rows.append(("requests/s, 50 connections", d, a, f"x{a / d:.3f}"))
+        d = statistics.median(first_events(up_port, "", count // 10))
+        a = statistics.median(first_events(aspy_port, "/bench", count // 10))
+        rows.append(("time to first event, median (ms)", d, a, f"+{a - d:.2f} ms"))
+        print(f"\n{'measure':<36}{'direct':>12}{'aspy':>12}   aspy vs direct")
+        for name, d, a, ratio in rows:
+            print(f"{name:<36}{d:>12.2f}{a:>12.2f}   {ratio}")
+    finally:
+        for proc in reversed(procs):
+            proc.send_signal(signal.SIGINT)
+            proc.wait(10)
+
+
+if __name__ == "__main__":
+    main()

@@ -19,15 +19,31 @@ def create_app(config: Config | None = None, test_config: dict | None = None) ->
     # Imported here so that gunicorn's master, and gevent before it patches, load nothing heavy.
     from flask import Flask
 
-    from . import health, proxy
+    from . import api, health, proxy
     from .config import load_config
+    from .models import load_models
+    from .recorder import Recorder
+    from .sessions import Sessions
+    from .store import open_store
 
     app = Flask(__name__)
-    app.config["ASPY"] = config if config is not None else load_config()
+    config = config if config is not None else load_config()
+    app.config["ASPY"] = config
     app.config.update(test_config or {})
     _setup_logging()
-    app.extensions["aspy.record"] = log_exchange
+    # Opening the store touches nothing yet: a store that fails never stops the proxy.
+    store = open_store(config.store.url)
+    sessions = Sessions(config, store, load_models(config.path.parent if config.path else None))
+    recorder = Recorder(sessions)
+    app.extensions.update({"aspy.store": store, "aspy.sessions": sessions, "aspy.recorder": recorder})
+
+    def record(exchange: Exchange) -> None:
+        log_exchange(exchange)
+        recorder(exchange)
+
+    app.extensions["aspy.record"] = record
     app.register_blueprint(health.bp)
+    app.register_blueprint(api.bp)
     app.register_blueprint(proxy.bp)
     return app
 

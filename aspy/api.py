@@ -1,0 +1,339 @@
+"""The JSON API under ``/api/``: stats, events, context, sessions, clients, session commands, search.
+
+Every answer's shape is written down in docs/api.md. Errors use Anthropic's shape. With
+``[server] api_token`` set, every call needs ``Authorization: Bearer <api_token>``, or a
+client's proxy token, which then sees that client's data only.
+"""
+from __future__ import annotations
+
+import hmac
+import re
+import time
+from datetime import datetime, timezone
+from typing import Any
+
+from flask import Blueprint, current_app, g, jsonify, request
+
+from .config import Config
+from .errors import AspyError, error_response
+from .observe import Usage
+from .sessions import Sessions, status_of, warning_level
+from .store import ACTIVE, ENDED, IDLE, LIVE, ModelUsage, Scope, Session, Store, StoreError
+from .timerange import TimeRangeError, parse_instant, parse_time_range
+
+bp = Blueprint("api", __name__, url_prefix="/api")
+
+EVENT_TYPES = ("request", "response", "tool_call", "tool_result", "thinking", "error", "rate_limit",
+               "context_compact", "session_start", "session_end")
+USER_HASH = re.compile(r"[0-9a-f]{16}|anonymous")
+MAX_LIMIT = 500
+
+
+def iso(ts: float | None) -> str | None:
+    """Return an ISO 8601 timestamp with offset (UTC), or None."""
+    if ts is None:
+        return None
+    return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="milliseconds")
+
+
+def bad_request(message: str) -> AspyError:
+    """Return a 400 in Anthropic's shape."""
+    return AspyError(400, "invalid_request_error", message)
+
+
+def config() -> Config:
+    """Return the app's configuration."""
+    return current_app.config["ASPY"]
+
+
+def store() -> Store:
+    """Return the app's store."""
+    return current_app.extensions["aspy.store"]
+
+
+def sessions() -> Sessions:
+    """Return the app's sessions book."""
+    return current_app.extensions["aspy.sessions"]
+
+
+@bp.errorhandler(AspyError)
+def aspy_error(exc: AspyError):
+    """Answer an AspyError in Anthropic's shape."""
+    return error_response(exc.status, exc.kind, exc.message)
+
+
+@bp.errorhandler(StoreError)
+def store_error(exc: StoreError):
+    """Answer a store failure with 503, saying what failed."""
+    current_app.logger.error("API call failed on the store: %s", exc)
+    return error_response(503, "api_error", f"The store is unavailable: {exc}")
+
+
+@bp.before_request
+def authorize() -> None:
+    """Check the API token, or a client's proxy token that limits the caller to that client."""
+    g.only_client = None
+    token = config().server.api_token
+    if token is None:
+        return
+    header = request.headers.get("Authorization", "")
+    given = header[7:].strip() if header[:7].lower() == "bearer " else ""
+    if given and hmac.compare_digest(given.encode(), token.encode()):
+        return
+    for client in config().clients.values():
+        if client.proxy_token and given and hmac.compare_digest(given.encode(), client.proxy_token.encode()):
+            g.only_client = client.id
+            return
+    raise AspyError(401, "authentication_error",
+                    "This API needs Authorization: Bearer <api_token> (or a client's proxy token)")
+
+
+def sweep() -> None:
+    """End sessions past ``end_after`` before answering, so statuses are current; never fails a read."""
+    try:
+        sessions().expire()
+    except StoreError as exc:
+        current_app.logger.warning("could not end expired sessions: %s", exc)
+
+
+def scope(args: dict[str, Any] | None = None) -> Scope:
+    """Build the scope a request asks for from ``client``, ``user`` and ``session``."""
+    args = request.args if args is None else args
+    client, user, session = args.get("client"), args.get("user"), args.get("session")
+    if g.only_client:
+        if client not in (None, g.only_client):
+            raise AspyError(403, "permission_error", "This token can only read its own client's data")
+        client = g.only_client
+    if client is not None and client not in config().clients:
+        raise AspyError(404, "not_found_error", f"Unknown client {client!r}")
+    user_clients: tuple[str, ...] = ()
+    if user is not None:
+        if not isinstance(user, str) or not USER_HASH.fullmatch(user):
+            raise bad_request("user must be a 16-character lowercase hex key hash, or 'anonymous'")
+        user_clients = tuple(c.id for c in config().clients.values() if user in c.legacy_user_hashes)
+    if session is not None:
+        found = store().get_session(session)
+        if found is None or (g.only_client and found.client != g.only_client):
+            raise AspyError(404, "not_found_error", f"Unknown session {session!r}")
+    return Scope(client=client, user=user, user_clients=user_clients, session=session)
+
+
+def limit_arg(default: int, maximum: int = MAX_LIMIT) -> int:
+    """Return the ``limit`` parameter, checked."""
+    raw = request.args.get("limit", default)
+    try:
+        value = int(raw)
+    except (TypeError, ValueError):
+        raise bad_request(f"limit must be a whole number, got {raw!r}") from None
+    if not 1 <= value <= maximum:
+        raise bad_request(f"limit must be between 1 and {maximum}")
+    return value
+
+
+def idle_before() -> float:
+    """Return the moment before which an open session counts as idle."""
+    return time.time() - config().sessions.idle_after
+
+
+def tokens_json(usage: Usage) -> dict[str, int]:
+    """Return token counts in the API's shape."""
+    return {"input": usage.input_tokens, "output": usage.output_tokens, "cache_read": usage.cache_read,
+            "cache_write_5m": usage.cache_write_5m, "cache_write_1h": usage.cache_write_1h,
+            "web_search_requests": usage.web_search_requests}
+
+
+def cost_json(total: float, savings: float, by_model: dict[str, ModelUsage]) -> dict[str, Any]:
+    """Return cost in the API's shape; unknown models are listed, never priced."""
+    return {"total_usd": round(total, 6), "savings_usd": round(savings, 6),
+            "by_model": {m: round(u.cost_usd, 6) for m, u in sorted(by_model.items())},
+            "unpriced_models": sorted(m for m, u in by_model.items() if not u.priced)}
+
+
+def context_json(s: Session | None, client: str | None = None) -> dict[str, Any]:
+    """Return a session's context gauge."""
+    if s is None:
+        return {"session": None, "client": client, "model": None, "current_tokens": 0, "limit_tokens": None,
+                "usage_pct": 0.0, "warning_level": "normal", "compactions": 0}
+    pct = round(100 * s.context_tokens / s.context_limit, 2) if s.context_limit else 0.0
+    return {"session": s.id, "claude_session_id": s.claude_session_id, "client": s.client, "user": s.user,
+            "model": s.context_model, "current_tokens": s.context_tokens, "limit_tokens": s.context_limit,
+            "usage_pct": pct, "warning_level": warning_level(pct), "compactions": s.compactions}
+
+
+def session_json(s: Session) -> dict[str, Any]:
+    """Return a session with its statistics."""
+    return {
+        "id": s.id, "claude_session_id": s.claude_session_id, "source": s.source, "client": s.client,
+        "client_name": s.client_name, "user": s.user, "provider": s.provider,
+        "status": status_of(s, time.time(), config().sessions.idle_after), "started": iso(s.started),
+        "last_activity": iso(s.last_activity), "ended": iso(s.ended), "end_reason": s.end_reason,
+        "stats": {
+            "requests": {"total": s.requests, "failed": s.failed},
+            "tokens": tokens_json(s.usage),
+            "cost": cost_json(s.cost_usd, s.savings_usd, s.by_model),
+            "tools": {"total_calls": s.tool_calls, "failed_calls": s.tool_failed,
+                      "by_tool": {t: calls for t, (calls, _) in sorted(s.by_tool.items())},
+                      "failed_by_tool": {t: failed for t, (_, failed) in sorted(s.by_tool.items()) if failed}},
+            "thinking_blocks": s.thinking_blocks,
+            "avg_ttfb_ms": round(s.ttfb_total_ms / s.ttfb_count, 1) if s.ttfb_count else None,
+        },
+        "context": context_json(s),
+    }
+
+
+def event_json(event) -> dict[str, Any]:
+    """Return an event: its fixed keys, then its own data."""
+    return {"id": event.id, "type": event.type, "timestamp": iso(event.timestamp), "session": event.session,
+            "client": event.client, "user": event.user, **event.data}
+
+
+@bp.get("/stats")
+def stats():
+    """Answer aggregate figures, for everything or a scope."""
+    sweep()
+    totals = store().totals(scope(), idle_before())
+    return jsonify({
+        "requests": {"total": totals.requests, "failed": totals.failed},
+        "tokens": tokens_json(totals.usage),
+        "cost": cost_json(totals.cost_usd, totals.savings_usd, totals.by_model),
+        "tools": {"total_calls": totals.tool_calls, "failed_calls": totals.tool_failed,
+                  "by_tool": dict(sorted(totals.by_tool.items()))},
+        "sessions": {ACTIVE: totals.active, IDLE: totals.idle, ENDED: totals.ended},
+    })
+
+
+@bp.get("/events")
+def events():
+    """Answer events, newest first."""
+    kinds = [t for t in request.args.get("type", "").split(",") if t]
+    unknown = [t for t in kinds if t not in EVENT_TYPES]
+    if unknown:
+        raise bad_request(f"unknown event type {unknown[0]!r}; expected one of: {', '.join(EVENT_TYPES)}")
+    since = request.args.get("since")
+    try:
+        since_ts = parse_instant(since, "since") if since is not None else None
+    except TimeRangeError as exc:
+        raise bad_request(str(exc)) from None
+    sweep()
+    found = store().events(scope(), kinds, since_ts, limit_arg(50))
+    return jsonify({"events": [event_json(e) for e in found]})
+
+
+@bp.get("/context")
+def context():
+    """Answer the context gauge: one object when filtered, else one per live session."""
+    sweep()
+    wanted = scope()
+    if not any(name in request.args for name in ("client", "user", "session")):
+        live = store().sessions(wanted, LIVE, idle_before(), MAX_LIMIT)
+        return jsonify({"contexts": [context_json(s) for s in live]})
+    if wanted.session is not None:
+        return jsonify(context_json(store().get_session(wanted.session)))
+    live = store().sessions(wanted, LIVE, idle_before(), 1)
+    return jsonify(context_json(live[0] if live else None, wanted.client))
+
+
+@bp.get("/sessions")
+def list_sessions():
+    """Answer sessions with their statistics, most recently active first."""
+    status = request.args.get("status")
+    if status not in (None, ACTIVE, IDLE, ENDED):
+        raise bad_request("status must be active, idle or ended")
+    sweep()
+    found = store().sessions(scope(), status, idle_before(), limit_arg(50))
+    return jsonify({"sessions": [session_json(s) for s in found]})
+
+
+@bp.get("/clients")
+def clients():
+    """Answer the configured clients with their live session count and last activity."""
+    activity = store().client_activity()
+    shown = [c for c in config().clients.values() if g.only_client in (None, c.id)]
+    return jsonify({"clients": [
+        {"id": c.id, "name": c.name, "provider": c.provider, "tags": list(c.tags),
+         "active_sessions": activity.get(c.id, (0, None))[0], "last_seen": iso(activity.get(c.id, (0, None))[1])}
+        for c in shown]})
+
+
+def json_body() -> dict[str, Any]:
+    """Return the request's JSON object, or raise 400."""
+    body = request.get_json(silent=True)
+    if not isinstance(body, dict):
+        raise bad_request("the body must be a JSON object")
+    return body
+
+
+def text_field(body: dict, name: str, required: bool = False, longest: int = 256) -> str | None:
+    """Return a string field of a JSON body, checked."""
+    value = body.get(name)
+    if value is None:
+        if required:
+            raise bad_request(f"{name} is required")
+        return None
+    if not isinstance(value, str) or not value.strip() or len(value) > longest:
+        raise bad_request(f"{name} must be a non-empty string of at most {longest} characters")
+    return value
+
+
+@bp.post("/session/start")
+def start_session():
+    """Register a session for a client or a legacy user."""
+    body = json_body()
+    client, user = text_field(body, "client"), text_field(body, "user")
+    key = text_field(body, "session_id", required=True)
+    source = text_field(body, "source")
+    if (client is None) == (user is None):
+        raise bad_request('give exactly one of "client" or "user"')
+    if g.only_client and client != g.only_client:
+        raise AspyError(403, "permission_error", "This token can only start sessions for its own client")
+    if client is not None and client not in config().clients:
+        raise AspyError(404, "not_found_error", f"Unknown client {client!r}")
+    if user is not None and not USER_HASH.fullmatch(user):
+        raise bad_request("user must be a 16-character lowercase hex key hash, or 'anonymous'")
+    session, created = sessions().start(client, user, key, source)
+    return jsonify({"created": created, "session": session_json(store().get_session(session.id))}), \
+        201 if created else 200
+
+
+@bp.post("/session/end")
+def end_session():
+    """End a session now and answer its final statistics."""
+    body = json_body()
+    key = text_field(body, "session_id", required=True)
+    reason = text_field(body, "reason") or "api"
+    found = store().get_session(key)
+    if found is None or (g.only_client and found.client != g.only_client):
+        raise AspyError(404, "not_found_error", f"Unknown session {key!r}")
+    sessions().end(found.id, reason)
+    return jsonify({"session": session_json(store().get_session(found.id))})
+
+
+@bp.post("/search")
+def search():
+    """Search prompts and answers; answer ranked matches with snippets."""
+    body = json_body()
+    keyword = text_field(body, "keyword", required=True, longest=500)
+    words = re.findall(r"\w+", keyword)
+    if not words:
+        raise bad_request("keyword must contain at least one word")
+    role = body.get("role")
+    if role not in (None, "user", "assistant"):
+        raise bad_request("role must be user or assistant")
+    limit = body.get("limit", 20)
+    if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= 100:
+        raise bad_request("limit must be a whole number from 1 to 100")
+    try:
+        since, until = parse_time_range(body.get("time_range"), time.time())
+    except TimeRangeError as exc:
+        raise bad_request(str(exc)) from None
+    wanted = scope({k: body.get(k) for k in ("client", "user", "session")})
+    total, hits = store().search(words, since, until, wanted, role, limit)
+    return jsonify({"total_matches": total, "results": [
+        {"session": h.session, "client": h.client, "timestamp": iso(h.timestamp), "role": h.role,
+         "snippet": h.snippet, "score": round(h.score, 4)} for h in hits]})
+
+
+@bp.route("/<path:_unknown>", methods=["GET", "POST", "PUT", "PATCH", "DELETE"])
+def unknown(_unknown: str):
+    """Answer an unknown API path with 404."""
+    raise AspyError(404, "not_found_error", f"No API endpoint /api/{_unknown}")

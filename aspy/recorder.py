@@ -1,0 +1,101 @@
+"""Record exchanges off the request's path, in batches, in each worker process.
+
+The proxy hands each finished exchange to :class:`Recorder`, which only queues it. A
+background thread (a greenlet under gevent) takes whatever has queued up and applies it in
+one store transaction, so a busy worker writes many exchanges per transaction and the
+client never waits for the store. A failing store is logged and counted; its records are
+kept for the next try, up to ``MAX_PENDING``, and the proxy never notices.
+"""
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import queue
+import threading
+import time
+
+from .observe import Exchange
+from .sessions import Sessions
+from .store import StoreError
+
+log = logging.getLogger(__name__)
+
+BATCH = 500
+MAX_PENDING = 10_000
+RETRY_AFTER = 1.0
+
+
+class Recorder:
+    """Queue exchanges and write them in batches from a background thread."""
+
+    def __init__(self, sessions: Sessions):
+        self.sessions = sessions
+        self.queue: queue.Queue[Exchange] = queue.Queue()
+        self.pending: list[Exchange] = []
+        self.failures = 0
+        self.dropped = 0
+        self.last_error: str | None = None
+        self._pid: int | None = None
+        self._lock = threading.Lock()
+
+    def __call__(self, exchange: Exchange) -> None:
+        """Queue an exchange; start the writer in this process if it is not running."""
+        if self._pid != os.getpid():
+            self._start()
+        self.queue.put(exchange)
+
+    def _start(self) -> None:
+        with self._lock:
+            if self._pid == os.getpid():
+                return
+            self._pid = os.getpid()
+            threading.Thread(target=self._run, name="aspy-recorder", daemon=True).start()
+            atexit.register(self.flush)
+
+    def _run(self) -> None:
+        while True:
+            self.pending.append(self.queue.get())
+            self.flush()
+            if self.pending:
+                time.sleep(RETRY_AFTER)
+
+    def flush(self) -> None:
+        """Write everything queued now; on failure keep it for the next try."""
+        while True:
+            try:
+                while len(self.pending) < BATCH:
+                    self.pending.append(self.queue.get_nowait())
+            except queue.Empty:
+                pass
+            if not self.pending:
+                return
+            batch = self.pending[:BATCH]
+            try:
+                self.sessions.record(batch)
+            except StoreError as exc:
+                self._failed(exc)
+                return
+            except Exception:  # a record the sessions code cannot apply must not block the rest
+                log.exception("recording a batch failed; recording its exchanges one by one")
+                self._record_each(batch)
+            del self.pending[:len(batch)]
+
+    def _record_each(self, batch: list[Exchange]) -> None:
+        """Record exchanges one at a time, dropping (and logging) any that cannot be applied."""
+        for exchange in batch:
+            try:
+                self.sessions.record([exchange])
+            except Exception:
+                self.dropped += 1
+                log.exception("dropped an exchange that could not be recorded: %s", exchange.summary())
+
+    def _failed(self, exc: StoreError) -> None:
+        self.failures += 1
+        self.last_error = str(exc)
+        log.error("recording %d exchanges failed (kept for retry): %s", len(self.pending), exc)
+        if len(self.pending) > MAX_PENDING:
+            lost = len(self.pending) - MAX_PENDING
+            del self.pending[:lost]
+            self.dropped += lost
+            log.error("store unavailable: dropped the %d oldest unrecorded exchanges", lost)

@@ -1,0 +1,292 @@
+"""What exchanges mean: sessions, exact accounting, tool calls, context use and events.
+
+A batch of exchange records is applied in one store transaction: each exchange finds (or
+opens) its session by the key order of SPEC 5, adds its tokens and cost, correlates tool
+results with the tool calls they answer, moves the context gauge, and emits its events.
+Sessions with no traffic for ``end_after`` are ended and archived on the way.
+"""
+from __future__ import annotations
+
+import json
+import re
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from .config import Client, Config
+from .models import ModelTable
+from .observe import Exchange
+from .routing import ANONYMOUS
+from .store import ACTIVE, ENDED, IDLE, Event, Message, Session, Store, Transaction
+
+COMPACTION_FLOOR = 10_000
+COMPACTION_DROP = 0.7
+# Sources of a session's key, in the order they are tried.
+CLAUDE_CODE, HEADER, METADATA, REGISTERED, IMPLICIT = "claude_code", "header", "metadata", "registered", "implicit"
+OLD_USER_ID = re.compile(r"user_[0-9a-f]+_account_[0-9a-f-]*_session_([0-9a-f-]{36})")
+# A rate_limit event is emitted on 429, or when a remaining count falls under this share of its limit.
+RATE_LIMIT_LOW = 0.1
+PREVIEW_CHARS = 200
+
+
+def warning_level(pct: float) -> str:
+    """Return the context warning level for a usage percentage."""
+    if pct >= 95:
+        return "critical"
+    if pct >= 85:
+        return "high"
+    if pct >= 70:
+        return "warning"
+    return "normal"
+
+
+def status_of(session: Session, now: float, idle_after: float) -> str:
+    """Return a session's status: ended as stored, else active or idle by its last activity."""
+    if session.status == ENDED:
+        return ENDED
+    return IDLE if now - session.last_activity > idle_after else ACTIVE
+
+
+def session_key(exchange: Exchange) -> tuple[str | None, str | None]:
+    """Return (key, source) from the request, by the documented order; (None, None) if it has none."""
+    headers = exchange.headers
+    if headers.get("x-claude-code-session-id"):
+        return headers["x-claude-code-session-id"], CLAUDE_CODE
+    if headers.get("x-session-id"):
+        return headers["x-session-id"], HEADER
+    user_id = exchange.request.metadata_user_id
+    if user_id:
+        try:
+            decoded = json.loads(user_id)
+        except ValueError:
+            decoded = None
+        if isinstance(decoded, dict) and isinstance(decoded.get("session_id"), str) and decoded["session_id"]:
+            return decoded["session_id"], METADATA
+        match = OLD_USER_ID.fullmatch(user_id)
+        if match:
+            return match.group(1), METADATA
+    return None, None
+
+
+def new_session_id() -> str:
+    """Return a fresh session id."""
+    return "s_" + uuid.uuid4().hex[:20]
+
+
+@dataclass
+class Identity:
+    """Whose traffic this is: a named client, or a legacy user known by key hash."""
+
+    client: Client | None
+    user: str
+
+
+class Sessions:
+    """Apply exchanges to sessions in the store, and answer session commands."""
+
+    def __init__(self, config: Config, store: Store, models: ModelTable):
+        self.config = config
+        self.store = store
+        self.models = models
+        # Legacy key hashes that a client has taken over (the migration shim).
+        self.hash_owner = {h: c for c in config.clients.values() for h in c.legacy_user_hashes}
+
+    def identity(self, client_id: str | None, user: str) -> Identity:
+        """Return the identity of traffic, applying the migration shim to legacy users."""
+        if client_id is not None:
+            return Identity(self.config.clients.get(client_id), user)
+        return Identity(self.hash_owner.get(user), user)
+
+    def record(self, exchanges: list[Exchange]) -> None:
+        """Apply a batch of exchanges in one transaction."""
+        now = time.time()
+        with self.store.transaction() as tx:
+            self._expire(tx, now)
+            touched = []
+            for exchange in exchanges:
+                session = self._session_for(tx, exchange)
+                self._apply(tx, session, exchange)
+                tx.save_session(session)
+                touched.append(session.id)
+            tx.prune(sorted(set(touched)), self.config.sessions.events_per_session,
+                     now - self.config.store.retention_days * 86400)
+
+    def expire(self) -> None:
+        """End and archive sessions that saw no traffic for ``end_after``."""
+        with self.store.transaction() as tx:
+            self._expire(tx, time.time())
+
+    def _expire(self, tx: Transaction, now: float) -> None:
+        end_after = self.config.sessions.end_after
+        for session in tx.expire_sessions(now - end_after, end_after):
+            tx.add_event(self._event(session, "session_end", session.ended or now,
+                                     reason="timeout", stats=session_summary(session)))
+
+    def start(self, client_id: str | None, user: str | None, key: str, source: str | None) -> tuple[Session, bool]:
+        """Register a session for a client or user; return it and whether it is new."""
+        identity = self.identity(client_id, user or ANONYMOUS)
+        owner = identity.client.id if identity.client else None
+        with self.store.transaction() as tx:
+            self._expire(tx, time.time())
+            found = tx.find_session(owner, identity.user, key)
+            if found:
+                return found, False
+            return self._open(tx, identity, key, REGISTERED, time.time(), requested_source=source), True
+
+    def end(self, key: str, reason: str) -> Session | None:
+        """End a session now; return it as archived, or None if there is no such session."""
+        now = time.time()
+        with self.store.transaction() as tx:
+            self._expire(tx, now)
+            session = tx.get_session(key)
+            if session is None:
+                return None
+            if session.status != ENDED:
+                session.status, session.ended, session.end_reason = ENDED, now, reason
+                tx.save_session(session)
+                tx.add_event(self._event(session, "session_end", now, reason=reason,
+                                         stats=session_summary(session)))
+        return session
+
+    def _session_for(self, tx: Transaction, exchange: Exchange) -> Session:
+        identity = self.identity(exchange.client, exchange.user)
+        client_id = identity.client.id if identity.client else None
+        key, source = session_key(exchange)
+        if key is not None:
+            session = tx.find_session(client_id, identity.user, key)
+        else:
+            session = (tx.find_session(client_id, identity.user, None, REGISTERED)
+                       or tx.find_session(client_id, identity.user, None, IMPLICIT))
+            source = IMPLICIT
+        if session is None:
+            session = self._open(tx, identity, key, source, exchange.started_at)
+        return session
+
+    def _open(self, tx: Transaction, identity: Identity, key: str | None, source: str, at: float,
+              requested_source: str | None = None) -> Session:
+        client = identity.client
+        provider = client.provider if client else self.config.legacy.provider
+        session = Session(id=new_session_id(), claude_session_id=key, source=source,
+                          client=client.id if client else None, client_name=client.name if client else None,
+                          provider=provider, user=identity.user, started=at, last_activity=at)
+        tx.insert_session(session)
+        tx.add_event(self._event(session, "session_start", at, source=requested_source or source,
+                                 claude_session_id=key))
+        return session
+
+    @staticmethod
+    def _event(session: Session, kind: str, at: float, **data: Any) -> Event:
+        return Event(type=kind, timestamp=at, session=session.id, client=session.client,
+                     user=session.user, data=data)
+
+    def _apply(self, tx: Transaction, s: Session, ex: Exchange) -> None:
+        """Add one exchange to its session and emit its events."""
+        obs, facts = ex.observation, ex.request
+        done_at = ex.started_at + ex.duration_ms / 1000
+        model = ex.model
+        s.last_activity = max(s.last_activity, done_at)
+        if s.user == ANONYMOUS:
+            s.user = ex.user
+        s.requests += 1
+        failed = ex.status >= 400 or ex.failure is not None or bool(obs.errors)
+        s.failed += failed
+        agent = ex.headers.get("x-claude-code-agent-id")
+        events = [self._event(s, "request", ex.started_at, method=ex.method, path=ex.path, model=facts.model,
+                              stream=facts.stream, messages=facts.message_count, tools=facts.tool_count,
+                              body_bytes=len(ex.body), agent_id=agent)]
+        for tool_use_id, is_error in facts.tool_results:
+            pending = tx.take_tool_call(tool_use_id)
+            if pending is None:
+                continue
+            _, tool, called_at = pending
+            if is_error:
+                s.tool_failed += 1
+                tx.add_tool_counts(s.id, tool, 0, 1)
+            events.append(self._event(s, "tool_result", ex.started_at, tool=tool, tool_use_id=tool_use_id,
+                                      is_error=is_error, duration_ms=round((ex.started_at - called_at) * 1000, 1)))
+        cost_usd = 0.0
+        if obs.has_usage and model:
+            cost = self.models.cost(model, obs.usage)
+            cost_usd = cost.usd
+            s.usage = s.usage + obs.usage
+            s.cost_usd += cost.usd
+            s.savings_usd += cost.savings_usd
+            tx.add_model_usage(s.id, model, obs.usage, cost.usd, cost.savings_usd, cost.priced)
+        if ex.ttfb_ms is not None:
+            s.ttfb_total_ms += ex.ttfb_ms
+            s.ttfb_count += 1
+        usage = obs.usage
+        events.append(self._event(
+            s, "response", done_at, status=ex.status, model=model, stop_reason=obs.stop_reason,
+            usage={"input_tokens": usage.input_tokens, "output_tokens": usage.output_tokens,
+                   "cache_read": usage.cache_read, "cache_write_5m": usage.cache_write_5m,
+                   "cache_write_1h": usage.cache_write_1h, "web_search_requests": usage.web_search_requests},
+            cost_usd=round(cost_usd, 8), ttfb_ms=round(ex.ttfb_ms, 1) if ex.ttfb_ms is not None else None,
+            duration_ms=round(ex.duration_ms, 1), request_id=ex.request_id, agent_id=agent))
+        capture = self.config.capture_content
+        for text in obs.thinking:
+            s.thinking_blocks += 1
+            events.append(self._event(s, "thinking", done_at, chars=len(text),
+                                      preview=text[:PREVIEW_CHARS] if capture else None))
+        for tool in obs.tool_uses:
+            if tool.server:
+                continue
+            s.tool_calls += 1
+            tx.add_tool_counts(s.id, tool.name, 1, 0)
+            tx.add_tool_call(tool.id, s.id, tool.name, done_at)
+            events.append(self._event(s, "tool_call", done_at, tool=tool.name, tool_use_id=tool.id,
+                                      input=tool.input if capture else None, complete=tool.complete))
+        for error in obs.errors:
+            events.append(self._event(s, "error", done_at, status=ex.status, error_type=error.get("type"),
+                                      message=str(error.get("message", ""))[:500]))
+        if ex.failure:
+            events.append(self._event(s, "error", done_at, status=ex.status, error_type="proxy", message=ex.failure))
+        if self._rate_limited(ex):
+            events.append(self._event(s, "rate_limit", done_at, status=ex.status, headers=ex.rate_limits))
+        if agent is None and obs.has_usage and ex.status < 400:
+            compact = self._move_context(s, ex)
+            if compact:
+                events.append(self._event(s, "context_compact", done_at, **compact))
+        for event in events:
+            tx.add_event(event)
+        if capture:
+            if facts.prompt.strip():
+                tx.add_message(Message(s.id, s.client, s.user, "user", ex.started_at, facts.prompt))
+            if obs.text.strip():
+                tx.add_message(Message(s.id, s.client, s.user, "assistant", done_at, obs.text))
+
+    def _move_context(self, s: Session, ex: Exchange) -> dict[str, int] | None:
+        """Set the context gauge from a main-thread response; return a detected compaction."""
+        current = ex.observation.context.context_tokens
+        before = s.context_tokens
+        s.context_tokens = current
+        s.context_model = ex.model
+        s.context_limit = self.models.context_limit(ex.model, ex.headers.get("anthropic-beta", ""))
+        if before > COMPACTION_FLOOR and current < COMPACTION_DROP * before:
+            s.compactions += 1
+            return {"before_tokens": before, "after_tokens": current}
+        return None
+
+    @staticmethod
+    def _rate_limited(ex: Exchange) -> bool:
+        """Tell whether an exchange hit, or came close to, a rate limit."""
+        if ex.status == 429:
+            return True
+        limits = ex.rate_limits
+        for name, value in limits.items():
+            if name.endswith("-remaining"):
+                limit = limits.get(name[:-len("-remaining")] + "-limit")
+                try:
+                    if limit and int(value) < RATE_LIMIT_LOW * int(limit):
+                        return True
+                except ValueError:
+                    continue
+        return False
+
+
+def session_summary(s: Session) -> dict[str, Any]:
+    """Return the headline figures of a session, for its session_end event."""
+    return {"requests": s.requests, "failed": s.failed, "input_tokens": s.usage.input_tokens,
+            "output_tokens": s.usage.output_tokens, "cost_usd": round(s.cost_usd, 8),
+            "tool_calls": s.tool_calls, "compactions": s.compactions}

@@ -1,0 +1,248 @@
+"""Where sessions, events and conversation text live: the records, and the store interface.
+
+Only the store modules know SQL. ``open_store(url)`` picks the implementation from the
+``[store] url``: ``sqlite:///PATH`` (embedded, the default) or ``postgresql://...``. Writes
+happen in a :meth:`Store.transaction` whose methods the sessions module calls; every write
+of one batch of exchanges is one short transaction, so all worker processes (and all hosts
+on one PostgreSQL database) see the same figures.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..observe import Usage
+
+# Stored status is "active" or "ended"; "idle" is derived from last_activity when read.
+ACTIVE, IDLE, ENDED = "active", "idle", "ended"
+# Not ended: active or idle.
+LIVE = "live"
+
+
+class StoreError(Exception):
+    """The store could not do what was asked (unreachable, locked, read-only, corrupt)."""
+
+
+@dataclass
+class Session:
+    """One session of one identity, with its running statistics."""
+
+    id: str
+    claude_session_id: str | None
+    source: str
+    client: str | None
+    client_name: str | None
+    provider: str | None
+    user: str
+    started: float
+    last_activity: float
+    status: str = ACTIVE
+    ended: float | None = None
+    end_reason: str | None = None
+    requests: int = 0
+    failed: int = 0
+    usage: Usage = field(default_factory=Usage)
+    cost_usd: float = 0.0
+    savings_usd: float = 0.0
+    tool_calls: int = 0
+    tool_failed: int = 0
+    thinking_blocks: int = 0
+    ttfb_total_ms: float = 0.0
+    ttfb_count: int = 0
+    context_model: str | None = None
+    context_tokens: int = 0
+    context_limit: int | None = None
+    compactions: int = 0
+    # Filled when read for the API: {model: ModelUsage}, {tool: [calls, failed]}.
+    by_model: dict[str, ModelUsage] = field(default_factory=dict)
+    by_tool: dict[str, list[int]] = field(default_factory=dict)
+
+
+@dataclass
+class ModelUsage:
+    """One model's share of a session (or of a total)."""
+
+    requests: int = 0
+    usage: Usage = field(default_factory=Usage)
+    cost_usd: float = 0.0
+    savings_usd: float = 0.0
+    priced: bool = True
+
+
+@dataclass
+class Event:
+    """One thing that happened, as listed by /api/events."""
+
+    type: str
+    timestamp: float
+    session: str | None
+    client: str | None
+    user: str | None
+    data: dict[str, Any] = field(default_factory=dict)
+    id: int | None = None
+
+
+@dataclass
+class Message:
+    """A user prompt or assistant answer kept for search."""
+
+    session: str
+    client: str | None
+    user: str
+    role: str
+    timestamp: float
+    text: str
+
+
+@dataclass
+class Hit:
+    """One search result."""
+
+    session: str
+    client: str | None
+    timestamp: float
+    role: str
+    snippet: str
+    score: float
+
+
+@dataclass(frozen=True)
+class Scope:
+    """Which sessions a question is about; empty means all.
+
+    ``user`` matches sessions whose key hashed to it, and also every session of the clients
+    in ``user_clients`` (the clients that took that hash over).
+    """
+
+    client: str | None = None
+    user: str | None = None
+    user_clients: tuple[str, ...] = ()
+    session: str | None = None
+
+
+@dataclass
+class Totals:
+    """Aggregate figures over a scope."""
+
+    requests: int = 0
+    failed: int = 0
+    usage: Usage = field(default_factory=Usage)
+    cost_usd: float = 0.0
+    savings_usd: float = 0.0
+    by_model: dict[str, ModelUsage] = field(default_factory=dict)
+    tool_calls: int = 0
+    tool_failed: int = 0
+    by_tool: dict[str, int] = field(default_factory=dict)
+    active: int = 0
+    idle: int = 0
+    ended: int = 0
+
+
+class Transaction(ABC):
+    """The writes of one batch, applied together or not at all."""
+
+    @abstractmethod
+    def find_session(self, client: str | None, user: str, claude_session_id: str | None,
+                     source: str | None = None) -> Session | None:
+        """Return the newest open session of an identity with this key (or of this source)."""
+
+    @abstractmethod
+    def get_session(self, key: str) -> Session | None:
+        """Return a session by id or Claude session id, newest first."""
+
+    @abstractmethod
+    def insert_session(self, session: Session) -> None:
+        """Add a new session."""
+
+    @abstractmethod
+    def save_session(self, session: Session) -> None:
+        """Write back a session's status and statistics."""
+
+    @abstractmethod
+    def add_model_usage(self, session_id: str, model: str, usage: Usage, cost_usd: float,
+                        savings_usd: float, priced: bool) -> None:
+        """Add one response to a session's per-model figures."""
+
+    @abstractmethod
+    def add_tool_counts(self, session_id: str, tool: str, calls: int, failed: int) -> None:
+        """Add calls (and failures) of one tool to a session."""
+
+    @abstractmethod
+    def add_event(self, event: Event) -> None:
+        """Add an event."""
+
+    @abstractmethod
+    def add_message(self, message: Message) -> None:
+        """Keep a prompt or answer for search."""
+
+    @abstractmethod
+    def add_tool_call(self, tool_use_id: str, session_id: str, tool: str, called_at: float) -> None:
+        """Remember a tool_use until its result arrives."""
+
+    @abstractmethod
+    def take_tool_call(self, tool_use_id: str) -> tuple[str, str, float] | None:
+        """Return (session id, tool, called at) of a pending tool_use and forget it."""
+
+    @abstractmethod
+    def expire_sessions(self, ended_before: float, end_after: float) -> list[Session]:
+        """End every open session with no traffic since ``ended_before``; return them."""
+
+    @abstractmethod
+    def prune(self, session_ids: list[str], events_per_session: int, older_than: float) -> None:
+        """Keep the last events of each session, and nothing older than the retention."""
+
+
+class Store(ABC):
+    """A place all worker processes share."""
+
+    @abstractmethod
+    def transaction(self) -> AbstractContextManager[Transaction]:
+        """Open a short write transaction."""
+
+    @abstractmethod
+    def get_session(self, key: str) -> Session | None:
+        """Return a session by id or Claude session id, with its per-model and per-tool figures."""
+
+    @abstractmethod
+    def sessions(self, scope: Scope, status: str | None, idle_before: float, limit: int) -> list[Session]:
+        """Return sessions, newest activity first, with their per-model and per-tool figures."""
+
+    @abstractmethod
+    def totals(self, scope: Scope, idle_before: float) -> Totals:
+        """Sum the figures of every session in a scope."""
+
+    @abstractmethod
+    def events(self, scope: Scope, types: list[str], since: float | None, limit: int) -> list[Event]:
+        """Return events, newest first."""
+
+    @abstractmethod
+    def search(self, words: list[str], since: float | None, until: float | None, scope: Scope,
+               role: str | None, limit: int) -> tuple[int, list[Hit]]:
+        """Find prompts and answers holding every word; return (total matches, best hits)."""
+
+    @abstractmethod
+    def client_activity(self) -> dict[str, tuple[int, float | None]]:
+        """Return, per client, (sessions not ended, last activity)."""
+
+    @abstractmethod
+    def check(self) -> dict[str, Any]:
+        """Return the store's kind and schema version; raise StoreError if unreachable."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Close connections."""
+
+
+def open_store(url: str) -> Store:
+    """Open the store a ``[store] url`` names, creating or migrating its schema."""
+    if url.startswith("sqlite:///"):
+        from .sqlite import SqliteStore
+
+        return SqliteStore(url[len("sqlite:///"):])
+    if url.startswith(("postgresql://", "postgres://")):
+        from .postgres import PostgresStore
+
+        return PostgresStore(url)
+    raise StoreError(f"unsupported store URL scheme in {url.split('://')[0]!r}")

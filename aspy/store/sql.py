@@ -1,0 +1,266 @@
+"""The SQL that SQLite and PostgreSQL share: rows to records, writes, and aggregate reads.
+
+Statements use ``?`` placeholders; a dialect that wants another style rewrites them in
+:meth:`SqlStore.sql`. What differs (connections, locking, schema, text search) lives in
+the ``sqlite`` and ``postgres`` modules.
+"""
+from __future__ import annotations
+
+import json
+from typing import Any, Iterable
+
+from ..observe import Usage
+from . import (ACTIVE, ENDED, IDLE, LIVE, Event, Message, ModelUsage, Scope, Session, Store, Totals,
+               Transaction)
+
+SESSION_COLUMNS = (
+    "id", "claude_session_id", "source", "client_id", "client_name", "provider", "user_hash",
+    "started", "last_activity", "status", "ended", "end_reason", "requests", "failed",
+    "input_tokens", "output_tokens", "cache_read", "cache_write_5m", "cache_write_1h", "web_searches",
+    "cost_usd", "savings_usd", "tool_calls", "tool_failed", "thinking_blocks", "ttfb_total_ms",
+    "ttfb_count", "context_model", "context_tokens", "context_limit", "compactions",
+)
+USAGE_COLUMNS = ("input_tokens", "output_tokens", "cache_read", "cache_write_5m", "cache_write_1h", "web_searches")
+SESSION_SELECT = "SELECT " + ", ".join(SESSION_COLUMNS) + " FROM sessions"
+OPEN = f"status <> '{ENDED}'"
+
+
+def session_row(s: Session) -> tuple:
+    """Return a session as a row in SESSION_COLUMNS order."""
+    return (s.id, s.claude_session_id, s.source, s.client, s.client_name, s.provider, s.user,
+            s.started, s.last_activity, s.status, s.ended, s.end_reason, s.requests, s.failed,
+            *s.usage.astuple(), s.cost_usd, s.savings_usd, s.tool_calls, s.tool_failed,
+            s.thinking_blocks, s.ttfb_total_ms, s.ttfb_count, s.context_model, s.context_tokens,
+            s.context_limit, s.compactions)
+
+
+def row_session(row: tuple) -> Session:
+    """Return the session a row in SESSION_COLUMNS order holds."""
+    (sid, claude, source, client, name, provider, user, started, last, status, ended, reason,
+     requests, failed, i, o, cr, w5, w1, ws, cost, savings, tools, tools_failed, thinking,
+     ttfb_total, ttfb_count, ctx_model, ctx_tokens, ctx_limit, compactions) = row
+    return Session(
+        id=sid, claude_session_id=claude, source=source, client=client, client_name=name,
+        provider=provider, user=user, started=started, last_activity=last, status=status,
+        ended=ended, end_reason=reason, requests=requests, failed=failed,
+        usage=Usage(i, o, cr, w5, w1, ws), cost_usd=cost, savings_usd=savings, tool_calls=tools,
+        tool_failed=tools_failed, thinking_blocks=thinking, ttfb_total_ms=ttfb_total,
+        ttfb_count=ttfb_count, context_model=ctx_model, context_tokens=ctx_tokens,
+        context_limit=ctx_limit, compactions=compactions,
+    )
+
+
+def scope_clause(scope: Scope, session_table: str = "") -> tuple[str, list[Any]]:
+    """Return a WHERE fragment (and its parameters) selecting a scope's sessions."""
+    prefix = f"{session_table}." if session_table else ""
+    parts, params = [], []
+    if scope.client is not None:
+        parts.append(f"{prefix}client_id = ?")
+        params.append(scope.client)
+    if scope.user is not None:
+        if scope.user_clients:
+            marks = ", ".join("?" for _ in scope.user_clients)
+            parts.append(f"({prefix}user_hash = ? OR {prefix}client_id IN ({marks}))")
+            params += [scope.user, *scope.user_clients]
+        else:
+            parts.append(f"{prefix}user_hash = ?")
+            params.append(scope.user)
+    if scope.session is not None:
+        parts.append(f"({prefix}id = ? OR {prefix}claude_session_id = ?)")
+        params += [scope.session, scope.session]
+    return (" AND ".join(parts) or "1 = 1"), params
+
+
+def status_clause(status: str | None, idle_before: float) -> tuple[str, list[Any]]:
+    """Return a WHERE fragment for a derived status."""
+    if status == ENDED:
+        return f"status = '{ENDED}'", []
+    if status == IDLE:
+        return f"{OPEN} AND last_activity < ?", [idle_before]
+    if status == ACTIVE:
+        return f"{OPEN} AND last_activity >= ?", [idle_before]
+    if status == LIVE:
+        return OPEN, []
+    return "1 = 1", []
+
+
+class SqlTransaction(Transaction):
+    """Writes through one open cursor; the store commits or rolls back around it."""
+
+    def __init__(self, store: SqlStore, cursor: Any):
+        self.store = store
+        self.cur = cursor
+
+    def execute(self, statement: str, params: Iterable[Any] = ()) -> Any:
+        """Run one statement in this transaction."""
+        self.cur.execute(self.store.sql(statement), tuple(params))
+        return self.cur
+
+    def find_session(self, client, user, claude_session_id, source=None):
+        where = ["client_id = ?" if client is not None else "client_id IS NULL AND user_hash = ?", OPEN]
+        params: list[Any] = [client if client is not None else user]
+        if claude_session_id is not None:
+            where.append("claude_session_id = ?")
+            params.append(claude_session_id)
+        else:
+            where.append("source = ?")
+            params.append(source)
+        row = self.execute(f"{SESSION_SELECT} WHERE {' AND '.join(where)} "
+                           "ORDER BY last_activity DESC LIMIT 1", params).fetchone()
+        return row_session(row) if row else None
+
+    def get_session(self, key):
+        row = self.execute(f"{SESSION_SELECT} WHERE id = ? OR claude_session_id = ? "
+                           "ORDER BY last_activity DESC LIMIT 1", (key, key)).fetchone()
+        return row_session(row) if row else None
+
+    def insert_session(self, session):
+        marks = ", ".join("?" for _ in SESSION_COLUMNS)
+        self.execute(f"INSERT INTO sessions ({', '.join(SESSION_COLUMNS)}) VALUES ({marks})",
+                     session_row(session))
+
+    def save_session(self, session):
+        sets = ", ".join(f"{c} = ?" for c in SESSION_COLUMNS[1:])
+        self.execute(f"UPDATE sessions SET {sets} WHERE id = ?", (*session_row(session)[1:], session.id))
+
+    def add_model_usage(self, session_id, model, usage, cost_usd, savings_usd, priced):
+        adds = ", ".join(f"{c} = session_models.{c} + excluded.{c}" for c in USAGE_COLUMNS)
+        self.execute(
+            f"INSERT INTO session_models (session_id, model, requests, {', '.join(USAGE_COLUMNS)}, "
+            "cost_usd, savings_usd, priced) VALUES (?, ?, 1, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+            f"ON CONFLICT (session_id, model) DO UPDATE SET requests = session_models.requests + 1, {adds}, "
+            "cost_usd = session_models.cost_usd + excluded.cost_usd, "
+            "savings_usd = session_models.savings_usd + excluded.savings_usd",
+            (session_id, model, *usage.astuple(), cost_usd, savings_usd, 1 if priced else 0))
+
+    def add_tool_counts(self, session_id, tool, calls, failed):
+        self.execute(
+            "INSERT INTO session_tools (session_id, tool, calls, failed) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT (session_id, tool) DO UPDATE SET calls = session_tools.calls + excluded.calls, "
+            "failed = session_tools.failed + excluded.failed", (session_id, tool, calls, failed))
+
+    def add_event(self, event):
+        self.execute("INSERT INTO events (session_id, client_id, user_hash, type, timestamp, data) "
+                     "VALUES (?, ?, ?, ?, ?, ?)",
+                     (event.session, event.client, event.user, event.type, event.timestamp,
+                      json.dumps(event.data, separators=(",", ":"))))
+
+    def add_message(self, message):
+        self.execute("INSERT INTO messages (session_id, client_id, user_hash, role, timestamp, text) "
+                     "VALUES (?, ?, ?, ?, ?, ?)",
+                     (message.session, message.client, message.user, message.role, message.timestamp,
+                      message.text))
+
+    def add_tool_call(self, tool_use_id, session_id, tool, called_at):
+        self.execute("INSERT INTO tool_calls (tool_use_id, session_id, tool, called_at) VALUES (?, ?, ?, ?) "
+                     "ON CONFLICT (tool_use_id) DO NOTHING", (tool_use_id, session_id, tool, called_at))
+
+    def take_tool_call(self, tool_use_id):
+        row = self.execute("DELETE FROM tool_calls WHERE tool_use_id = ? RETURNING session_id, tool, called_at",
+                           (tool_use_id,)).fetchone()
+        return tuple(row) if row else None
+
+    def expire_sessions(self, ended_before, end_after):
+        rows = self.execute(
+            f"UPDATE sessions SET status = '{ENDED}', ended = last_activity + ?, end_reason = 'timeout' "
+            f"WHERE {OPEN} AND last_activity < ? RETURNING " + ", ".join(SESSION_COLUMNS),
+            (end_after, ended_before)).fetchall()
+        return [row_session(r) for r in rows]
+
+    def prune(self, session_ids, events_per_session, older_than):
+        for sid in session_ids:
+            self.execute("DELETE FROM events WHERE session_id = ? AND id <= (SELECT id FROM events "
+                         "WHERE session_id = ? ORDER BY id DESC LIMIT 1 OFFSET ?)",
+                         (sid, sid, events_per_session))
+        self.execute("DELETE FROM events WHERE timestamp < ?", (older_than,))
+        self.execute("DELETE FROM messages WHERE timestamp < ?", (older_than,))
+        self.execute("DELETE FROM tool_calls WHERE called_at < ?", (older_than,))
+
+
+class SqlStore(Store):
+    """Reads shared by the SQL stores; subclasses give connections and dialect."""
+
+    def sql(self, statement: str) -> str:
+        """Return a statement in this dialect's placeholder style."""
+        return statement
+
+    def query(self, statement: str, params: Iterable[Any] = ()) -> list[tuple]:
+        """Run one read and return all its rows."""
+        raise NotImplementedError
+
+    def _with_details(self, sessions: list[Session]) -> list[Session]:
+        """Attach per-model and per-tool figures to sessions."""
+        if not sessions:
+            return sessions
+        by_id = {s.id: s for s in sessions}
+        marks = ", ".join("?" for _ in by_id)
+        for row in self.query(f"SELECT session_id, model, requests, {', '.join(USAGE_COLUMNS)}, cost_usd, "
+                              f"savings_usd, priced FROM session_models WHERE session_id IN ({marks})", by_id):
+            sid, model, requests, *counts, cost, savings, priced = row
+            by_id[sid].by_model[model] = ModelUsage(requests, Usage(*counts), cost, savings, bool(priced))
+        for sid, tool, calls, failed in self.query(
+                f"SELECT session_id, tool, calls, failed FROM session_tools WHERE session_id IN ({marks})", by_id):
+            by_id[sid].by_tool[tool] = [calls, failed]
+        return sessions
+
+    def get_session(self, key):
+        rows = self.query(f"{SESSION_SELECT} WHERE id = ? OR claude_session_id = ? "
+                          "ORDER BY last_activity DESC LIMIT 1", (key, key))
+        return self._with_details([row_session(rows[0])])[0] if rows else None
+
+    def sessions(self, scope, status, idle_before, limit):
+        where, params = scope_clause(scope)
+        status_sql, status_params = status_clause(status, idle_before)
+        rows = self.query(f"{SESSION_SELECT} WHERE {where} AND {status_sql} "
+                          "ORDER BY last_activity DESC LIMIT ?", [*params, *status_params, limit])
+        return self._with_details([row_session(r) for r in rows])
+
+    def totals(self, scope, idle_before):
+        where, params = scope_clause(scope)
+        sums = ", ".join(f"COALESCE(SUM({c}), 0)" for c in
+                         ("requests", "failed", *USAGE_COLUMNS, "cost_usd", "savings_usd", "tool_calls", "tool_failed"))
+        counts = (f"COALESCE(SUM(CASE WHEN {OPEN} AND last_activity >= ? THEN 1 ELSE 0 END), 0), "
+                  f"COALESCE(SUM(CASE WHEN {OPEN} AND last_activity < ? THEN 1 ELSE 0 END), 0), "
+                  f"COALESCE(SUM(CASE WHEN status = '{ENDED}' THEN 1 ELSE 0 END), 0)")
+        row = self.query(f"SELECT {sums}, {counts} FROM sessions WHERE {where}",
+                         [idle_before, idle_before, *params])[0]
+        requests, failed, *rest = row
+        usage, (cost, savings, tools, tools_failed, active, idle, ended) = Usage(*rest[:6]), rest[6:]
+        totals = Totals(requests=requests, failed=failed, usage=usage, cost_usd=cost, savings_usd=savings,
+                        tool_calls=tools, tool_failed=tools_failed, active=active, idle=idle, ended=ended)
+        joined, joined_params = scope_clause(scope, "s")
+        for model, requests, *counts, cost, savings, priced in self.query(
+                f"SELECT m.model, SUM(m.requests), {', '.join(f'SUM(m.{c})' for c in USAGE_COLUMNS)}, "
+                "SUM(m.cost_usd), SUM(m.savings_usd), MIN(m.priced) FROM session_models m "
+                f"JOIN sessions s ON s.id = m.session_id WHERE {joined} GROUP BY m.model", joined_params):
+            totals.by_model[model] = ModelUsage(requests, Usage(*counts), cost, savings, bool(priced))
+        for tool, calls in self.query(
+                "SELECT t.tool, SUM(t.calls) FROM session_tools t JOIN sessions s ON s.id = t.session_id "
+                f"WHERE {joined} GROUP BY t.tool", joined_params):
+            totals.by_tool[tool] = calls
+        return totals
+
+    def events(self, scope, types, since, limit):
+        where, params = self._event_scope(scope)
+        if types:
+            where += f" AND type IN ({', '.join('?' for _ in types)})"
+            params += types
+        if since is not None:
+            where += " AND timestamp >= ?"
+            params.append(since)
+        rows = self.query(f"SELECT id, type, timestamp, session_id, client_id, user_hash, data FROM events "
+                          f"WHERE {where} ORDER BY id DESC LIMIT ?", [*params, limit])
+        return [Event(id=r[0], type=r[1], timestamp=r[2], session=r[3], client=r[4], user=r[5],
+                      data=json.loads(r[6])) for r in rows]
+
+    def _event_scope(self, scope: Scope) -> tuple[str, list[Any]]:
+        """Return a WHERE fragment selecting events of a scope's sessions."""
+        if scope == Scope():
+            return "1 = 1", []
+        where, params = scope_clause(scope)
+        return f"session_id IN (SELECT id FROM sessions WHERE {where})", params
+
+    def client_activity(self):
+        rows = self.query(f"SELECT client_id, SUM(CASE WHEN {OPEN} THEN 1 ELSE 0 END), "
+                          "MAX(last_activity) FROM sessions WHERE client_id IS NOT NULL GROUP BY client_id")
+        return {client: (live, last) for client, live, last in rows}

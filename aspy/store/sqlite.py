@@ -1,0 +1,203 @@
+"""The embedded store: one SQLite file in WAL mode, shared by every worker process.
+
+Each process keeps one connection, used under a lock. Writes are short ``BEGIN IMMEDIATE``
+transactions; SQLite's own busy wait is kept to 100 ms because it blocks the whole gevent
+worker, and a longer wait is done here by sleeping, which under gevent lets the other
+greenlets run. The file is opened, and its schema created or migrated, on first use, so a
+store that cannot be opened never stops aspy from starting or forwarding.
+"""
+from __future__ import annotations
+
+import os
+import sqlite3
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+from . import Hit, StoreError
+from .sql import SqlStore, SqlTransaction, scope_clause
+
+SCHEMA_VERSION = 1
+# How long a write waits for another process's transaction before giving up.
+WRITE_PATIENCE = 2.0
+MIGRATIONS: dict[int, list[str]] = {
+    1: [
+        """CREATE TABLE sessions (
+            id TEXT PRIMARY KEY, claude_session_id TEXT, source TEXT NOT NULL, client_id TEXT,
+            client_name TEXT, provider TEXT, user_hash TEXT NOT NULL, started REAL NOT NULL,
+            last_activity REAL NOT NULL, status TEXT NOT NULL, ended REAL, end_reason TEXT,
+            requests INTEGER NOT NULL DEFAULT 0, failed INTEGER NOT NULL DEFAULT 0,
+            input_tokens INTEGER NOT NULL DEFAULT 0, output_tokens INTEGER NOT NULL DEFAULT 0,
+            cache_read INTEGER NOT NULL DEFAULT 0, cache_write_5m INTEGER NOT NULL DEFAULT 0,
+            cache_write_1h INTEGER NOT NULL DEFAULT 0, web_searches INTEGER NOT NULL DEFAULT 0,
+            cost_usd REAL NOT NULL DEFAULT 0, savings_usd REAL NOT NULL DEFAULT 0,
+            tool_calls INTEGER NOT NULL DEFAULT 0, tool_failed INTEGER NOT NULL DEFAULT 0,
+            thinking_blocks INTEGER NOT NULL DEFAULT 0, ttfb_total_ms REAL NOT NULL DEFAULT 0,
+            ttfb_count INTEGER NOT NULL DEFAULT 0, context_model TEXT,
+            context_tokens INTEGER NOT NULL DEFAULT 0, context_limit INTEGER,
+            compactions INTEGER NOT NULL DEFAULT 0)""",
+        "CREATE INDEX sessions_client ON sessions (client_id, status, last_activity)",
+        "CREATE INDEX sessions_user ON sessions (user_hash, status, last_activity)",
+        "CREATE INDEX sessions_claude ON sessions (claude_session_id)",
+        "CREATE INDEX sessions_activity ON sessions (status, last_activity)",
+        """CREATE TABLE session_models (
+            session_id TEXT NOT NULL, model TEXT NOT NULL, requests INTEGER NOT NULL,
+            input_tokens INTEGER NOT NULL, output_tokens INTEGER NOT NULL, cache_read INTEGER NOT NULL,
+            cache_write_5m INTEGER NOT NULL, cache_write_1h INTEGER NOT NULL, web_searches INTEGER NOT NULL,
+            cost_usd REAL NOT NULL, savings_usd REAL NOT NULL, priced INTEGER NOT NULL,
+            PRIMARY KEY (session_id, model))""",
+        """CREATE TABLE session_tools (
+            session_id TEXT NOT NULL, tool TEXT NOT NULL, calls INTEGER NOT NULL, failed INTEGER NOT NULL,
+            PRIMARY KEY (session_id, tool))""",
+        """CREATE TABLE events (
+            id INTEGER PRIMARY KEY AUTOINCREMENT, session_id TEXT, client_id TEXT, user_hash TEXT,
+            type TEXT NOT NULL, timestamp REAL NOT NULL, data TEXT NOT NULL)""",
+        "CREATE INDEX events_session ON events (session_id, id)",
+        "CREATE INDEX events_time ON events (timestamp)",
+        """CREATE TABLE tool_calls (
+            tool_use_id TEXT PRIMARY KEY, session_id TEXT NOT NULL, tool TEXT NOT NULL, called_at REAL NOT NULL)""",
+        """CREATE TABLE messages (
+            id INTEGER PRIMARY KEY AUTOINCREMENT, session_id TEXT NOT NULL, client_id TEXT,
+            user_hash TEXT, role TEXT NOT NULL, timestamp REAL NOT NULL, text TEXT NOT NULL)""",
+        "CREATE INDEX messages_time ON messages (timestamp)",
+        """CREATE VIRTUAL TABLE messages_fts USING fts5(
+            text, content='messages', content_rowid='id', tokenize='unicode61 remove_diacritics 2')""",
+        """CREATE TRIGGER messages_added AFTER INSERT ON messages BEGIN
+            INSERT INTO messages_fts (rowid, text) VALUES (new.id, new.text); END""",
+        """CREATE TRIGGER messages_removed AFTER DELETE ON messages BEGIN
+            INSERT INTO messages_fts (messages_fts, rowid, text) VALUES ('delete', old.id, old.text); END""",
+    ],
+}
+
+
+def _busy(exc: sqlite3.Error) -> bool:
+    """Tell whether an error means another connection holds the lock."""
+    return isinstance(exc, sqlite3.OperationalError) and ("locked" in str(exc) or "busy" in str(exc))
+
+
+class SqliteStore(SqlStore):
+    """The SQLite implementation of the store."""
+
+    kind = "sqlite"
+
+    def __init__(self, path: str):
+        self.path = Path(path).expanduser()
+        # Patched into a gevent lock in the workers: one greenlet uses the connection at a time.
+        self.lock = threading.Lock()
+        self._conn: sqlite3.Connection | None = None
+        self._pid: int | None = None
+
+    def _connection(self) -> sqlite3.Connection:
+        """Return this process's connection, opening and migrating the file on first use."""
+        if self._conn is not None and self._pid == os.getpid():
+            return self._conn
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=0.1)
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute("PRAGMA synchronous = NORMAL")
+            conn.execute("PRAGMA busy_timeout = 100")
+            self._migrate(conn)
+        except (OSError, sqlite3.Error) as exc:
+            raise StoreError(f"cannot open the SQLite store {self.path}: {exc}") from None
+        self._conn, self._pid = conn, os.getpid()
+        return conn
+
+    def _begin(self, conn: sqlite3.Connection) -> None:
+        """Take the write lock, waiting cooperatively while another process holds it."""
+        deadline = time.monotonic() + WRITE_PATIENCE
+        while True:
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                return
+            except sqlite3.Error as exc:
+                if not _busy(exc) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.02)
+
+    def _migrate(self, conn: sqlite3.Connection) -> None:
+        """Create the schema, or bring it up to SCHEMA_VERSION."""
+        self._begin(conn)
+        try:
+            conn.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+            row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+            current = int(row[0]) if row else 0
+            if current > SCHEMA_VERSION:
+                raise StoreError(f"the store's schema version {current} is newer than this aspy "
+                                 f"understands ({SCHEMA_VERSION}); upgrade aspy")
+            for version in range(current + 1, SCHEMA_VERSION + 1):
+                for statement in MIGRATIONS[version]:
+                    conn.execute(statement)
+            conn.execute("INSERT INTO meta (key, value) VALUES ('schema_version', ?) "
+                         "ON CONFLICT (key) DO UPDATE SET value = excluded.value", (str(SCHEMA_VERSION),))
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+
+    @contextmanager
+    def transaction(self) -> Iterator[SqlTransaction]:
+        with self.lock:
+            try:
+                conn = self._connection()
+                self._begin(conn)
+            except sqlite3.Error as exc:
+                raise StoreError(f"cannot write to the SQLite store {self.path}: {exc}") from None
+            try:
+                yield SqlTransaction(self, conn.cursor())
+                conn.execute("COMMIT")
+            except sqlite3.Error as exc:
+                self._rollback(conn)
+                raise StoreError(f"writing to the SQLite store {self.path} failed: {exc}") from None
+            except BaseException:
+                self._rollback(conn)
+                raise
+
+    @staticmethod
+    def _rollback(conn: sqlite3.Connection) -> None:
+        """Roll back if a transaction is still open."""
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+
+    def query(self, statement: str, params: Iterable[Any] = ()) -> list[tuple]:
+        with self.lock:
+            try:
+                return self._connection().execute(statement, tuple(params)).fetchall()
+            except sqlite3.Error as exc:
+                raise StoreError(f"reading the SQLite store {self.path} failed: {exc}") from None
+
+    def search(self, words, since, until, scope, role, limit):
+        match = " ".join('"' + w.replace('"', '""') + '"' for w in words)
+        where, params = "messages_fts MATCH ?", [match]
+        if since is not None:
+            where += " AND m.timestamp >= ?"
+            params.append(since)
+        if until is not None:
+            where += " AND m.timestamp < ?"
+            params.append(until)
+        if role:
+            where += " AND m.role = ?"
+            params.append(role)
+        scoped, scope_params = scope_clause(scope)
+        if scoped != "1 = 1":
+            where += f" AND m.session_id IN (SELECT id FROM sessions WHERE {scoped})"
+            params += scope_params
+        base = "FROM messages_fts JOIN messages m ON m.id = messages_fts.rowid WHERE " + where
+        total = self.query(f"SELECT COUNT(*) {base}", params)[0][0]
+        rows = self.query("SELECT m.session_id, m.client_id, m.timestamp, m.role, "
+                          "snippet(messages_fts, 0, '**', '**', '…', 24), bm25(messages_fts) "
+                          f"{base} ORDER BY bm25(messages_fts), m.timestamp DESC LIMIT ?", [*params, limit])
+        return total, [Hit(session=r[0], client=r[1], timestamp=r[2], role=r[3], snippet=r[4], score=-r[5])
+                       for r in rows]
+
+    def check(self) -> dict[str, Any]:
+        version = self.query("SELECT value FROM meta WHERE key = 'schema_version'")[0][0]
+        return {"kind": self.kind, "path": str(self.path), "schema_version": int(version)}
+
+    def close(self) -> None:
+        with self.lock:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None

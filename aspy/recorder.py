@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 BATCH = 500
 MAX_PENDING = 10_000
 RETRY_AFTER = 1.0
+GATHER = 0.02
 
 
 class Recorder:
@@ -56,6 +57,8 @@ class Recorder:
     def _run(self) -> None:
         while True:
             self.pending.append(self.queue.get())
+            # Let a busy worker gather more exchanges into the same transaction.
+            time.sleep(GATHER)
             self.flush()
             if self.pending:
                 time.sleep(RETRY_AFTER)

@@ -11,7 +11,7 @@ import json
 import re
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from .config import Client, Config
@@ -28,6 +28,8 @@ OLD_USER_ID = re.compile(r"user_[0-9a-f]+_account_[0-9a-f-]*_session_([0-9a-f-]{
 # A rate_limit event is emitted on 429, or when a remaining count falls under this share of its limit.
 RATE_LIMIT_LOW = 0.1
 PREVIEW_CHARS = 200
+# Seconds between ending stale sessions, trimming event buffers and applying the retention.
+UPKEEP_EVERY = 5.0
 
 
 def warning_level(pct: float) -> str:
@@ -75,6 +77,16 @@ def new_session_id() -> str:
 
 
 @dataclass
+class Batch:
+    """What one batch of exchanges writes: each session once, all events at once."""
+
+    sessions: dict[str, Session] = field(default_factory=dict)
+    by_key: dict[tuple, str] = field(default_factory=dict)
+    events: list[Event] = field(default_factory=list)
+    messages: list[Message] = field(default_factory=list)
+
+
+@dataclass
 class Identity:
     """Whose traffic this is: a named client, or a legacy user known by key hash."""
 
@@ -91,6 +103,9 @@ class Sessions:
         self.models = models
         # Legacy key hashes that a client has taken over (the migration shim).
         self.hash_owner = {h: c for c in config.clients.values() for h in c.legacy_user_hashes}
+        # Sessions written since the last upkeep, whose event buffers may need trimming.
+        self.touched: set[str] = set()
+        self.next_upkeep = 0.0
 
     def identity(self, client_id: str | None, user: str) -> Identity:
         """Return the identity of traffic, applying the migration shim to legacy users."""
@@ -102,15 +117,26 @@ class Sessions:
         """Apply a batch of exchanges in one transaction."""
         now = time.time()
         with self.store.transaction() as tx:
-            self._expire(tx, now)
-            touched = []
+            if now >= self.next_upkeep:
+                self._upkeep(tx, now)
+            batch = Batch()
             for exchange in exchanges:
-                session = self._session_for(tx, exchange)
-                self._apply(tx, session, exchange)
+                session = self._session_for(tx, exchange, batch)
+                self._apply(tx, session, exchange, batch)
+            for session in batch.sessions.values():
                 tx.save_session(session)
-                touched.append(session.id)
-            tx.prune(sorted(set(touched)), self.config.sessions.events_per_session,
-                     now - self.config.store.retention_days * 86400)
+            tx.add_events(batch.events)
+            for message in batch.messages:
+                tx.add_message(message)
+        self.touched.update(batch.sessions)
+
+    def _upkeep(self, tx: Transaction, now: float) -> None:
+        """End idle-too-long sessions, trim event buffers and apply the retention."""
+        self._expire(tx, now)
+        tx.prune(sorted(self.touched), self.config.sessions.events_per_session,
+                 now - self.config.store.retention_days * 86400)
+        self.touched.clear()
+        self.next_upkeep = now + UPKEEP_EVERY
 
     def expire(self) -> None:
         """End and archive sessions that saw no traffic for ``end_after``."""
@@ -120,8 +146,8 @@ class Sessions:
     def _expire(self, tx: Transaction, now: float) -> None:
         end_after = self.config.sessions.end_after
         for session in tx.expire_sessions(now - end_after, end_after):
-            tx.add_event(self._event(session, "session_end", session.ended or now,
-                                     reason="timeout", stats=session_summary(session)))
+            tx.add_events([self._event(session, "session_end", session.ended or now,
+                                       reason="timeout", stats=session_summary(session))])
 
     def start(self, client_id: str | None, user: str | None, key: str, source: str | None) -> tuple[Session, bool]:
         """Register a session for a client or user; return it and whether it is new."""
@@ -145,14 +171,17 @@ class Sessions:
             if session.status != ENDED:
                 session.status, session.ended, session.end_reason = ENDED, now, reason
                 tx.save_session(session)
-                tx.add_event(self._event(session, "session_end", now, reason=reason,
-                                         stats=session_summary(session)))
+                tx.add_events([self._event(session, "session_end", now, reason=reason,
+                                           stats=session_summary(session))])
         return session
 
-    def _session_for(self, tx: Transaction, exchange: Exchange) -> Session:
+    def _session_for(self, tx: Transaction, exchange: Exchange, batch: Batch) -> Session:
         identity = self.identity(exchange.client, exchange.user)
         client_id = identity.client.id if identity.client else None
         key, source = session_key(exchange)
+        known = (client_id, identity.user if client_id is None else None, key)
+        if known in batch.by_key:
+            return batch.sessions[batch.by_key[known]]
         if key is not None:
             session = tx.find_session(client_id, identity.user, key)
         else:
@@ -160,19 +189,24 @@ class Sessions:
                        or tx.find_session(client_id, identity.user, None, IMPLICIT))
             source = IMPLICIT
         if session is None:
-            session = self._open(tx, identity, key, source, exchange.started_at)
-        return session
+            session = self._open(tx, identity, key, source, exchange.started_at, events=batch.events)
+        batch.by_key[known] = session.id
+        batch.sessions.setdefault(session.id, session)
+        return batch.sessions[session.id]
 
     def _open(self, tx: Transaction, identity: Identity, key: str | None, source: str, at: float,
-              requested_source: str | None = None) -> Session:
+              requested_source: str | None = None, events: list[Event] | None = None) -> Session:
         client = identity.client
         provider = client.provider if client else self.config.legacy.provider
         session = Session(id=new_session_id(), claude_session_id=key, source=source,
                           client=client.id if client else None, client_name=client.name if client else None,
                           provider=provider, user=identity.user, started=at, last_activity=at)
         tx.insert_session(session)
-        tx.add_event(self._event(session, "session_start", at, source=requested_source or source,
-                                 claude_session_id=key))
+        start = self._event(session, "session_start", at, source=requested_source or source, claude_session_id=key)
+        if events is None:
+            tx.add_events([start])
+        else:
+            events.append(start)
         return session
 
     @staticmethod
@@ -180,7 +214,7 @@ class Sessions:
         return Event(type=kind, timestamp=at, session=session.id, client=session.client,
                      user=session.user, data=data)
 
-    def _apply(self, tx: Transaction, s: Session, ex: Exchange) -> None:
+    def _apply(self, tx: Transaction, s: Session, ex: Exchange, batch: Batch) -> None:
         """Add one exchange to its session and emit its events."""
         obs, facts = ex.observation, ex.request
         done_at = ex.started_at + ex.duration_ms / 1000
@@ -248,13 +282,12 @@ class Sessions:
             compact = self._move_context(s, ex)
             if compact:
                 events.append(self._event(s, "context_compact", done_at, **compact))
-        for event in events:
-            tx.add_event(event)
+        batch.events += events
         if capture:
             if facts.prompt.strip():
-                tx.add_message(Message(s.id, s.client, s.user, "user", ex.started_at, facts.prompt))
+                batch.messages.append(Message(s.id, s.client, s.user, "user", ex.started_at, facts.prompt))
             if obs.text.strip():
-                tx.add_message(Message(s.id, s.client, s.user, "assistant", done_at, obs.text))
+                batch.messages.append(Message(s.id, s.client, s.user, "assistant", done_at, obs.text))
 
     def _move_context(self, s: Session, ex: Exchange) -> dict[str, int] | None:
         """Set the context gauge from a main-thread response; return a detected compaction."""

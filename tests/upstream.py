@@ -13,7 +13,8 @@ What it does is chosen by request headers, which aspy forwards untouched:
 - ``x-fake-break: N``: cut the connection after N events, with no end chunk.
 - ``x-fake-close-delimited: 1``: send the body with no length and no chunking, then close.
 - ``x-fake-usage: JSON``: the usage object of a generated answer.
-- ``x-fake-tool: NAME``: a generated answer that calls that tool.
+- ``x-fake-tool: NAME`` (and ``x-fake-tool-id``): a generated answer that calls that tool.
+- ``x-fake-text: TEXT``: the text of a generated answer.
 
 Every request is kept in ``requests`` (method, raw target, headers, body), and every stream
 whose client went away is noted in ``disconnects``.
@@ -59,17 +60,18 @@ def sse(event: str, data: dict) -> bytes:
     return f"event: {event}\ndata: {json.dumps(data)}\n\n".encode()
 
 
-def message(model: str, text: str, usage: dict, tool: str | None = None) -> dict:
+def message(model: str, text: str, usage: dict, tool: str | None = None, tool_id: str = "toolu_fake_1") -> dict:
     """Return a whole Message object."""
     content = [{"type": "text", "text": text}]
     if tool:
-        content.append({"type": "tool_use", "id": "toolu_fake_1", "name": tool, "input": {}})
+        content.append({"type": "tool_use", "id": tool_id, "name": tool, "input": {"command": "ls"}})
     return {"id": "msg_fake", "type": "message", "role": "assistant", "model": model,
             "content": content, "stop_reason": "tool_use" if tool else "end_turn",
             "stop_sequence": None, "usage": usage}
 
 
-def stream_events(model: str, text_parts: list[str], usage: dict, tool: str | None = None) -> list[bytes]:
+def stream_events(model: str, text_parts: list[str], usage: dict, tool: str | None = None,
+                  tool_id: str = "toolu_fake_1") -> list[bytes]:
     """Return the events of a streamed Message, one text delta per part."""
     start_usage = {k: v for k, v in usage.items() if k != "output_tokens"} | {"output_tokens": 1}
     events = [
@@ -86,9 +88,11 @@ def stream_events(model: str, text_parts: list[str], usage: dict, tool: str | No
     if tool:
         events += [
             sse("content_block_start", {"type": "content_block_start", "index": 1, "content_block": {
-                "type": "tool_use", "id": "toolu_fake_1", "name": tool, "input": {}}}),
+                "type": "tool_use", "id": tool_id, "name": tool, "input": {}}}),
             sse("content_block_delta", {"type": "content_block_delta", "index": 1,
-                                        "delta": {"type": "input_json_delta", "partial_json": "{}"}}),
+                                        "delta": {"type": "input_json_delta", "partial_json": '{"command": '}}),
+            sse("content_block_delta", {"type": "content_block_delta", "index": 1,
+                                        "delta": {"type": "input_json_delta", "partial_json": '"ls"}'}}),
             sse("content_block_stop", {"type": "content_block_stop", "index": 1}),
         ]
     events += [
@@ -193,15 +197,18 @@ class FakeUpstream:
         model = request.get("model", "claude-sonnet-4-5-20250929")
         usage = json.loads(h["x-fake-usage"]) if "x-fake-usage" in h else DEFAULT_USAGE
         tool = h.get("x-fake-tool")
+        tool_id = h.get("x-fake-tool-id", "toolu_fake_1")
+        text = h.get("x-fake-text", "Hello from the fake upstream.")
         extra = [("request-id", "req_fake_1"), ("anthropic-ratelimit-requests-remaining", "99"),
                  ("anthropic-ratelimit-tokens-limit", "400000"), ("x-fake-seen", "1")]
         if "x-fake-fixture" in h:
             events = fixture_events(h["x-fake-fixture"])
         elif request.get("stream"):
             count = int(h.get("x-fake-events", 3))
-            events = stream_events(model, [f"part {i} " for i in range(count)], usage, tool)
+            parts = [text] if "x-fake-text" in h else [f"part {i} " for i in range(count)]
+            events = stream_events(model, parts, usage, tool, tool_id)
         else:
-            body = json.dumps(message(model, "Hello from the fake upstream.", usage, tool)).encode()
+            body = json.dumps(message(model, text, usage, tool, tool_id)).encode()
             return await self._send(writer, 200, "application/json", [body], h, extra=extra)
         return await self._send(writer, 200, "text/event-stream; charset=utf-8", events, h,
                                 extra=extra + [("cache-control", "no-cache")])

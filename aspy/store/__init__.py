@@ -170,8 +170,8 @@ class Transaction(ABC):
         """Add calls (and failures) of one tool to a session."""
 
     @abstractmethod
-    def add_event(self, event: Event) -> None:
-        """Add an event."""
+    def add_events(self, events: list[Event]) -> None:
+        """Add events, in order."""
 
     @abstractmethod
     def add_message(self, message: Message) -> None:

@@ -139,11 +139,13 @@ class SqlTransaction(Transaction):
             "ON CONFLICT (session_id, tool) DO UPDATE SET calls = session_tools.calls + excluded.calls, "
             "failed = session_tools.failed + excluded.failed", (session_id, tool, calls, failed))
 
-    def add_event(self, event):
-        self.execute("INSERT INTO events (session_id, client_id, user_hash, type, timestamp, data) "
-                     "VALUES (?, ?, ?, ?, ?, ?)",
-                     (event.session, event.client, event.user, event.type, event.timestamp,
-                      json.dumps(event.data, separators=(",", ":"))))
+    def add_events(self, events):
+        if events:
+            self.cur.executemany(
+                self.store.sql("INSERT INTO events (session_id, client_id, user_hash, type, timestamp, data) "
+                               "VALUES (?, ?, ?, ?, ?, ?)"),
+                [(e.session, e.client, e.user, e.type, e.timestamp, json.dumps(e.data, separators=(",", ":")))
+                 for e in events])
 
     def add_message(self, message):
         self.execute("INSERT INTO messages (session_id, client_id, user_hash, role, timestamp, text) "

@@ -23,7 +23,9 @@ log = logging.getLogger(__name__)
 
 BATCH = 500
 MAX_PENDING = 10_000
+# Retries of a failing store back off from 1 s to 30 s.
 RETRY_AFTER = 1.0
+MAX_RETRY_AFTER = 30.0
 GATHER = 0.02
 
 
@@ -37,6 +39,7 @@ class Recorder:
         self.failures = 0
         self.dropped = 0
         self.last_error: str | None = None
+        self.retry_after = RETRY_AFTER
         self._pid: int | None = None
         self._lock = threading.Lock()
 
@@ -56,12 +59,14 @@ class Recorder:
 
     def _run(self) -> None:
         while True:
-            self.pending.append(self.queue.get())
+            try:
+                # With records kept from a failed try, wake up to retry even if no traffic comes.
+                self.pending.append(self.queue.get(timeout=self.retry_after if self.pending else None))
+            except queue.Empty:
+                pass
             # Let a busy worker gather more exchanges into the same transaction.
             time.sleep(GATHER)
             self.flush()
-            if self.pending:
-                time.sleep(RETRY_AFTER)
 
     def flush(self) -> None:
         """Write everything queued now; on failure keep it for the next try."""
@@ -78,10 +83,12 @@ class Recorder:
                 self.sessions.record(batch)
             except StoreError as exc:
                 self._failed(exc)
+                self.retry_after = min(self.retry_after * 2, MAX_RETRY_AFTER)
                 return
             except Exception:  # a record the sessions code cannot apply must not block the rest
                 log.exception("recording a batch failed; recording its exchanges one by one")
                 self._record_each(batch)
+            self.retry_after = RETRY_AFTER
             del self.pending[:len(batch)]
 
     def _record_each(self, batch: list[Exchange]) -> None:

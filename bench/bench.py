@@ -5,7 +5,7 @@
 Starts the fake upstream (tests/upstream.py) and aspy under gunicorn with the default 2
 gevent workers, then measures added latency at one connection (p50, p99), requests per
 second at 50 connections (wrk), and time to first event of streams. Prints a table with
-the ratio aspy / direct for each.
+the ratio aspy / direct for each, then what recording one exchange costs the store.
 """
 from __future__ import annotations
 
@@ -108,6 +108,38 @@ def wrk_rps(url: str, seconds: int, connections: int = 50) -> float:
     return float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
 
 
+def recording_cost(batch: int, count: int) -> float:
+    """Return microseconds of store work per exchange, recording in batches of this size."""
+    sys.path.insert(0, str(ROOT))
+    from aspy.config import parse_config
+    from aspy.models import load_models
+    from aspy.observe import Exchange, SseObserver, read_request
+    from aspy.sessions import Sessions
+    from aspy.store import open_store
+
+    tmp = Path(tempfile.mkdtemp(prefix="aspy-bench-store-"))
+    config = parse_config({"store": {"url": f"sqlite:///{tmp / 'aspy.db'}"},
+                           "clients": {"bench": {"name": "Bench", "provider": "anthropic"}}}, None)
+    sessions = Sessions(config, open_store(config.store.url), load_models())
+    stream = ROOT.parent / "shared" / "fixtures" / "real" / "sse" / "sdkpy_snapshot_555fb399_0_tool_use_haiku45.sse"
+
+    def exchange(n: int) -> Exchange:
+        observer = SseObserver()
+        observer.feed(stream.read_bytes())
+        ex = Exchange(started_at=time.time(), method="POST", path="/bench/v1/messages", client="bench",
+                      provider="anthropic", user="b0acf41e12907b7b",
+                      headers={"x-claude-code-session-id": f"bench-{n % 10}"}, body=STREAM_BODY,
+                      content_type="application/json", status=200, ttfb_ms=1.0, duration_ms=5.0)
+        ex.observation, ex.request = observer.finish(), read_request(STREAM_BODY, "application/json")
+        return ex
+
+    exchanges = [exchange(n) for n in range(count)]
+    started = time.perf_counter()
+    for start in range(0, count, batch):
+        sessions.record(exchanges[start:start + batch])
+    return (time.perf_counter() - started) / count * 1e6
+
+
 def main() -> None:
     """Run the whole bench and print the table."""
     parser = argparse.ArgumentParser()
@@ -144,6 +176,9 @@ def main() -> None:
         print(f"\n{'measure':<36}{'direct':>12}{'aspy':>12}   aspy vs direct")
         for name, d, a, ratio in rows:
             print(f"{name:<36}{d:>12.2f}{a:>12.2f}   {ratio}")
+        print("\nrecording cost per exchange (SQLite store, in-process, not on the client's path):")
+        for batch in (1, 50):
+            print(f"  batches of {batch:>3}: {recording_cost(batch, count // 3):8.1f} us")
     finally:
         for proc in reversed(procs):
             proc.send_signal(signal.SIGINT)

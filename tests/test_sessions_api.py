@@ -426,3 +426,29 @@ def test_a_locked_store_leaves_proxying_working_and_loses_nothing(start_aspy, up
         holder.close()
         released.set()
     assert stats_when(server, 5)["requests"]["failed"] == 0
+
+
+def test_every_answer_has_the_documented_keys(tracked):
+    sid = key()
+    send(tracked, "dev-1", headers={"x-claude-code-session-id": sid, "x-fake-tool": "Grep",
+                                    "x-fake-tool-id": "toolu_" + uuid.uuid4().hex[:12]}, prompt="shape check")
+    session = session_of(tracked, sid)
+    assert set(session) >= {"id", "claude_session_id", "client", "user", "provider", "status", "started",
+                            "last_activity", "ended", "end_reason", "stats"}
+    assert set(session["stats"]) >= {"requests", "tokens", "cost", "tools"}
+    for stamp in ("started", "last_activity"):
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}\+00:00", session[stamp])
+    context = api(tracked, "context", session=sid)
+    assert set(context) >= {"session", "client", "model", "current_tokens", "limit_tokens", "usage_pct",
+                            "warning_level", "compactions"}
+    assert set(api(tracked, "context")) == {"contexts"}
+    client = api(tracked, "clients")["clients"][0]
+    assert set(client) >= {"id", "name", "provider", "tags", "active_sessions", "last_seen"}
+    events = eventually(lambda: (e := api(tracked, "events", session=sid)["events"]) and len(e) >= 4 and e)
+    by_type = {e["type"]: e for e in events}
+    assert {"tool", "tool_use_id"} <= set(by_type["tool_call"])
+    assert {"status", "model", "stop_reason", "usage", "cost_usd", "ttfb_ms"} <= set(by_type["response"])
+    found = eventually(lambda: (r := requests.post(f"{tracked.url}/api/search", json={"keyword": "shape check"}).json())
+                       ["total_matches"] and r)
+    assert set(found) >= {"total_matches", "results"}
+    assert set(found["results"][0]) >= {"session", "client", "timestamp", "role", "snippet"}

@@ -1,8 +1,11 @@
-"""The ``aspy`` command: serve, check."""
+"""The ``aspy`` command: serve, check, migrate, token."""
 from __future__ import annotations
 
 import argparse
+import secrets
 import sys
+from datetime import datetime
+from pathlib import Path
 
 from .config import Config, ConfigError, config_path, load_config
 
@@ -17,14 +20,28 @@ def main(argv: list[str] | None = None) -> int:
     serve = commands.add_parser("serve", parents=[common], help="run the proxy under gunicorn")
     serve.add_argument("--listen", metavar="HOST:PORT", help="override [server] listen")
     serve.add_argument("--workers", type=int, help="override [server] workers")
-    commands.add_parser("check", parents=[common], help="validate the configuration")
+    commands.add_parser("check", parents=[common], help="validate the configuration and the store")
+    migrate = commands.add_parser("migrate", parents=[common],
+                                  help="move legacy API-key hashes to named clients (shows the plan unless --apply)")
+    migrate.add_argument("--apply", action="store_true", help="carry the plan out")
+    migrate.add_argument("--map", action="append", default=[], metavar="HASH=CLIENT_ID",
+                         help="the client a hash goes to (default legacy-<first 8 hex>)")
+    migrate.add_argument("--provider", help="provider of the clients it creates (default: the legacy provider)")
+    migrate.add_argument("--import-logs", metavar="DIR", type=Path,
+                         help="read the earlier aspy's *.jsonl event logs into the store")
+    token = commands.add_parser("token", help="proxy tokens")
+    token_commands = token.add_subparsers(dest="token_command", required=True)
+    new = token_commands.add_parser("new", parents=[common], help="make a proxy token for a client")
+    new.add_argument("client", help="the client id")
+    new.add_argument("--write", action="store_true", help="store it in config.toml (a backup is kept)")
     args = parser.parse_args(argv)
     try:
         config = load_config(args.config)
     except ConfigError as exc:
         print(f"aspy: {exc}", file=sys.stderr)
         return 2
-    return {"serve": serve_command, "check": check_command}[args.command](config, args)
+    handlers = {"serve": serve_command, "check": check_command, "migrate": migrate_command, "token": token_command}
+    return handlers[args.command](config, args)
 
 
 def serve_command(config: Config, args: argparse.Namespace) -> int:
@@ -41,12 +58,119 @@ def serve_command(config: Config, args: argparse.Namespace) -> int:
 
 
 def check_command(config: Config, args: argparse.Namespace) -> int:
-    """Report that the configuration is valid, and what it describes."""
+    """Report whether the configuration, the model table and the store are usable."""
+    from .models import load_models
+    from .store import StoreError, open_store
+
     where = config.path or f"{config_path(args.config)} (not found: defaults, legacy mode)"
     print(f"config: {where}")
     print(f"listen: {config.server.listen}, workers: {config.server.workers}")
     print(f"providers: {', '.join(f'{p.id} ({p.base_url})' for p in config.providers.values())}")
     print(f"clients: {', '.join(config.clients) or '(none)'}")
     print("legacy requests: " + (f"to {config.legacy.provider}" if config.legacy.enabled else "disabled"))
+    try:
+        table = load_models(config.path.parent if config.path else None)
+    except ConfigError as exc:
+        print(f"aspy: {exc}", file=sys.stderr)
+        return 2
+    print(f"models: {len(table.models)} priced (taken {table.taken})")
+    store = open_store(config.store.url)
+    try:
+        info = store.check()
+    except StoreError as exc:
+        print(f"aspy: store: {exc}", file=sys.stderr)
+        return 3
+    finally:
+        store.close()
+    print("store: " + ", ".join(f"{k} {v}" for k, v in info.items()))
     print("ok")
+    return 0
+
+
+def _when(ts: float | None) -> str:
+    return datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M") if ts else "-"
+
+
+def migrate_command(config: Config, args: argparse.Namespace) -> int:
+    """Show or carry out the move from legacy key hashes to named clients, or import old logs."""
+    from . import migration
+    from .models import load_models
+    from .store import StoreError, open_store
+
+    store = open_store(config.store.url)
+    try:
+        if args.import_logs:
+            return _import_logs(config, store, args, load_models(config.path.parent if config.path else None))
+        moves = migration.plan(config, store, migration.parse_map(args.map))
+        if not moves:
+            print("Nothing to migrate: no legacy traffic without a client in the store.")
+            return 0
+        print(f"{'hash':<18}{'sessions':>9}{'requests':>10}{'tokens in/out':>22}{'cost':>11}  "
+              f"{'first seen':<17}{'last seen':<17}client")
+        for m in moves:
+            note = "new client" if m.new_client else ("already mapped" if m.in_config else "existing client")
+            print(f"{m.user:<18}{m.sessions:>9}{m.requests:>10}{f'{m.input_tokens}/{m.output_tokens}':>22}"
+                  f"{f'${m.cost_usd:.2f}':>11}  {_when(m.first_seen):<17}{_when(m.last_seen):<17}"
+                  f"{m.client} ({note})")
+        if not args.apply:
+            print("\nNothing changed. Run again with --apply to write these clients and re-attribute sessions.")
+            return 0
+        backup, moved = migration.apply(config, store, moves, args.provider)
+        target = config.path or config_path(args.config)
+        if backup:
+            print(f"\nWrote {target} (backup: {backup}).")
+        elif any(not m.in_config for m in moves):
+            print(f"\nWrote {target}.")
+        else:
+            print(f"\n{target} already has every client; left as it is.")
+        print(f"Re-attributed {moved} sessions. Restart aspy (or send it HUP) to load the new clients.")
+        return 0
+    except (migration.MigrationError, StoreError) as exc:
+        print(f"aspy migrate: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        store.close()
+
+
+def _import_logs(config, store, args, models) -> int:
+    """Read (and with --apply, import) an earlier aspy's event-log folder."""
+    from . import migration
+
+    logs = migration.read_logs(args.import_logs, config, models)
+    if not logs:
+        print(f"No *.jsonl logs in {args.import_logs}.")
+        return 0
+    for log in logs:
+        bad = f", {len(log.bad_lines)} unreadable (lines {', '.join(map(str, log.bad_lines[:5]))})" \
+            if log.bad_lines else ""
+        print(f"{log.path.name}: {log.lines} lines, {len(log.sessions)} sessions, "
+              f"{log.skipped} events of types not imported{bad}")
+    if not args.apply:
+        print("\nNothing changed. Run again with --apply to import these sessions as archived.")
+        return 0
+    for log, fresh in migration.import_logs(store, logs):
+        print(f"{log.path.name}: " + ("imported" if fresh else "already imported, skipped"))
+    return 0
+
+
+def token_command(config: Config, args: argparse.Namespace) -> int:
+    """Make a proxy token for a client; with --write, store it in config.toml."""
+    from . import migration
+
+    if args.client not in config.clients:
+        print(f"aspy token: unknown client {args.client!r}; expected one of: "
+              f"{', '.join(sorted(config.clients)) or '(none configured)'}", file=sys.stderr)
+        return 2
+    token = "pt_" + secrets.token_urlsafe(24)
+    if args.write:
+        try:
+            backup = migration.set_proxy_token(config.path or config_path(args.config), args.client, token)
+        except migration.MigrationError as exc:
+            print(f"aspy token: {exc}", file=sys.stderr)
+            return 2
+        print(f"Stored in {config.path} for [clients.{args.client}] (backup: {backup}). Restart aspy to use it.")
+    else:
+        print(f"Add to [clients.{args.client}] in {config.path or config_path(args.config)}:")
+        print(f'proxy_token = "{token}"')
+    print(f"\nClaude Code then connects with ANTHROPIC_BASE_URL=http://{config.server.listen}/{token}")
     return 0

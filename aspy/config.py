@@ -118,6 +118,16 @@ class Config:
         return {c.proxy_token: c for c in self.clients.values() if c.proxy_token}
 
 
+def client_id_problem(cid: str) -> str | None:
+    """Say why a client id cannot be used, or return None."""
+    if not CLIENT_ID.fullmatch(cid):
+        return "client id must be 1 to 64 of A-Z a-z 0-9 . _ -"
+    if cid.lower() in RESERVED_SEGMENTS or cid.startswith("pt_") or cid in (".", ".."):
+        return (f"client id {cid!r} is reserved (api, v1, health, metrics, dashboard, ., .., "
+                "and anything starting with pt_)")
+    return None
+
+
 def config_path(explicit: str | os.PathLike | None = None) -> Path:
     """Return where the configuration is looked for, by the documented order."""
     if explicit:
@@ -355,11 +365,9 @@ class _Checker:
         known = {"name", "provider", "tags", "proxy_token", "legacy_user_hashes"}
         for cid, t in tables.items():
             name = f"clients.{cid}"
-            if not CLIENT_ID.fullmatch(cid):
-                self.problem(name, None, "client id must be 1 to 64 of A-Z a-z 0-9 . _ -")
-            elif cid.lower() in RESERVED_SEGMENTS or cid.startswith("pt_") or cid in (".", ".."):
-                self.problem(name, None, f"client id {cid!r} is reserved (api, v1, health, metrics, "
-                                         "dashboard, ., .., and anything starting with pt_)")
+            problem = client_id_problem(cid)
+            if problem:
+                self.problem(name, None, problem)
             if not isinstance(t, dict):
                 self.problem(name, None, "expected a table")
                 continue

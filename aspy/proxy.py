@@ -158,7 +158,7 @@ def forward(_path: str) -> Response:
     if api_key_env:
         headers["x-api-key"] = os.environ.get(api_key_env, "")
     exchange = Exchange(
-        started_at=started, method=request.method, path=raw_path,
+        started_at=started, method=request.method, path=route.path,
         client=route.client.id if route.client else None, provider=route.provider.id,
         user=user_hash(environ.get("HTTP_X_API_KEY"), environ.get("HTTP_AUTHORIZATION")),
         headers={h: headers[h] for h in OBSERVED_HEADERS if h in headers},

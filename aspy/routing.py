@@ -25,6 +25,8 @@ class Route:
     client: Client | None
     provider: Provider
     url: str
+    # The path after the client segment, as sent upstream: safe to record (no proxy token).
+    path: str
 
 
 def resolve(config: Config, raw_path: str, query: str) -> Route:
@@ -52,7 +54,7 @@ def resolve(config: Config, raw_path: str, query: str) -> Route:
     check_path(rest)
     provider = config.providers[client.provider if client else config.legacy.provider]
     url = provider.base_url + rest + (f"?{query}" if query else "")
-    return Route(client=client, provider=provider, url=url)
+    return Route(client=client, provider=provider, url=url, path=rest)
 
 
 def check_path(rest: str) -> None:

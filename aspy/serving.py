@@ -1,14 +1,37 @@
 """Run the app under gunicorn with gevent workers, configured from ``[server]``."""
 from __future__ import annotations
 
+import ipaddress
+import logging
 from typing import Any
 
 from gunicorn.app.base import BaseApplication
 
 from .config import Config, Server
 
+log = logging.getLogger(__name__)
+
 # Streams can last 10 minutes; a graceful stop lets them finish.
 LONGEST_STREAM = 600
+
+
+def is_loopback(host: str) -> bool:
+    """Tell whether a listen host is reachable from this machine only."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def warn_if_exposed(server: Server) -> None:
+    """Say loudly when anyone who can reach aspy can read the conversations it records."""
+    if server.api_token is None and not is_loopback(server.host):
+        message = (f"aspy listens on {server.listen} and [server] api_token is not set: anyone who can reach "
+                   "this address can read every recorded conversation, key hash and cost through /api/. "
+                   "Set [server] api_token, or listen on 127.0.0.1.")
+        logging.getLogger("gunicorn.error").warning("!" * 20 + " " + message)
 
 
 def gunicorn_settings(server: Server) -> dict[str, Any]:
@@ -31,6 +54,7 @@ def gunicorn_settings(server: Server) -> dict[str, Any]:
         # gunicorn 23+ opens a control socket in ~/.gunicorn; aspy needs none, and several
         # instances on one host would fight over it.
         "control_socket_disable": True,
+        "when_ready": lambda _arbiter: warn_if_exposed(server),
     }
 
 

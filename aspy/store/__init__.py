@@ -140,6 +140,20 @@ class Totals:
     ended: int = 0
 
 
+@dataclass
+class LegacyUser:
+    """A key hash seen on traffic that no client claims yet, with its figures."""
+
+    user: str
+    sessions: int
+    requests: int
+    input_tokens: int
+    output_tokens: int
+    cost_usd: float
+    first_seen: float
+    last_seen: float
+
+
 class Transaction(ABC):
     """The writes of one batch, applied together or not at all."""
 
@@ -162,8 +176,8 @@ class Transaction(ABC):
 
     @abstractmethod
     def add_model_usage(self, session_id: str, model: str, usage: Usage, cost_usd: float,
-                        savings_usd: float, priced: bool) -> None:
-        """Add one response to a session's per-model figures."""
+                        savings_usd: float, priced: bool, responses: int = 1) -> None:
+        """Add responses (one, unless told) to a session's per-model figures."""
 
     @abstractmethod
     def add_tool_counts(self, session_id: str, tool: str, calls: int, failed: int) -> None:
@@ -184,6 +198,14 @@ class Transaction(ABC):
     @abstractmethod
     def take_tool_call(self, tool_use_id: str) -> tuple[str, str, float] | None:
         """Return (session id, tool, called at) of a pending tool_use and forget it."""
+
+    @abstractmethod
+    def reattribute(self, user: str, client: str, client_name: str) -> int:
+        """Give every legacy session of a key hash to a client; return how many moved."""
+
+    @abstractmethod
+    def mark_imported(self, file_hash: str, name: str, lines: int) -> bool:
+        """Note an imported log file; return False if it was imported before."""
 
     @abstractmethod
     def expire_sessions(self, ended_before: float, end_after: float) -> list[Session]:
@@ -225,6 +247,10 @@ class Store(ABC):
     @abstractmethod
     def client_activity(self) -> dict[str, tuple[int, float | None]]:
         """Return, per client, (sessions not ended, last activity)."""
+
+    @abstractmethod
+    def legacy_users(self) -> list[LegacyUser]:
+        """Return each key hash with sessions that belong to no client, with its figures."""
 
     @abstractmethod
     def check(self) -> dict[str, Any]:

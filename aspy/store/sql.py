@@ -7,10 +7,11 @@ the ``sqlite`` and ``postgres`` modules.
 from __future__ import annotations
 
 import json
+import time
 from typing import Any, Iterable
 
 from ..observe import Usage
-from . import (ACTIVE, ENDED, IDLE, LIVE, Event, Message, ModelUsage, Scope, Session, Store, Totals,
+from . import (ACTIVE, ENDED, IDLE, LIVE, Event, LegacyUser, Message, ModelUsage, Scope, Session, Store, Totals,
                Transaction)
 
 SESSION_COLUMNS = (
@@ -123,15 +124,14 @@ class SqlTransaction(Transaction):
         sets = ", ".join(f"{c} = ?" for c in SESSION_COLUMNS[1:])
         self.execute(f"UPDATE sessions SET {sets} WHERE id = ?", (*session_row(session)[1:], session.id))
 
-    def add_model_usage(self, session_id, model, usage, cost_usd, savings_usd, priced):
-        adds = ", ".join(f"{c} = session_models.{c} + excluded.{c}" for c in USAGE_COLUMNS)
+    def add_model_usage(self, session_id, model, usage, cost_usd, savings_usd, priced, responses=1):
+        adds = ", ".join(f"{c} = session_models.{c} + excluded.{c}"
+                         for c in ("requests", *USAGE_COLUMNS, "cost_usd", "savings_usd"))
         self.execute(
             f"INSERT INTO session_models (session_id, model, requests, {', '.join(USAGE_COLUMNS)}, "
-            "cost_usd, savings_usd, priced) VALUES (?, ?, 1, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
-            f"ON CONFLICT (session_id, model) DO UPDATE SET requests = session_models.requests + 1, {adds}, "
-            "cost_usd = session_models.cost_usd + excluded.cost_usd, "
-            "savings_usd = session_models.savings_usd + excluded.savings_usd",
-            (session_id, model, *usage.astuple(), cost_usd, savings_usd, 1 if priced else 0))
+            "cost_usd, savings_usd, priced) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+            f"ON CONFLICT (session_id, model) DO UPDATE SET {adds}",
+            (session_id, model, responses, *usage.astuple(), cost_usd, savings_usd, 1 if priced else 0))
 
     def add_tool_counts(self, session_id, tool, calls, failed):
         self.execute(
@@ -161,6 +161,22 @@ class SqlTransaction(Transaction):
         row = self.execute("DELETE FROM tool_calls WHERE tool_use_id = ? RETURNING session_id, tool, called_at",
                            (tool_use_id,)).fetchone()
         return tuple(row) if row else None
+
+    def reattribute(self, user, client, client_name):
+        moved = self.execute("UPDATE sessions SET client_id = ?, client_name = ? "
+                             "WHERE client_id IS NULL AND user_hash = ? RETURNING id",
+                             (client, client_name, user)).fetchall()
+        ids = [row[0] for row in moved]
+        for table in ("events", "messages"):
+            self.execute(f"UPDATE {table} SET client_id = ? WHERE client_id IS NULL AND user_hash = ?",
+                         (client, user))
+        return len(ids)
+
+    def mark_imported(self, file_hash, name, lines):
+        row = self.execute("INSERT INTO imports (file_hash, name, lines, imported_at) VALUES (?, ?, ?, ?) "
+                           "ON CONFLICT (file_hash) DO NOTHING RETURNING file_hash",
+                           (file_hash, name, lines, time.time())).fetchone()
+        return row is not None
 
     def expire_sessions(self, ended_before, end_after):
         rows = self.execute(
@@ -261,6 +277,12 @@ class SqlStore(Store):
             return "1 = 1", []
         where, params = scope_clause(scope)
         return f"session_id IN (SELECT id FROM sessions WHERE {where})", params
+
+    def legacy_users(self):
+        rows = self.query("SELECT user_hash, COUNT(*), SUM(requests), SUM(input_tokens), SUM(output_tokens), "
+                          "SUM(cost_usd), MIN(started), MAX(last_activity) FROM sessions "
+                          "WHERE client_id IS NULL GROUP BY user_hash ORDER BY MAX(last_activity) DESC")
+        return [LegacyUser(*row) for row in rows]
 
     def client_activity(self):
         rows = self.query(f"SELECT client_id, SUM(CASE WHEN {OPEN} THEN 1 ELSE 0 END), "

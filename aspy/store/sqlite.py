@@ -19,7 +19,7 @@ from typing import Any, Iterable, Iterator
 from . import Hit, StoreError
 from .sql import SqlStore, SqlTransaction, scope_clause
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 # How long a write waits for another process's transaction before giving up.
 WRITE_PATIENCE = 2.0
 MIGRATIONS: dict[int, list[str]] = {
@@ -68,6 +68,13 @@ MIGRATIONS: dict[int, list[str]] = {
             INSERT INTO messages_fts (rowid, text) VALUES (new.id, new.text); END""",
         """CREATE TRIGGER messages_removed AFTER DELETE ON messages BEGIN
             INSERT INTO messages_fts (messages_fts, rowid, text) VALUES ('delete', old.id, old.text); END""",
+    ],
+    # Log files read by `aspy migrate --import-logs`, so a second import adds nothing.
+    2: [
+        """CREATE TABLE imports (
+            file_hash TEXT PRIMARY KEY, name TEXT NOT NULL, lines INTEGER NOT NULL, imported_at REAL NOT NULL)""",
+        "CREATE INDEX events_user ON events (user_hash)",
+        "CREATE INDEX messages_user ON messages (user_hash)",
     ],
 }
 

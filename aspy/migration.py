@@ -1,0 +1,365 @@
+"""Move an old hash-based setup to named clients, and bring in the earlier aspy's event logs.
+
+``plan`` lists each legacy key hash seen with its figures and the client it would get;
+``apply`` writes those clients into config.toml (comments and layout kept, a backup beside
+it) and re-attributes the stored sessions; ``import_logs`` reads the earlier aspy's JSONL
+event logs into the store as archived sessions. Everything is idempotent: a second run
+finds nothing left to do.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import time
+import tomllib
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import tomlkit
+
+from .config import Config, ConfigError, client_id_problem, config_path, parse_config
+from .models import ModelTable
+from .observe import Usage, read_request
+from .routing import ANONYMOUS
+from .store import ENDED, Event, Message, Session, Store, Transaction
+
+HASH = re.compile(r"[0-9a-f]{16}")
+IMPORTED = "imported"
+# Event types of the earlier aspy that carry figures worth keeping; the rest are skipped.
+IMPORTED_TYPES = frozenset({"Request", "Response", "ApiUsage", "ToolCall", "ToolResult", "Thinking",
+                            "ContextCompact", "Error"})
+
+
+class MigrationError(Exception):
+    """A migration request that cannot be carried out as asked."""
+
+
+@dataclass
+class Move:
+    """One legacy key hash and the client that takes it over."""
+
+    user: str
+    client: str
+    new_client: bool
+    in_config: bool
+    sessions: int = 0
+    requests: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cost_usd: float = 0.0
+    first_seen: float | None = None
+    last_seen: float | None = None
+
+
+def parse_map(pairs: list[str]) -> dict[str, str]:
+    """Read ``HASH=CLIENT_ID`` pairs, checking both sides."""
+    mapping = {}
+    for pair in pairs:
+        user, sep, client = pair.partition("=")
+        if not sep or not HASH.fullmatch(user):
+            raise MigrationError(f"--map {pair!r}: expected HASH=CLIENT_ID with a 16-character lowercase hex hash")
+        problem = client_id_problem(client)
+        if problem:
+            raise MigrationError(f"--map {pair!r}: {problem}")
+        mapping[user] = client
+    return mapping
+
+
+def plan(config: Config, store: Store, mapping: dict[str, str]) -> list[Move]:
+    """Return what a migration would do, one move per legacy key hash seen in the store."""
+    owners = {h: c.id for c in config.clients.values() for h in c.legacy_user_hashes}
+    moves = []
+    for seen in store.legacy_users():
+        if seen.user == ANONYMOUS or not HASH.fullmatch(seen.user):
+            continue
+        client = mapping.get(seen.user) or owners.get(seen.user) or f"legacy-{seen.user[:8]}"
+        existing = config.clients.get(client)
+        moves.append(Move(
+            user=seen.user, client=client, new_client=existing is None,
+            in_config=existing is not None and seen.user in existing.legacy_user_hashes,
+            sessions=seen.sessions, requests=seen.requests, input_tokens=seen.input_tokens,
+            output_tokens=seen.output_tokens, cost_usd=seen.cost_usd, first_seen=seen.first_seen,
+            last_seen=seen.last_seen))
+    unseen = set(mapping) - {m.user for m in moves}
+    if unseen:
+        raise MigrationError(f"--map names hashes with no legacy sessions in the store: {', '.join(sorted(unseen))}")
+    return moves
+
+
+def apply(config: Config, store: Store, moves: list[Move], provider: str | None) -> tuple[Path | None, int]:
+    """Write the moves into config.toml and re-attribute sessions; return (backup, sessions moved)."""
+    provider = provider or config.legacy.provider
+    if provider not in config.providers:
+        raise MigrationError(f"--provider {provider!r} is not a configured provider; expected one of: "
+                             f"{', '.join(sorted(config.providers))}")
+    backup = None
+    additions = [m for m in moves if not m.in_config]
+    if additions:
+        backup = write_clients(config.path or config_path(), additions, provider)
+    moved = 0
+    with store.transaction() as tx:
+        for move in moves:
+            name = config.clients[move.client].name if not move.new_client else legacy_name(move.user)
+            moved += tx.reattribute(move.user, move.client, name)
+    return backup, moved
+
+
+def legacy_name(user: str) -> str:
+    """Return the display name given to a client made from a legacy key hash."""
+    return f"Legacy key {user[:8]}"
+
+
+def write_clients(path: Path, moves: list[Move], provider: str) -> Path | None:
+    """Add the moves' hashes to config.toml, keeping its comments and layout; return the backup."""
+    doc = _read_toml(path)
+    if "clients" not in doc:
+        doc["clients"] = tomlkit.table(is_super_table=True)
+    clients = doc["clients"]
+    for move in moves:
+        if move.client in clients:
+            hashes = clients[move.client].setdefault("legacy_user_hashes", tomlkit.array())
+            if move.user not in hashes:
+                hashes.append(move.user)
+        else:
+            table = tomlkit.table()
+            table["name"] = legacy_name(move.user)
+            table["provider"] = provider
+            table["legacy_user_hashes"] = [move.user]
+            clients[move.client] = table
+    return _write_toml(path, doc)
+
+
+def set_proxy_token(path: Path, client: str, token: str) -> Path | None:
+    """Store a client's proxy token in config.toml, keeping its comments; return the backup."""
+    doc = _read_toml(path)
+    if client not in doc.get("clients", {}):
+        raise MigrationError(f"{path} has no [clients.{client}] table")
+    doc["clients"][client]["proxy_token"] = token
+    return _write_toml(path, doc)
+
+
+def _read_toml(path: Path) -> tomlkit.TOMLDocument:
+    """Read config.toml for editing (an empty document if there is none)."""
+    return tomlkit.parse(path.read_text(encoding="utf-8") if path.exists() else "")
+
+
+def _write_toml(path: Path, doc: tomlkit.TOMLDocument) -> Path | None:
+    """Check and write an edited config.toml atomically, keeping a backup; return it."""
+    new_text = tomlkit.dumps(doc)
+    # Never write a file aspy would refuse to start with.
+    try:
+        parse_config(tomllib.loads(new_text), path)
+    except ConfigError as exc:
+        raise MigrationError(f"the migrated configuration would not be valid:\n  " + "\n  ".join(exc.problems))
+    backup = None
+    if path.exists():
+        backup = path.with_name(f"{path.name}.bak-{time.strftime('%Y%m%dT%H%M%S')}")
+        shutil.copy2(path, backup)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(new_text, encoding="utf-8")
+    os.replace(temporary, path)
+    return backup
+
+
+# The earlier aspy's event logs ------------------------------------------------------------
+
+
+@dataclass
+class LogSession:
+    """The events of one (user, session) found in log files, as a session to archive."""
+
+    session: Session
+    events: list[Event] = field(default_factory=list)
+    messages: list[Message] = field(default_factory=list)
+    models: dict[str, list] = field(default_factory=dict)
+    tools: dict[str, list[int]] = field(default_factory=dict)
+
+
+@dataclass
+class LogFile:
+    """One JSONL log file, read."""
+
+    path: Path
+    digest: str
+    lines: int
+    sessions: dict[str, LogSession]
+    skipped: int = 0
+    bad_lines: list[int] = field(default_factory=list)
+
+
+def parse_time(value: Any) -> float | None:
+    """Read an RFC 3339 timestamp with up to nine fractional digits."""
+    if not isinstance(value, str):
+        return None
+    trimmed = re.sub(r"(\.\d{6})\d+", r"\1", value.replace("Z", "+00:00"))
+    try:
+        return datetime.fromisoformat(trimmed).timestamp()
+    except ValueError:
+        return None
+
+
+def duration_ms(value: Any) -> float | None:
+    """Read a Rust Duration ``{"secs", "nanos"}`` as milliseconds."""
+    if isinstance(value, dict) and isinstance(value.get("secs"), int):
+        return value["secs"] * 1000 + value.get("nanos", 0) / 1e6
+    return None
+
+
+def read_log(path: Path, config: Config, models: ModelTable) -> LogFile:
+    """Read one event log into sessions; unreadable lines are counted, not fatal."""
+    raw = path.read_bytes()
+    log = LogFile(path=path, digest=hashlib.sha256(raw).hexdigest(), lines=0, sessions={})
+    owners = {h: c for c in config.clients.values() for h in c.legacy_user_hashes}
+    for number, line in enumerate(raw.decode("utf-8", "replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        log.lines += 1
+        try:
+            record = json.loads(line)
+            at = parse_time(record.get("timestamp")) or parse_time(record["tracked_at"])
+            if at is None or not isinstance(record.get("type"), str):
+                raise ValueError
+        except (ValueError, KeyError, TypeError):
+            log.bad_lines.append(number)
+            continue
+        if record["type"] not in IMPORTED_TYPES:
+            log.skipped += 1
+            continue
+        _apply_record(_log_session(log, record, at, config, owners), record, at, config, models)
+    return log
+
+
+def _log_session(log: LogFile, record: dict, at: float, config: Config, owners: dict) -> LogSession:
+    """Return the session a log record belongs to, opening it on first sight."""
+    user = record.get("user_id") if isinstance(record.get("user_id"), str) else ANONYMOUS
+    key = record.get("session_id") if isinstance(record.get("session_id"), str) else None
+    sid = "imp_" + hashlib.sha256(f"{user}\0{key}".encode()).hexdigest()[:20]
+    if sid not in log.sessions:
+        client = config.clients.get(user) or owners.get(user)
+        log.sessions[sid] = LogSession(Session(
+            id=sid, claude_session_id=key, source=IMPORTED, client=client.id if client else None,
+            client_name=client.name if client else None,
+            provider=client.provider if client else config.legacy.provider,
+            user=user if client is None or user != client.id else ANONYMOUS,
+            started=at, last_activity=at, status=ENDED, ended=at, end_reason=IMPORTED))
+    entry = log.sessions[sid]
+    entry.session.started = min(entry.session.started, at)
+    entry.session.last_activity = entry.session.ended = max(entry.session.last_activity, at)
+    return entry
+
+
+def _apply_record(entry: LogSession, record: dict, at: float, config: Config, models: ModelTable) -> None:
+    """Add one log record (of IMPORTED_TYPES) to its session."""
+    s, kind = entry.session, record["type"]
+
+    def event(name: str, **data: Any) -> None:
+        entry.events.append(Event(type=name, timestamp=at, session=s.id, client=s.client, user=s.user, data=data))
+
+    if kind == "Request":
+        s.requests += 1
+        body = record.get("body") if isinstance(record.get("body"), dict) else {}
+        facts = read_request(json.dumps(body).encode(), "application/json")
+        event("request", method=record.get("method"), path=record.get("path"), model=facts.model,
+              stream=facts.stream, messages=facts.message_count, tools=facts.tool_count,
+              body_bytes=record.get("body_size"), imported=True)
+        if config.capture_content and facts.prompt.strip():
+            entry.messages.append(Message(s.id, s.client, s.user, "user", at, facts.prompt))
+    elif kind == "Response":
+        status = record.get("status") if isinstance(record.get("status"), int) else 0
+        s.failed += status >= 400
+        ttfb = duration_ms(record.get("ttfb"))
+        if ttfb is not None:
+            s.ttfb_total_ms += ttfb
+            s.ttfb_count += 1
+        body = record.get("body") if isinstance(record.get("body"), dict) else {}
+        event("response", status=status, model=body.get("model"), stop_reason=body.get("stop_reason"),
+              ttfb_ms=ttfb, duration_ms=duration_ms(record.get("duration")), imported=True)
+        text = "".join(b.get("text", "") for b in body.get("content") or [] if isinstance(b, dict)
+                       and b.get("type") == "text")
+        if config.capture_content and text.strip():
+            entry.messages.append(Message(s.id, s.client, s.user, "assistant", at, text))
+    elif kind == "ApiUsage":
+        model = record.get("model") or "unknown"
+        usage = Usage(input_tokens=_int(record.get("input_tokens")), output_tokens=_int(record.get("output_tokens")),
+                      cache_read=_int(record.get("cache_read_tokens")),
+                      cache_write_5m=_int(record.get("cache_creation_tokens")))
+        cost = models.cost(model, usage)
+        s.usage = s.usage + usage
+        s.cost_usd += cost.usd
+        s.savings_usd += cost.savings_usd
+        share = entry.models.setdefault(model, [Usage(), 0.0, 0.0, cost.priced, 0])
+        share[0], share[1], share[2], share[4] = share[0] + usage, share[1] + cost.usd, share[2] + cost.savings_usd, share[4] + 1
+    elif kind == "ToolCall":
+        s.tool_calls += 1
+        entry.tools.setdefault(record.get("tool_name") or "unknown", [0, 0])[0] += 1
+        event("tool_call", tool=record.get("tool_name"), tool_use_id=record.get("id"),
+              input=record.get("input") if config.capture_content else None, imported=True)
+    elif kind == "ToolResult":
+        is_error = record.get("success") is False
+        s.tool_failed += is_error
+        entry.tools.setdefault(record.get("tool_name") or "unknown", [0, 0])[1] += is_error
+        event("tool_result", tool=record.get("tool_name"), tool_use_id=record.get("id"), is_error=is_error,
+              duration_ms=duration_ms(record.get("duration")), imported=True)
+    elif kind == "Thinking":
+        s.thinking_blocks += 1
+        event("thinking", chars=len(str(record.get("content") or "")), preview=None, imported=True)
+    elif kind == "ContextCompact":
+        s.compactions += 1
+        event("context_compact", before_tokens=record.get("previous_context"),
+              after_tokens=record.get("new_context"), imported=True)
+    elif kind == "Error":
+        event("error", status=None, error_type="proxy", message=str(record.get("message", ""))[:500], imported=True)
+
+
+def _int(value: Any) -> int:
+    """Return a count, 0 when missing."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+
+
+def read_logs(folder: Path, config: Config, models: ModelTable) -> list[LogFile]:
+    """Read every ``*.jsonl`` log in a folder, oldest name first."""
+    if not folder.is_dir():
+        raise MigrationError(f"{folder}: not a folder")
+    return [read_log(path, config, models) for path in sorted(folder.glob("*.jsonl"))]
+
+
+def import_logs(store: Store, logs: list[LogFile]) -> list[tuple[LogFile, bool]]:
+    """Write log files' sessions into the store; return each file and whether it was new."""
+    results = []
+    for log in logs:
+        with store.transaction() as tx:
+            fresh = tx.mark_imported(log.digest, log.path.name, log.lines)
+            if fresh:
+                for entry in log.sessions.values():
+                    _store_session(tx, entry)
+        results.append((log, fresh))
+    return results
+
+
+def _store_session(tx: Transaction, entry: LogSession) -> None:
+    """Add an imported session, merging it into one an earlier file already brought in."""
+    new = entry.session
+    old = tx.get_session(new.id)
+    if old is None:
+        tx.insert_session(new)
+    else:
+        old.started, old.last_activity = min(old.started, new.started), max(old.last_activity, new.last_activity)
+        old.ended = old.last_activity
+        for name in ("requests", "failed", "cost_usd", "savings_usd", "tool_calls", "tool_failed",
+                     "thinking_blocks", "ttfb_total_ms", "ttfb_count", "compactions"):
+            setattr(old, name, getattr(old, name) + getattr(new, name))
+        old.usage = old.usage + new.usage
+        tx.save_session(old)
+    for model, (usage, cost, savings, priced, responses) in entry.models.items():
+        tx.add_model_usage(new.id, model, usage, cost, savings, priced, responses)
+    for tool, (calls, failed) in entry.tools.items():
+        tx.add_tool_counts(new.id, tool, calls, failed)
+    tx.add_events(sorted(entry.events, key=lambda e: e.timestamp))
+    for message in entry.messages:
+        tx.add_message(message)

@@ -27,6 +27,8 @@ EVENT_TYPES = ("request", "response", "tool_call", "tool_result", "thinking", "e
                "context_compact", "session_start", "session_end")
 USER_HASH = re.compile(r"[0-9a-f]{16}|anonymous")
 MAX_LIMIT = 500
+# Enough digits to show one token of the cheapest model; rounding only hides float noise.
+USD_DIGITS = 10
 
 
 def iso(ts: float | None) -> str | None:
@@ -144,8 +146,8 @@ def tokens_json(usage: Usage) -> dict[str, int]:
 
 def cost_json(total: float, savings: float, by_model: dict[str, ModelUsage]) -> dict[str, Any]:
     """Return cost in the API's shape; unknown models are listed, never priced."""
-    return {"total_usd": round(total, 6), "savings_usd": round(savings, 6),
-            "by_model": {m: round(u.cost_usd, 6) for m, u in sorted(by_model.items())},
+    return {"total_usd": round(total, USD_DIGITS), "savings_usd": round(savings, USD_DIGITS),
+            "by_model": {m: round(u.cost_usd, USD_DIGITS) for m, u in sorted(by_model.items())},
             "unpriced_models": sorted(m for m, u in by_model.items() if not u.priced)}
 
 

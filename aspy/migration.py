@@ -85,7 +85,8 @@ def plan(config: Config, store: Store, mapping: dict[str, str]) -> list[Move]:
             sessions=seen.sessions, requests=seen.requests, input_tokens=seen.input_tokens,
             output_tokens=seen.output_tokens, cost_usd=seen.cost_usd, first_seen=seen.first_seen,
             last_seen=seen.last_seen))
-    unseen = set(mapping) - {m.user for m in moves}
+    done_before = {u for u, c in mapping.items() if c in config.clients and u in config.clients[c].legacy_user_hashes}
+    unseen = set(mapping) - {m.user for m in moves} - done_before
     if unseen:
         raise MigrationError(f"--map names hashes with no legacy sessions in the store: {', '.join(sorted(unseen))}")
     return moves

@@ -256,7 +256,7 @@ class Sessions:
             usage={"input_tokens": usage.input_tokens, "output_tokens": usage.output_tokens,
                    "cache_read": usage.cache_read, "cache_write_5m": usage.cache_write_5m,
                    "cache_write_1h": usage.cache_write_1h, "web_search_requests": usage.web_search_requests},
-            cost_usd=round(cost_usd, 8), ttfb_ms=round(ex.ttfb_ms, 1) if ex.ttfb_ms is not None else None,
+            cost_usd=round(cost_usd, 10), ttfb_ms=round(ex.ttfb_ms, 1) if ex.ttfb_ms is not None else None,
             duration_ms=round(ex.duration_ms, 1), request_id=ex.request_id, agent_id=agent))
         capture = self.config.capture_content
         for text in obs.thinking:
@@ -321,5 +321,5 @@ class Sessions:
 def session_summary(s: Session) -> dict[str, Any]:
     """Return the headline figures of a session, for its session_end event."""
     return {"requests": s.requests, "failed": s.failed, "input_tokens": s.usage.input_tokens,
-            "output_tokens": s.usage.output_tokens, "cost_usd": round(s.cost_usd, 8),
+            "output_tokens": s.usage.output_tokens, "cost_usd": round(s.cost_usd, 10),
             "tool_calls": s.tool_calls, "compactions": s.compactions}

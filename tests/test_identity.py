@@ -204,7 +204,7 @@ def test_no_secret_reaches_the_store_or_the_logs(team, upstream):
     api(team, "stats")
     api(team, "stats", TOKEN)
     requests.post(f"{team.url}/api/search", json={"keyword": "hi"}, headers={"Authorization": f"Bearer {API_TOKEN}"})
-    eventually(lambda: stats(team)["requests"]["total"] == before + 4)
+    eventually(lambda: stats(team)["requests"]["total"] >= before + 4)
     state = Path(team.env["XDG_STATE_HOME"]) / "aspy"
     stored = b"".join(p.read_bytes() for p in state.iterdir())
     logged = team.log_text().encode()

@@ -164,7 +164,7 @@ def test_importing_old_logs_shows_a_plan_then_imports_once(old, tmp_path):
     # The imported hash can then be migrated like any other.
     done = migrate(old, "--apply", "--map", f"{SAMPLE_HASH}=old-laptop")
     assert done.returncode == 0, done.stderr
-    assert "Re-attributed 1 sessions" in done.stdout
+    assert "Re-attributed 3 sessions" in done.stdout  # the two keys of the fixture, and the imported one
     assert stats(old, user=SAMPLE_HASH)["requests"]["total"] == 1
     assert tomllib.loads(old.config.read_text())["clients"]["old-laptop"]["legacy_user_hashes"] == [SAMPLE_HASH]
 

@@ -29,12 +29,21 @@ def main(argv: list[str] | None = None) -> int:
     migrate.add_argument("--provider", help="provider of the clients it creates (default: the legacy provider)")
     migrate.add_argument("--import-logs", metavar="DIR", type=Path,
                          help="read the earlier aspy's *.jsonl event logs into the store")
+    for name, helptext in (("top", "live terminal view of clients, sessions, cost, context and events"),
+                           ("mcp", "MCP server over stdio, for Claude Code (claude mcp add aspy -- aspy mcp)")):
+        viewer = commands.add_parser(name, help=helptext)
+        viewer.add_argument("--url", help="aspy's address (default: $ASPY_URL, else from $ANTHROPIC_BASE_URL, "
+                                          "else http://127.0.0.1:8080)")
+        viewer.add_argument("--client", help="own client id (default: $ASPY_CLIENT_ID, else from $ANTHROPIC_BASE_URL)")
     token = commands.add_parser("token", help="proxy tokens")
     token_commands = token.add_subparsers(dest="token_command", required=True)
     new = token_commands.add_parser("new", parents=[common], help="make a proxy token for a client")
     new.add_argument("client", help="the client id")
     new.add_argument("--write", action="store_true", help="store it in config.toml (a backup is kept)")
     args = parser.parse_args(argv)
+    if args.command in ("top", "mcp"):
+        # Clients of the API: they need no config, and may watch an aspy on another host.
+        return api_command(args)
     try:
         config = load_config(args.config)
     except ConfigError as exc:
@@ -42,6 +51,24 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     handlers = {"serve": serve_command, "check": check_command, "migrate": migrate_command, "token": token_command}
     return handlers[args.command](config, args)
+
+
+def api_command(args: argparse.Namespace) -> int:
+    """Run `aspy top` or `aspy mcp` against the API."""
+    from .apiclient import ApiClient, find_target
+
+    api = ApiClient(find_target(args.url, args.client))
+    if args.command == "mcp":
+        from . import mcp_server
+
+        mcp_server.run(api)
+        return 0
+    from . import top
+
+    try:
+        return top.run(api, args.client)
+    except KeyboardInterrupt:
+        return 0
 
 
 def serve_command(config: Config, args: argparse.Namespace) -> int:

@@ -29,8 +29,9 @@ def free_port() -> int:
 class AspyProcess:
     """``aspy serve`` running in a subprocess with its own config and log."""
 
-    def __init__(self, tmp: Path, config_text: str, workers: int = 2, env: dict | None = None):
-        self.port = free_port()
+    def __init__(self, tmp: Path, config_text: str, workers: int = 2, env: dict | None = None,
+                 port: int | None = None):
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.config = tmp / "config.toml"
         self.config.write_text(config_text)

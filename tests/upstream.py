@@ -14,6 +14,8 @@ What it does is chosen by request headers, which aspy forwards untouched:
 - ``x-fake-close-delimited: 1``: send the body with no length and no chunking, then close.
 - ``x-fake-usage: JSON``: the usage object of a generated answer.
 - ``x-fake-tool: NAME`` (and ``x-fake-tool-id``): a generated answer that calls that tool.
+- ``x-fake-tool-once: NAME``: call that tool where the request offers it, unless the request
+  carries a tool result (so a real agent loop ends).
 - ``x-fake-text: TEXT``: the text of a generated answer.
 
 Every request is kept in ``requests`` (method, raw target, headers, body), and every stream
@@ -197,6 +199,12 @@ class FakeUpstream:
         model = request.get("model", "claude-sonnet-4-5-20250929")
         usage = json.loads(h["x-fake-usage"]) if "x-fake-usage" in h else DEFAULT_USAGE
         tool = h.get("x-fake-tool")
+        if "x-fake-tool-once" in h:
+            # Ask for the tool once, only where it is offered, and not when its result just came back.
+            offered = {t.get("name") for t in request.get("tools") or [] if isinstance(t, dict)}
+            last = (request.get("messages") or [{}])[-1].get("content")
+            answered = isinstance(last, list) and any(b.get("type") == "tool_result" for b in last if isinstance(b, dict))
+            tool = h["x-fake-tool-once"] if h["x-fake-tool-once"] in offered and not answered else None
         tool_id = h.get("x-fake-tool-id", "toolu_fake_1")
         text = h.get("x-fake-text", "Hello from the fake upstream.")
         extra = [("request-id", "req_fake_1"), ("anthropic-ratelimit-requests-remaining", "99"),

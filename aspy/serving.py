@@ -7,7 +7,7 @@ from typing import Any
 
 from gunicorn.app.base import BaseApplication
 
-from .config import Config, Server
+from .config import Config, ConfigError, Server, load_config
 
 log = logging.getLogger(__name__)
 
@@ -63,15 +63,26 @@ class AspyServer(BaseApplication):
 
     def __init__(self, config: Config, overrides: dict[str, Any] | None = None):
         self.aspy_config = config
-        self.settings = gunicorn_settings(config.server) | (overrides or {})
+        self.overrides = overrides or {}
+        self.loaded = False
         super().__init__()
 
     def load_config(self) -> None:
-        """Apply the settings to gunicorn."""
-        for key, value in self.settings.items():
+        """Apply the settings to gunicorn; on HUP, re-read config.toml first."""
+        if self.loaded and self.aspy_config.path is not None:
+            self._reload_aspy_config()
+        self.loaded = True
+        for key, value in (gunicorn_settings(self.aspy_config.server) | self.overrides).items():
             # Settings an older gunicorn does not know are left out.
             if key in self.cfg.settings:
                 self.cfg.set(key, value)
+
+    def _reload_aspy_config(self) -> None:
+        """Take the changed config.toml, or keep the running one if the new file has mistakes."""
+        try:
+            self.aspy_config = load_config(self.aspy_config.path)
+        except ConfigError as exc:
+            log.error("config.toml was not reloaded, the running configuration stays: %s", exc)
 
     def load(self):
         """Build the app, in each worker."""

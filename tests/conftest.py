@@ -7,7 +7,9 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 import requests
@@ -15,6 +17,7 @@ import requests
 from upstream import FakeUpstream
 
 ROOT = Path(__file__).resolve().parents[1]
+POSTGRES_URL = os.environ.get("ASPY_TEST_POSTGRES_URL")
 FIXTURES = ROOT.parent / "shared" / "fixtures"
 API_KEY = "sk-ant-test-0123456789abcdef"
 
@@ -67,6 +70,12 @@ class AspyProcess:
                 self.proc.kill()
                 self.proc.wait()
 
+    def store_url(self) -> str | None:
+        """Return the [store] url of this server's config, if it names one."""
+        import tomllib
+
+        return tomllib.loads(self.config.read_text()).get("store", {}).get("url")
+
     def log_text(self) -> str:
         """Return everything the server logged."""
         return self.log.read_text(errors="replace")
@@ -105,6 +114,41 @@ name = "Nobody listens"
 provider = "dead"
 {extra}
 """
+
+
+def postgres_database(name: str, create: bool) -> str:
+    """Create (or drop) a database on the test PostgreSQL server; return its URL."""
+    import psycopg
+
+    with psycopg.connect(POSTGRES_URL, autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name}" if create else f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    return urlsplit(POSTGRES_URL)._replace(path=f"/{name}").geturl()
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def store_kind(request) -> str:
+    """Run a module's store and API tests on SQLite, then on PostgreSQL."""
+    if request.param == "postgresql" and not POSTGRES_URL:
+        pytest.skip("PostgreSQL tests need ASPY_TEST_POSTGRES_URL, e.g. postgresql://postgres@127.0.0.1:5432/test")
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def fresh_store(store_kind):
+    """Return a function that makes a new, empty store and gives the [store] table that uses it."""
+    made = []
+
+    def make() -> str:
+        if store_kind == "sqlite":
+            return ""  # each AspyProcess has its own $XDG_STATE_HOME, hence its own SQLite file
+        name = f"aspy_test_{uuid.uuid4().hex[:12]}"
+        url = postgres_database(name, create=True)
+        made.append(name)
+        return f'\n[store]\nurl = "{url}"\n'
+
+    yield make
+    for name in made:
+        postgres_database(name, create=False)
 
 
 @pytest.fixture(scope="session")

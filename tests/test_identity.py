@@ -72,10 +72,10 @@ legacy_user_hashes = ["{h(KEY_B)}"]
 
 
 @pytest.fixture(scope="module")
-def team(upstream, tmp_path_factory):
+def team(upstream, tmp_path_factory, fresh_store):
     from conftest import AspyProcess
 
-    server = AspyProcess(tmp_path_factory.mktemp("team"), identity_config(upstream.url),
+    server = AspyProcess(tmp_path_factory.mktemp("team"), identity_config(upstream.url) + fresh_store(),
                          env={"ASPY_TEST_CENTRAL_KEY": CENTRAL}).start()
     yield server
     server.stop()
@@ -177,8 +177,9 @@ def test_the_api_needs_the_api_token(team, token):
 
 
 def test_a_proxy_token_reads_only_its_own_clients_data(team):
+    before = stats(team, client="tok")["requests"]["total"]
     post(team, f"/{TOKEN}/v1/messages")
-    mine = eventually(lambda: (s := stats(team, TOKEN))["requests"]["total"] >= 1 and s)
+    mine = eventually(lambda: (s := stats(team, TOKEN))["requests"]["total"] == before + 1 and s)
     assert mine == stats(team, client="tok")
     assert api(team, "stats", TOKEN, client="dev-1").status_code == 403
     assert [c["id"] for c in api(team, "clients", TOKEN).json()["clients"]] == ["tok"]
@@ -205,8 +206,13 @@ def test_no_secret_reaches_the_store_or_the_logs(team, upstream):
     api(team, "stats", TOKEN)
     requests.post(f"{team.url}/api/search", json={"keyword": "hi"}, headers={"Authorization": f"Bearer {API_TOKEN}"})
     eventually(lambda: stats(team)["requests"]["total"] >= before + 4)
-    state = Path(team.env["XDG_STATE_HOME"]) / "aspy"
-    stored = b"".join(p.read_bytes() for p in state.iterdir())
+    if team.store_url():
+        stored = subprocess.run(["pg_dump", "--data-only", team.store_url()], capture_output=True, check=True).stdout
+        assert b"COPY public.sessions" in stored
+    else:
+        state = Path(team.env["XDG_STATE_HOME"]) / "aspy"
+        stored = b"".join(p.read_bytes() for p in state.iterdir())
+        assert b"SQLite format 3" in stored
     logged = team.log_text().encode()
     for secret in (KEY_A, KEY_B, BEARER, CENTRAL, TOKEN, OTHER_TOKEN, API_TOKEN, "pt_unknownTokenValue_0123456789"):
         assert secret.encode() not in stored, f"{secret} is in the store"

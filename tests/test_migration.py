@@ -58,9 +58,9 @@ def send(server, key: str, path: str = "/v1/messages") -> None:
 
 
 @pytest.fixture
-def old(start_aspy, upstream):
+def old(start_aspy, upstream, fresh_store):
     """An old setup that has seen legacy traffic from two keys (three requests)."""
-    server = start_aspy(old_setup(upstream.url))
+    server = start_aspy(old_setup(upstream.url) + fresh_store())
     send(server, KEY_C)
     send(server, KEY_C)
     send(server, KEY_D)
@@ -104,7 +104,7 @@ def test_apply_twice_writes_clients_once_keeping_comments_and_re_attributes_hist
 
     # The history answers under the new client id and under the old hash; new traffic follows.
     old.stop()
-    server = start_aspy(migrated)
+    server = start_aspy(old.config.read_text())
     server.env = old.env
     carol = stats(server, client="carol")
     assert carol["requests"]["total"] == 2

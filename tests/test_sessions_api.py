@@ -91,12 +91,12 @@ def key() -> str:
 
 
 @pytest.fixture(scope="module")
-def tracked(upstream, tmp_path_factory):
-    """aspy with three workers, recording to SQLite."""
+def tracked(upstream, tmp_path_factory, fresh_store):
+    """aspy with three workers, recording to SQLite or PostgreSQL."""
     from conftest import AspyProcess
 
-    server = AspyProcess(tmp_path_factory.mktemp("tracked"), standard_config(upstream.url, EXTRA_CLIENTS),
-                         workers=3).start()
+    server = AspyProcess(tmp_path_factory.mktemp("tracked"),
+                         standard_config(upstream.url, EXTRA_CLIENTS) + fresh_store(), workers=3).start()
     yield server
     server.stop()
 
@@ -361,8 +361,9 @@ def test_ending_an_unknown_session_gets_404(tracked):
     assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error"
 
 
-def test_idle_and_ended_transitions(start_aspy, upstream):
-    server = start_aspy(standard_config(upstream.url, '\n[sessions]\nidle_after = "1s"\nend_after = "2500ms"\n'))
+def test_idle_and_ended_transitions(start_aspy, upstream, fresh_store):
+    server = start_aspy(standard_config(upstream.url, '\n[sessions]\nidle_after = "1s"\nend_after = "2500ms"\n')
+                        + fresh_store())
     sid = key()
     send(server, "dev-1", headers={"x-claude-code-session-id": sid})
     assert session_of(server, sid)["status"] == "active"
@@ -374,8 +375,8 @@ def test_idle_and_ended_transitions(start_aspy, upstream):
     assert api(server, "events", session=sid, type="session_end")["events"][0]["reason"] == "timeout"
 
 
-def test_figures_are_intact_after_a_restart(start_aspy, upstream, tmp_path):
-    config = standard_config(upstream.url)
+def test_figures_are_intact_after_a_restart(start_aspy, upstream, fresh_store):
+    config = standard_config(upstream.url) + fresh_store()
     server = start_aspy(config)
     for n in range(5):
         send(server, "dev-1", stream=n % 2 == 0, headers={"x-claude-code-session-id": "restart"}, i=n + 1, o=2)

@@ -1,0 +1,201 @@
+"""The shared store: PostgreSQL, for several aspy hosts behind one load balancer.
+
+psycopg 3 with a connection pool per worker process (psycopg waits cooperatively when gevent
+has patched the standard library). Every write transaction first takes one advisory lock,
+so finding-or-opening a session is serialized across all hosts exactly as ``BEGIN
+IMMEDIATE`` serializes it across SQLite's processes: one session, exact totals, wherever
+its requests land. Search uses PostgreSQL's own full-text search.
+"""
+from __future__ import annotations
+
+import os
+import threading
+from contextlib import contextmanager
+from decimal import Decimal
+from typing import Any, Iterable, Iterator
+
+import psycopg
+from psycopg.adapt import Loader
+from psycopg_pool import ConnectionPool, PoolTimeout
+
+from . import Hit, StoreError
+from .sql import SqlStore, SqlTransaction, scope_clause
+
+SCHEMA_VERSION = 2
+# One number for aspy's advisory lock: every write, and migrations, take it.
+WRITE_LOCK = 0x61737079
+MIGRATIONS: dict[int, list[str]] = {
+    1: [
+        """CREATE TABLE sessions (
+            id TEXT PRIMARY KEY, claude_session_id TEXT, source TEXT NOT NULL, client_id TEXT,
+            client_name TEXT, provider TEXT, user_hash TEXT NOT NULL, started DOUBLE PRECISION NOT NULL,
+            last_activity DOUBLE PRECISION NOT NULL, status TEXT NOT NULL, ended DOUBLE PRECISION, end_reason TEXT,
+            requests BIGINT NOT NULL DEFAULT 0, failed BIGINT NOT NULL DEFAULT 0,
+            input_tokens BIGINT NOT NULL DEFAULT 0, output_tokens BIGINT NOT NULL DEFAULT 0,
+            cache_read BIGINT NOT NULL DEFAULT 0, cache_write_5m BIGINT NOT NULL DEFAULT 0,
+            cache_write_1h BIGINT NOT NULL DEFAULT 0, web_searches BIGINT NOT NULL DEFAULT 0,
+            cost_usd DOUBLE PRECISION NOT NULL DEFAULT 0, savings_usd DOUBLE PRECISION NOT NULL DEFAULT 0,
+            tool_calls BIGINT NOT NULL DEFAULT 0, tool_failed BIGINT NOT NULL DEFAULT 0,
+            thinking_blocks BIGINT NOT NULL DEFAULT 0, ttfb_total_ms DOUBLE PRECISION NOT NULL DEFAULT 0,
+            ttfb_count BIGINT NOT NULL DEFAULT 0, context_model TEXT,
+            context_tokens BIGINT NOT NULL DEFAULT 0, context_limit BIGINT,
+            compactions BIGINT NOT NULL DEFAULT 0)""",
+        "CREATE INDEX sessions_client ON sessions (client_id, status, last_activity)",
+        "CREATE INDEX sessions_user ON sessions (user_hash, status, last_activity)",
+        "CREATE INDEX sessions_claude ON sessions (claude_session_id)",
+        "CREATE INDEX sessions_activity ON sessions (status, last_activity)",
+        """CREATE TABLE session_models (
+            session_id TEXT NOT NULL, model TEXT NOT NULL, requests BIGINT NOT NULL,
+            input_tokens BIGINT NOT NULL, output_tokens BIGINT NOT NULL, cache_read BIGINT NOT NULL,
+            cache_write_5m BIGINT NOT NULL, cache_write_1h BIGINT NOT NULL, web_searches BIGINT NOT NULL,
+            cost_usd DOUBLE PRECISION NOT NULL, savings_usd DOUBLE PRECISION NOT NULL, priced INTEGER NOT NULL,
+            PRIMARY KEY (session_id, model))""",
+        """CREATE TABLE session_tools (
+            session_id TEXT NOT NULL, tool TEXT NOT NULL, calls BIGINT NOT NULL, failed BIGINT NOT NULL,
+            PRIMARY KEY (session_id, tool))""",
+        """CREATE TABLE events (
+            id BIGSERIAL PRIMARY KEY, session_id TEXT, client_id TEXT, user_hash TEXT,
+            type TEXT NOT NULL, timestamp DOUBLE PRECISION NOT NULL, data TEXT NOT NULL)""",
+        "CREATE INDEX events_session ON events (session_id, id)",
+        "CREATE INDEX events_time ON events (timestamp)",
+        """CREATE TABLE tool_calls (
+            tool_use_id TEXT PRIMARY KEY, session_id TEXT NOT NULL, tool TEXT NOT NULL,
+            called_at DOUBLE PRECISION NOT NULL)""",
+        """CREATE TABLE messages (
+            id BIGSERIAL PRIMARY KEY, session_id TEXT NOT NULL, client_id TEXT, user_hash TEXT,
+            role TEXT NOT NULL, timestamp DOUBLE PRECISION NOT NULL, text TEXT NOT NULL,
+            words TSVECTOR GENERATED ALWAYS AS (to_tsvector('simple', text)) STORED)""",
+        "CREATE INDEX messages_time ON messages (timestamp)",
+        "CREATE INDEX messages_words ON messages USING GIN (words)",
+    ],
+    2: [
+        """CREATE TABLE imports (
+            file_hash TEXT PRIMARY KEY, name TEXT NOT NULL, lines BIGINT NOT NULL,
+            imported_at DOUBLE PRECISION NOT NULL)""",
+        "CREATE INDEX events_user ON events (user_hash)",
+        "CREATE INDEX messages_user ON messages (user_hash)",
+    ],
+}
+
+
+class WholeNumberLoader(Loader):
+    """Load NUMERIC (what SUM over BIGINT gives) as int when whole, else float."""
+
+    def load(self, data: bytes) -> int | float:
+        value = Decimal(bytes(data).decode())
+        return int(value) if value == value.to_integral_value() else float(value)
+
+
+def _configure(conn: psycopg.Connection) -> None:
+    conn.adapters.register_loader("numeric", WholeNumberLoader)
+
+
+class PostgresStore(SqlStore):
+    """The PostgreSQL implementation of the store."""
+
+    kind = "postgresql"
+
+    def __init__(self, url: str):
+        self.url = url
+        self._pool: ConnectionPool | None = None
+        self._pid: int | None = None
+        self._lock = threading.Lock()
+
+    def sql(self, statement: str) -> str:
+        return statement.replace("?", "%s")
+
+    def _where(self) -> str:
+        """Name the database without credentials, for messages."""
+        info = psycopg.conninfo.conninfo_to_dict(self.url)
+        return f"postgresql://{info.get('host', 'localhost')}:{info.get('port', 5432)}/{info.get('dbname', '')}"
+
+    def _open(self) -> ConnectionPool:
+        """Return this process's pool, opening it (and migrating the schema) on first use."""
+        if self._pool is not None and self._pid == os.getpid():
+            return self._pool
+        with self._lock:
+            if self._pool is None or self._pid != os.getpid():
+                pool = ConnectionPool(self.url, min_size=1, max_size=8, open=False, configure=_configure,
+                                      timeout=5, kwargs={"connect_timeout": 5})
+                try:
+                    pool.open(wait=True, timeout=5)
+                    with pool.connection() as conn:
+                        self._migrate(conn)
+                except (psycopg.Error, PoolTimeout) as exc:
+                    pool.close()
+                    raise StoreError(f"cannot open the PostgreSQL store {self._where()}: {exc}") from None
+                self._pool, self._pid = pool, os.getpid()
+        return self._pool
+
+    def _migrate(self, conn: psycopg.Connection) -> None:
+        """Create the schema, or bring it up to SCHEMA_VERSION, under the write lock."""
+        with conn.transaction():
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (WRITE_LOCK,))
+            conn.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+            current = self._version(conn)
+            if current > SCHEMA_VERSION:
+                raise StoreError(f"the store's schema version {current} is newer than this aspy understands "
+                                 f"({SCHEMA_VERSION}); upgrade aspy")
+            for version in range(current + 1, SCHEMA_VERSION + 1):
+                for statement in MIGRATIONS[version]:
+                    conn.execute(statement)
+            conn.execute("INSERT INTO meta (key, value) VALUES ('schema_version', %s) "
+                         "ON CONFLICT (key) DO UPDATE SET value = excluded.value", (str(SCHEMA_VERSION),))
+
+    @staticmethod
+    def _version(conn: psycopg.Connection) -> int:
+        row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        return int(row[0]) if row else 0
+
+    @contextmanager
+    def transaction(self) -> Iterator[SqlTransaction]:
+        pool = self._open()
+        try:
+            with pool.connection() as conn, conn.transaction():
+                conn.execute("SELECT pg_advisory_xact_lock(%s)", (WRITE_LOCK,))
+                yield SqlTransaction(self, conn.cursor())
+        except (psycopg.Error, PoolTimeout) as exc:
+            raise StoreError(f"writing to the PostgreSQL store {self._where()} failed: {exc}") from None
+
+    def query(self, statement: str, params: Iterable[Any] = ()) -> list[tuple]:
+        pool = self._open()
+        try:
+            with pool.connection() as conn:
+                return conn.execute(self.sql(statement), tuple(params)).fetchall()
+        except (psycopg.Error, PoolTimeout) as exc:
+            raise StoreError(f"reading the PostgreSQL store {self._where()} failed: {exc}") from None
+
+    def search(self, words, since, until, scope, role, limit):
+        where, params = "m.words @@ plainto_tsquery('simple', ?)", [" ".join(words)]
+        if since is not None:
+            where += " AND m.timestamp >= ?"
+            params.append(since)
+        if until is not None:
+            where += " AND m.timestamp < ?"
+            params.append(until)
+        if role:
+            where += " AND m.role = ?"
+            params.append(role)
+        scoped, scope_params = scope_clause(scope)
+        if scoped != "1 = 1":
+            where += f" AND m.session_id IN (SELECT id FROM sessions WHERE {scoped})"
+            params += scope_params
+        total = self.query(f"SELECT COUNT(*) FROM messages m WHERE {where}", params)[0][0]
+        rows = self.query(
+            "SELECT m.session_id, m.client_id, m.timestamp, m.role, "
+            "ts_headline('simple', m.text, plainto_tsquery('simple', ?), "
+            "'StartSel=**, StopSel=**, MaxWords=24, MinWords=8, MaxFragments=1, FragmentDelimiter=…'), "
+            "ts_rank(m.words, plainto_tsquery('simple', ?)) AS score "
+            f"FROM messages m WHERE {where} ORDER BY score DESC, m.timestamp DESC LIMIT ?",
+            [params[0], params[0], *params, limit])
+        return total, [Hit(session=r[0], client=r[1], timestamp=r[2], role=r[3], snippet=r[4], score=float(r[5]))
+                       for r in rows]
+
+    def check(self) -> dict[str, Any]:
+        version = self.query("SELECT value FROM meta WHERE key = 'schema_version'")[0][0]
+        return {"kind": self.kind, "database": self._where(), "schema_version": int(version)}
+
+    def close(self) -> None:
+        if self._pool is not None and self._pid == os.getpid():
+            self._pool.close()
+        self._pool = None

@@ -101,15 +101,23 @@ def check_command(config: Config, args: argparse.Namespace) -> int:
         print(f"aspy: {exc}", file=sys.stderr)
         return 2
     print(f"models: {len(table.models)} priced (taken {table.taken})")
-    store = open_store(config.store.url)
     try:
-        info = store.check()
+        info = open_store(config.store.url).inspect()
     except StoreError as exc:
         print(f"aspy: store: {exc}", file=sys.stderr)
         return 3
-    finally:
-        store.close()
-    print("store: " + ", ".join(f"{k} {v}" for k, v in info.items()))
+    where = info.get("path") or info.get("database")
+    version, expected = info["schema_version"], info["expected_version"]
+    if version is None:
+        print(f"store: {info['kind']} {where}: not created yet; aspy creates it on first use")
+    elif version < expected:
+        print(f"store: {info['kind']} {where}: schema version {version}; aspy migrates it to {expected} at start")
+    elif version > expected:
+        print(f"aspy: store: {where} has schema version {version}, newer than this aspy understands "
+              f"({expected}): upgrade aspy", file=sys.stderr)
+        return 3
+    else:
+        print(f"store: {info['kind']} {where}: reachable, schema version {version} (current)")
     print("ok")
     return 0
 

@@ -254,7 +254,14 @@ class Store(ABC):
 
     @abstractmethod
     def check(self) -> dict[str, Any]:
-        """Return the store's kind and schema version; raise StoreError if unreachable."""
+        """Return the store's kind and schema version (creating it if need be); raise StoreError if unreachable."""
+
+    @abstractmethod
+    def inspect(self) -> dict[str, Any]:
+        """Return the store's kind and schema version without changing anything; raise StoreError if unreachable.
+
+        ``schema_version`` is None for a store not created yet; ``expected_version`` is this aspy's.
+        """
 
     @abstractmethod
     def close(self) -> None:

@@ -195,6 +195,16 @@ class PostgresStore(SqlStore):
         version = self.query("SELECT value FROM meta WHERE key = 'schema_version'")[0][0]
         return {"kind": self.kind, "database": self._where(), "schema_version": int(version)}
 
+    def inspect(self) -> dict[str, Any]:
+        try:
+            with psycopg.connect(self.url, connect_timeout=5) as conn:
+                has_meta = conn.execute("SELECT to_regclass('meta')").fetchone()[0]
+                version = self._version(conn) if has_meta else None
+        except psycopg.Error as exc:
+            raise StoreError(f"cannot reach the PostgreSQL store {self._where()}: {exc}") from None
+        return {"kind": self.kind, "database": self._where(), "schema_version": version,
+                "expected_version": SCHEMA_VERSION}
+
     def close(self) -> None:
         if self._pool is not None and self._pid == os.getpid():
             self._pool.close()

@@ -203,6 +203,25 @@ class SqliteStore(SqlStore):
         version = self.query("SELECT value FROM meta WHERE key = 'schema_version'")[0][0]
         return {"kind": self.kind, "path": str(self.path), "schema_version": int(version)}
 
+    def inspect(self) -> dict[str, Any]:
+        answer = {"kind": self.kind, "path": str(self.path), "expected_version": SCHEMA_VERSION}
+        if not self.path.exists():
+            folder = next(p for p in (self.path.parent, *self.path.parents) if p.exists())
+            if not os.access(folder, os.W_OK):
+                raise StoreError(f"cannot create the SQLite store {self.path}: {folder} is not writable")
+            return answer | {"schema_version": None}
+        try:
+            conn = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=1)
+            try:
+                has_meta = conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'meta'").fetchone()
+                row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() \
+                    if has_meta else None
+            finally:
+                conn.close()
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot read the SQLite store {self.path}: {exc}") from None
+        return answer | {"schema_version": int(row[0]) if row else None}
+
     def close(self) -> None:
         with self.lock:
             if self._conn is not None:

@@ -1,11 +1,12 @@
 """Measure what aspy costs: direct to a fast local upstream vs through aspy, in the same run.
 
-    python bench/bench.py [--quick]
+    bench/run [--quick] [--postgres URL]
 
 Starts the fake upstream (tests/upstream.py) and aspy under gunicorn with the default 2
-gevent workers, then measures added latency at one connection (p50, p99), requests per
+gevent workers, on SQLite and (given a server) on PostgreSQL, then measures in the same
+run, direct and through aspy: added latency at one connection (p50, p99), requests per
 second at 50 connections (wrk), and time to first event of streams. Prints a table with
-the ratio aspy / direct for each, then what recording one exchange costs the store.
+the difference or ratio to direct for each, then what recording one exchange costs.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 ROOT = Path(__file__).resolve().parents[1]
 BODY = json.dumps({"model": "claude-sonnet-4-6", "max_tokens": 16,
@@ -108,7 +110,7 @@ def wrk_rps(url: str, seconds: int, connections: int = 50) -> float:
     return float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
 
 
-def recording_cost(batch: int, count: int) -> float:
+def recording_cost(store_url: str, batch: int, count: int) -> float:
     """Return microseconds of store work per exchange, recording in batches of this size."""
     sys.path.insert(0, str(ROOT))
     from aspy.config import parse_config
@@ -117,8 +119,7 @@ def recording_cost(batch: int, count: int) -> float:
     from aspy.sessions import Sessions
     from aspy.store import open_store
 
-    tmp = Path(tempfile.mkdtemp(prefix="aspy-bench-store-"))
-    config = parse_config({"store": {"url": f"sqlite:///{tmp / 'aspy.db'}"},
+    config = parse_config({"store": {"url": store_url},
                            "clients": {"bench": {"name": "Bench", "provider": "anthropic"}}}, None)
     sessions = Sessions(config, open_store(config.store.url), load_models())
     stream = ROOT.parent / "shared" / "fixtures" / "real" / "sse" / "sdkpy_snapshot_555fb399_0_tool_use_haiku45.sse"
@@ -140,49 +141,90 @@ def recording_cost(batch: int, count: int) -> float:
     return (time.perf_counter() - started) / count * 1e6
 
 
+def measure(port: int, prefix: str, count: int, seconds: int) -> dict[str, float]:
+    """Measure one server: latency percentiles, throughput, time to first event."""
+    times = latencies(port, prefix, count)
+    return {"p50": percentile(times, 50), "p99": percentile(times, 99),
+            "rps": wrk_rps(f"http://127.0.0.1:{port}{prefix}/v1/messages", seconds),
+            "ttfe": statistics.median(first_events(port, prefix, count // 10))}
+
+
+def postgres_database(url: str, name: str, create: bool) -> str:
+    """Create (or drop) a scratch database for the bench; return its URL."""
+    import psycopg
+
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name}" if create else f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    return urlsplit(url)._replace(path=f"/{name}").geturl()
+
+
 def main() -> None:
     """Run the whole bench and print the table."""
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="fewer requests, shorter wrk runs")
+    parser.add_argument("--postgres", metavar="URL", default=os.environ.get("ASPY_TEST_POSTGRES_URL"),
+                        help="a PostgreSQL server to also bench aspy on (default: $ASPY_TEST_POSTGRES_URL)")
     args = parser.parse_args()
     if not shutil.which("wrk"):
         sys.exit("wrk is needed for the concurrency figures: apt-get install wrk")
     count, seconds = (500, 3) if args.quick else (3000, 10)
     tmp = Path(tempfile.mkdtemp(prefix="aspy-bench-"))
-    up_port, aspy_port = free_port(), free_port()
-    procs = [subprocess.Popen([sys.executable, str(ROOT / "tests" / "upstream.py"), str(up_port)],
-                              stdout=subprocess.DEVNULL)]
+    up_port = free_port()
+    upstream = subprocess.Popen([sys.executable, str(ROOT / "tests" / "upstream.py"), str(up_port)],
+                                stdout=subprocess.DEVNULL)
+    scratch = f"aspy_bench_{os.getpid()}"
+    stores = {"SQLite": ""}
     try:
         wait_for(up_port, "/ping")
-        config = tmp / "config.toml"
-        config.write_text(f'[providers.fake]\nbase_url = "http://127.0.0.1:{up_port}"\n'
-                          f'[clients.bench]\nname = "Bench"\nprovider = "fake"\n')
-        env = os.environ | {"XDG_STATE_HOME": str(tmp / "state")}
-        procs.append(subprocess.Popen(
-            [sys.executable, "-m", "aspy", "serve", "--config", str(config), "--listen", f"127.0.0.1:{aspy_port}"],
-            stdout=(tmp / "aspy.log").open("w"), stderr=subprocess.STDOUT, env=env, cwd=ROOT))
-        wait_for(aspy_port, proc=procs[-1])
-        rows = []
-        direct, proxied = latencies(up_port, "", count), latencies(aspy_port, "/bench", count)
-        for pct in (50, 99):
-            d, a = percentile(direct, pct), percentile(proxied, pct)
-            rows.append((f"latency p{pct}, 1 connection (ms)", d, a, f"+{a - d:.2f} ms"))
-        d, a = wrk_rps(f"http://127.0.0.1:{up_port}/v1/messages", seconds), \
-            wrk_rps(f"http://127.0.0.1:{aspy_port}/bench/v1/messages", seconds)
-        rows.append(("requests/s, 50 connections", d, a, f"x{a / d:.3f}"))
-        d = statistics.median(first_events(up_port, "", count // 10))
-        a = statistics.median(first_events(aspy_port, "/bench", count // 10))
-        rows.append(("time to first event, median (ms)", d, a, f"+{a - d:.2f} ms"))
-        print(f"\n{'measure':<36}{'direct':>12}{'aspy':>12}   aspy vs direct")
-        for name, d, a, ratio in rows:
-            print(f"{name:<36}{d:>12.2f}{a:>12.2f}   {ratio}")
-        print("\nrecording cost per exchange (SQLite store, in-process, not on the client's path):")
-        for batch in (1, 50):
-            print(f"  batches of {batch:>3}: {recording_cost(batch, count // 3):8.1f} us")
+        if args.postgres:
+            stores["PostgreSQL"] = f'[store]\nurl = "{postgres_database(args.postgres, scratch, True)}"\n'
+        results = {"direct": measure(up_port, "", count, seconds)}
+        for name, store in stores.items():
+            port = free_port()
+            config = tmp / f"{name}.toml"
+            config.write_text(f'{store}[providers.fake]\nbase_url = "http://127.0.0.1:{up_port}"\n'
+                              f'[clients.bench]\nname = "Bench"\nprovider = "fake"\n')
+            env = os.environ | {"XDG_STATE_HOME": str(tmp / name)}
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "aspy", "serve", "--config", str(config), "--listen", f"127.0.0.1:{port}"],
+                stdout=(tmp / f"{name}.log").open("w"), stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+            try:
+                wait_for(port, proc=proc)
+                results[f"aspy, {name}"] = measure(port, "/bench", count, seconds)
+            finally:
+                proc.send_signal(signal.SIGINT)
+                proc.wait(15)
+        report(results)
+        print("\nrecording cost per exchange (in-process, after the response, off the client's path):")
+        for name, store in stores.items():
+            url = f"sqlite:///{tmp / 'recording.db'}" if not store else store.split('"')[1]
+            for batch in (1, 50):
+                print(f"  {name:<10} batches of {batch:>3}: {recording_cost(url, batch, count // 3):8.1f} us")
     finally:
-        for proc in reversed(procs):
-            proc.send_signal(signal.SIGINT)
-            proc.wait(10)
+        upstream.send_signal(signal.SIGINT)
+        upstream.wait(10)
+        if args.postgres:
+            postgres_database(args.postgres, scratch, False)
+
+
+def report(results: dict[str, dict[str, float]]) -> None:
+    """Print one row per measure, one column per server, with ratios to direct."""
+    direct = results["direct"]
+    names = list(results)
+    print(f"\n{'measure':<34}" + "".join(f"{n:>20}" for n in names))
+    rows = [("latency p50, 1 connection (ms)", "p50", "+"), ("latency p99, 1 connection (ms)", "p99", "+"),
+            ("requests/s, 50 connections", "rps", "x"), ("time to first event, median (ms)", "ttfe", "+")]
+    for label, key, kind in rows:
+        cells = []
+        for name in names:
+            value = results[name][key]
+            if name == "direct":
+                cells.append(f"{value:>20.2f}")
+            elif kind == "+":
+                cells.append(f"{f'{value:.2f} (+{value - direct[key]:.2f})':>20}")
+            else:
+                cells.append(f"{f'{value:.0f} (x{value / direct[key]:.3f})':>20}")
+        print(f"{label:<34}" + "".join(cells))
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ def test_systemd_unit_is_hardened_and_outlives_graceful_shutdown():
     one = {k: v[-1] for k, v in unit.items()}
     assert one["Type"] == "notify" and one["Restart"] == "on-failure"
     assert one["StateDirectory"] == "aspy" and "XDG_STATE_HOME=/var/lib" in unit["Environment"]
-    assert one["DynamicUser"] == "yes" and one["NoNewPrivileges"] == "yes"
+    assert one["User"] == "aspy" and one["NoNewPrivileges"] == "yes"
     assert one["ProtectSystem"] == "strict" and one["ProtectHome"] == "yes" and one["PrivateTmp"] == "yes"
     assert one["CapabilityBoundingSet"] == ""
     assert "-HUP" in one["ExecReload"]

@@ -54,7 +54,8 @@ class AspyProcess:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"aspy exited early:\n{self.log.read_text()}")
             try:
-                if requests.get(self.url + "/health", timeout=1).ok:
+                # The first /health of a worker opens the store (and may create its schema).
+                if requests.get(self.url + "/health", timeout=10).ok:
                     return self
             except requests.ConnectionError:
                 time.sleep(0.1)

@@ -19,7 +19,7 @@ from psycopg.adapt import Loader
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from . import Hit, StoreError
-from .sql import SqlStore, SqlTransaction, scope_clause
+from .sql import SqlStore, SqlTransaction, message_filters
 
 SCHEMA_VERSION = 2
 # One number for aspy's advisory lock: every write, and migrations, take it.
@@ -166,20 +166,8 @@ class PostgresStore(SqlStore):
             raise StoreError(f"reading the PostgreSQL store {self._where()} failed: {exc}") from None
 
     def search(self, words, since, until, scope, role, limit):
-        where, params = "m.words @@ plainto_tsquery('simple', ?)", [" ".join(words)]
-        if since is not None:
-            where += " AND m.timestamp >= ?"
-            params.append(since)
-        if until is not None:
-            where += " AND m.timestamp < ?"
-            params.append(until)
-        if role:
-            where += " AND m.role = ?"
-            params.append(role)
-        scoped, scope_params = scope_clause(scope)
-        if scoped != "1 = 1":
-            where += f" AND m.session_id IN (SELECT id FROM sessions WHERE {scoped})"
-            params += scope_params
+        narrow, narrow_params = message_filters(since, until, scope, role)
+        where, params = "m.words @@ plainto_tsquery('simple', ?)" + narrow, [" ".join(words), *narrow_params]
         total = self.query(f"SELECT COUNT(*) FROM messages m WHERE {where}", params)[0][0]
         rows = self.query(
             "SELECT m.session_id, m.client_id, m.timestamp, m.role, "

@@ -72,6 +72,25 @@ def scope_clause(scope: Scope, session_table: str = "") -> tuple[str, list[Any]]
     return (" AND ".join(parts) or "1 = 1"), params
 
 
+def message_filters(since: float | None, until: float | None, scope: Scope, role: str | None) -> tuple[str, list[Any]]:
+    """Return the AND-ed conditions (and parameters) that narrow a search of messages ``m``."""
+    where, params = "", []
+    if since is not None:
+        where += " AND m.timestamp >= ?"
+        params.append(since)
+    if until is not None:
+        where += " AND m.timestamp < ?"
+        params.append(until)
+    if role:
+        where += " AND m.role = ?"
+        params.append(role)
+    scoped, scope_params = scope_clause(scope)
+    if scoped != "1 = 1":
+        where += f" AND m.session_id IN (SELECT id FROM sessions WHERE {scoped})"
+        params += scope_params
+    return where, params
+
+
 def status_clause(status: str | None, idle_before: float) -> tuple[str, list[Any]]:
     """Return a WHERE fragment for a derived status."""
     if status == ENDED:

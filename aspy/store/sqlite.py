@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from . import Hit, StoreError
-from .sql import SqlStore, SqlTransaction, scope_clause
+from .sql import SqlStore, SqlTransaction, message_filters
 
 SCHEMA_VERSION = 2
 # How long a write waits for another process's transaction before giving up.
@@ -177,20 +177,8 @@ class SqliteStore(SqlStore):
 
     def search(self, words, since, until, scope, role, limit):
         match = " ".join('"' + w.replace('"', '""') + '"' for w in words)
-        where, params = "messages_fts MATCH ?", [match]
-        if since is not None:
-            where += " AND m.timestamp >= ?"
-            params.append(since)
-        if until is not None:
-            where += " AND m.timestamp < ?"
-            params.append(until)
-        if role:
-            where += " AND m.role = ?"
-            params.append(role)
-        scoped, scope_params = scope_clause(scope)
-        if scoped != "1 = 1":
-            where += f" AND m.session_id IN (SELECT id FROM sessions WHERE {scoped})"
-            params += scope_params
+        narrow, narrow_params = message_filters(since, until, scope, role)
+        where, params = "messages_fts MATCH ?" + narrow, [match, *narrow_params]
         base = "FROM messages_fts JOIN messages m ON m.id = messages_fts.rowid WHERE " + where
         total = self.query(f"SELECT COUNT(*) {base}", params)[0][0]
         rows = self.query("SELECT m.session_id, m.client_id, m.timestamp, m.role, "

@@ -73,8 +73,15 @@ def api_command(args: argparse.Namespace) -> int:
 
 def serve_command(config: Config, args: argparse.Namespace) -> int:
     """Serve the proxy until stopped."""
+    from .models import load_models
     from .serving import AspyServer
 
+    try:
+        # Every mistake is reported before serving starts, the model table's too.
+        load_models(config.path.parent if config.path else None)
+    except ConfigError as exc:
+        print(f"aspy: {exc}", file=sys.stderr)
+        return 2
     overrides = {}
     if args.listen:
         overrides["bind"] = [args.listen]

@@ -186,8 +186,12 @@ def forward(_path: str) -> Response:
     # The record is made on close, after the server wrote the last byte; direct passthrough
     # skips werkzeug's own close hooks, so the iterator carries it.
     body = ClosingIterator(_relay(upstream, exchange), lambda: _finish(exchange, record))
-    return Response(body, status=upstream.status_code, headers=relay_headers(upstream),
-                    direct_passthrough=True)
+    response = Response(body, status=upstream.status_code, headers=relay_headers(upstream),
+                        direct_passthrough=True)
+    if "content-type" not in upstream.headers:
+        # werkzeug adds a default type; the client must see the upstream's headers only.
+        del response.headers["Content-Type"]
+    return response
 
 
 def _relay(upstream: requests.Response, exchange: Exchange) -> Iterator[bytes]:

@@ -1,8 +1,11 @@
 """Configuration (SPEC 1): where it is found, defaults, and every mistake reported at once."""
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -157,3 +160,35 @@ def test_aspy_check_accepts_a_good_file(tmp_path):
     done = subprocess.run([sys.executable, "-m", "aspy", "check", "--config", str(path)],
                           capture_output=True, text=True)
     assert done.returncode == 0 and done.stdout.strip().endswith("ok")
+
+
+def test_aspy_serve_with_no_config_at_all_runs_in_legacy_mode(tmp_path):
+    import requests
+    from conftest import free_port
+
+    port = free_port()
+    env = {**os.environ, "XDG_CONFIG_HOME": str(tmp_path / "config"), "XDG_STATE_HOME": str(tmp_path / "state")}
+    env.pop("ASPY_CONFIG", None)
+    proc = subprocess.Popen([sys.executable, "-m", "aspy", "serve", "--listen", f"127.0.0.1:{port}"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 20
+        while time.time() < deadline:
+            try:
+                health = requests.get(f"http://127.0.0.1:{port}/health", timeout=5).json()
+                break
+            except requests.ConnectionError:
+                time.sleep(0.1)
+        assert health["status"] == "ok" and health["store"]["path"] == str(tmp_path / "state" / "aspy" / "aspy.db")
+        assert requests.get(f"http://127.0.0.1:{port}/api/clients").json() == {"clients": []}
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(15)
+
+
+def test_aspy_serve_refuses_a_bad_models_yaml_before_serving(tmp_path):
+    path = write(tmp_path, "")
+    (tmp_path / "models.yaml").write_text("models:\n  claude-x: {input: 1}\n")
+    done = subprocess.run([sys.executable, "-m", "aspy", "serve", "--config", str(path)], capture_output=True,
+                          text=True, timeout=30)
+    assert done.returncode == 2 and "models.claude-x: output: expected a price" in done.stderr

@@ -11,7 +11,7 @@ import time
 import pytest
 import requests
 
-from conftest import API_KEY, standard_config
+from conftest import API_KEY, FIXTURES, standard_config
 
 MESSAGE = {"model": "claude-sonnet-4-5-20250929", "max_tokens": 64,
            "messages": [{"role": "user", "content": "hello"}]}
@@ -122,6 +122,22 @@ def test_response_status_and_headers_come_back_except_excluded(aspy, upstream):
     assert "content-length" not in headers
     assert headers["transfer-encoding"] == "chunked"
     assert json.loads(body)["type"] == "message"
+
+
+def test_a_response_without_content_type_gets_none_added(aspy):
+    r = requests.post(f"{aspy.url}/dev-1/v1/messages", json=MESSAGE,
+                      headers={"x-fake-status": "204", "x-fake-body": "", "x-fake-content-type": "none"})
+    assert r.status_code == 204 and r.content == b""
+    assert "content-type" not in r.headers
+
+
+def test_bedrock_event_stream_is_relayed_byte_for_byte(aspy):
+    name = "bedrock/bedrock_sso_proxy_stream-out.bin"
+    r = requests.post(f"{aspy.url}/dev-1/model/anthropic.claude-sonnet-4-20250514-v1:0/invoke-with-response-stream",
+                      json=MESSAGE, headers={"x-fake-file": name,
+                                             "x-fake-content-type": "application/vnd.amazon.eventstream"})
+    assert r.status_code == 200 and r.headers["x-accel-buffering"] == "no"
+    assert r.content == (FIXTURES / "real" / name).read_bytes()
 
 
 def test_upstream_error_body_passes_through_unchanged(aspy):

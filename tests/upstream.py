@@ -8,6 +8,8 @@ What it does is chosen by request headers, which aspy forwards untouched:
 - ``x-fake-delay: MS``: pause between events (default 0).
 - ``x-fake-events: N``: a generated stream of N text events (with the delay between).
 - ``x-fake-status: CODE`` with optional ``x-fake-body``: answer that status and body as JSON.
+- ``x-fake-content-type: TYPE`` (``none`` for no header), ``x-fake-file: PATH``: send a
+  file from ``shared/fixtures/real`` with that content type, in odd-sized chunks.
 - ``x-fake-sleep: SECONDS``: wait before sending headers.
 - ``x-fake-gzip: 1``: gzip the body although nobody asked for it.
 - ``x-fake-break: N``: cut the connection after N events, with no end chunk.
@@ -33,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "real" / "sse"
-REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found",
+REASONS = {200: "OK", 204: "No Content", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found",
            413: "Payload Too Large", 429: "Too Many Requests", 500: "Internal Server Error",
            529: "Overloaded"}
 DEFAULT_USAGE = {"input_tokens": 12, "output_tokens": 7, "cache_read_input_tokens": 100,
@@ -182,11 +184,17 @@ class FakeUpstream:
         h = seen.headers
         if "x-fake-sleep" in h:
             await asyncio.sleep(float(h["x-fake-sleep"]))
+        content_type = h.get("x-fake-content-type", "application/json")
+        if content_type == "none":
+            content_type = None
+        if "x-fake-file" in h:
+            raw = (FIXTURES.parent / h["x-fake-file"]).read_bytes()
+            return await self._send(writer, 200, content_type, [raw[i:i + 997] for i in range(0, len(raw), 997)], h)
         if "x-fake-status" in h:
             status = int(h["x-fake-status"])
             body = h.get("x-fake-body", json.dumps({"type": "error", "error": {
                 "type": "overloaded_error", "message": "Overloaded"}})).encode()
-            return await self._send(writer, status, "application/json", [body], h,
+            return await self._send(writer, status, content_type, [body] if body else [], h,
                                     extra=[("request-id", "req_fake_error")])
         if not seen.target.split("?")[0].endswith("/messages"):
             echo = {"method": seen.method, "target": seen.target, "headers": seen.header_list,
@@ -221,12 +229,18 @@ class FakeUpstream:
         return await self._send(writer, 200, "text/event-stream; charset=utf-8", events, h,
                                 extra=extra + [("cache-control", "no-cache")])
 
-    async def _send(self, writer, status: int, content_type: str, parts: list[bytes], h: dict,
+    async def _send(self, writer, status: int, content_type: str | None, parts: list[bytes], h: dict,
                     extra: list[tuple[str, str]] = ()) -> bool:
         """Send a response part by part; return False when the connection must end."""
         delay = float(h.get("x-fake-delay", 0)) / 1000
         cut_after = int(h["x-fake-break"]) if "x-fake-break" in h else None
-        headers = [("content-type", content_type), *extra]
+        headers = ([("content-type", content_type)] if content_type else []) + list(extra)
+        if not parts:
+            head = f"HTTP/1.1 {status} {REASONS.get(status, 'Status')}\r\n" + "".join(
+                f"{k}: {v}\r\n" for k, v in headers) + "\r\n"
+            writer.write(head.encode())
+            await writer.drain()
+            return True
         if h.get("x-fake-gzip"):
             parts = [gzip.compress(b"".join(parts))]
             headers.append(("content-encoding", "gzip"))

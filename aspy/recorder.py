@@ -42,6 +42,8 @@ class Recorder:
         self.retry_after = RETRY_AFTER
         self._pid: int | None = None
         self._lock = threading.Lock()
+        # The writer and the exit hook must never apply the same batch twice.
+        self._flushing = threading.Lock()
 
     def __call__(self, exchange: Exchange) -> None:
         """Queue an exchange; start the writer in this process if it is not running."""
@@ -70,6 +72,10 @@ class Recorder:
 
     def flush(self) -> None:
         """Write everything queued now; on failure keep it for the next try."""
+        with self._flushing:
+            self._flush()
+
+    def _flush(self) -> None:
         while True:
             try:
                 while len(self.pending) < BATCH:

@@ -14,6 +14,7 @@ import time
 from typing import Callable, Iterator
 
 import requests
+import urllib3
 from flask import Blueprint, Response, current_app, request
 from requests.adapters import HTTPAdapter
 from requests.structures import CaseInsensitiveDict
@@ -198,17 +199,15 @@ def _relay(upstream: requests.Response, exchange: Exchange) -> Iterator[bytes]:
     """Yield the upstream body as it arrives, observing each chunk after it went out."""
     observer = observer_for(exchange.response_type)
     exchange.observer = observer
-    chunked = "chunked" in upstream.headers.get("transfer-encoding", "").lower()
     try:
-        # Chunked bodies come chunk by chunk as sent; others in reads of up to 64 KiB.
-        for chunk in upstream.iter_content(chunk_size=None if chunked else READ_CHUNK):
+        for chunk in _chunks(upstream, exchange.response_type):
             if not chunk:
                 continue
             yield chunk
             exchange.response_bytes += len(chunk)
             observer.feed(chunk)
         exchange.complete = True
-    except requests.exceptions.RequestException as exc:
+    except (requests.exceptions.RequestException, urllib3.exceptions.HTTPError) as exc:
         exchange.failure = f"upstream stream broke off: {type(exc).__name__}"
         log.warning("upstream stream broke off after %d bytes: %s", exchange.response_bytes,
                     type(exc).__name__)
@@ -220,6 +219,16 @@ def _relay(upstream: requests.Response, exchange: Exchange) -> Iterator[bytes]:
             raise
     finally:
         upstream.close()
+
+
+def _chunks(upstream: requests.Response, content_type: str) -> Iterator[bytes]:
+    """Yield the body as it arrives: chunk by chunk, or read by read for an unchunked stream."""
+    if "chunked" in upstream.headers.get("transfer-encoding", "").lower():
+        return upstream.iter_content(chunk_size=None)
+    if content_type.startswith(STREAM_TYPES):
+        # iter_content would wait for 64 KiB (or the end) before yielding: read what has come.
+        return iter(lambda: upstream.raw.read1(READ_CHUNK, decode_content=True), b"")
+    return upstream.iter_content(chunk_size=READ_CHUNK)
 
 
 def _finish(exchange: Exchange, record: Callable[[Exchange], None]) -> None:

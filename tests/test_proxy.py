@@ -290,11 +290,13 @@ def test_recorded_stream_is_relayed_byte_for_byte(aspy):
     assert r.content == b"".join(fixture_events(name))
 
 
-def test_close_delimited_stream_is_relayed(aspy):
+def test_close_delimited_stream_is_relayed_as_it_arrives(aspy):
+    started = time.time()
     r = requests.post(f"{aspy.url}/dev-1/v1/messages", json=MESSAGE | {"stream": True},
-                      headers={"x-fake-close-delimited": "1"})
-    assert r.status_code == 200
-    assert b"message_stop" in r.content
+                      headers={"x-fake-close-delimited": "1", "x-fake-events": "6", "x-fake-delay": "300"}, stream=True)
+    arrivals = [time.time() - started for line in r.iter_lines() if line.startswith(b"event:")]
+    assert r.status_code == 200 and len(arrivals) == 11
+    assert arrivals[0] < arrivals[-1] - 2
 
 
 def test_client_disconnect_closes_the_upstream(aspy, upstream):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import secrets
 import sys
 from datetime import datetime
@@ -100,6 +101,10 @@ def check_command(config: Config, args: argparse.Namespace) -> int:
     print(f"config: {where}")
     print(f"listen: {config.server.listen}, workers: {config.server.workers}")
     print(f"providers: {', '.join(f'{p.id} ({p.base_url})' for p in config.providers.values())}")
+    for provider in config.providers.values():
+        if provider.api_key_env and not os.environ.get(provider.api_key_env):
+            print(f"aspy: warning: [providers.{provider.id}] api_key_env: ${provider.api_key_env} is not set here; "
+                  "aspy will send an empty key unless its service environment sets it", file=sys.stderr)
     print(f"clients: {', '.join(config.clients) or '(none)'}")
     print("legacy requests: " + (f"to {config.legacy.provider}" if config.legacy.enabled else "disabled"))
     try:

@@ -186,8 +186,8 @@ def forward(_path: str) -> Response:
                             if k.lower().startswith("anthropic-ratelimit-")}
     # The record is made on close, after the server wrote the last byte; direct passthrough
     # skips werkzeug's own close hooks, so the iterator carries it.
-    body = ClosingIterator(_relay(upstream, exchange), lambda: _finish(exchange, record))
-    response = Response(body, status=upstream.status_code, headers=relay_headers(upstream),
+    relayed = ClosingIterator(_relay(upstream, exchange), lambda: _finish(exchange, record))
+    response = Response(relayed, status=upstream.status_code, headers=relay_headers(upstream),
                         direct_passthrough=True)
     if "content-type" not in upstream.headers:
         # werkzeug adds a default type; the client must see the upstream's headers only.

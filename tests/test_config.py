@@ -155,6 +155,14 @@ def test_aspy_check_exits_non_zero_with_the_message(tmp_path):
     assert "[clients.x] provider: unknown provider 'nope'" in done.stderr
 
 
+def test_aspy_check_warns_when_a_provider_key_variable_is_unset(tmp_path):
+    path = write(tmp_path, '[providers.central]\nbase_url = "https://example.invalid"\napi_key_env = "ASPY_NOT_SET_X"\n')
+    env = {k: v for k, v in os.environ.items() if k != "ASPY_NOT_SET_X"} | {"XDG_STATE_HOME": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-m", "aspy", "check", "--config", str(path)], capture_output=True,
+                          text=True, env=env)
+    assert done.returncode == 0 and "$ASPY_NOT_SET_X is not set" in done.stderr
+
+
 def test_aspy_check_accepts_a_good_file(tmp_path):
     path = write(tmp_path, "[clients.x]\nname = \"X\"\nprovider = \"anthropic\"\n")
     done = subprocess.run([sys.executable, "-m", "aspy", "check", "--config", str(path)],

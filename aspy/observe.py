@@ -375,7 +375,9 @@ class Exchange:
     provider: str
     user: str
     headers: dict[str, str]
+    # The request body, kept only until its facts are read (then only its size).
     body: bytes = field(repr=False, default=b"")
+    body_bytes: int = 0
     content_type: str = ""
     status: int = 0
     ttfb_ms: float | None = None
@@ -391,6 +393,11 @@ class Exchange:
     observation: Observation = field(default_factory=Observation)
     request: RequestFacts = field(default_factory=RequestFacts)
 
+    def read_body(self) -> None:
+        """Read the request's facts from its body, then let the body go (queued records stay small)."""
+        self.request = read_request(self.body, self.content_type)
+        self.body_bytes, self.body = len(self.body), b""
+
     @property
     def model(self) -> str | None:
         """Return the model that answered, else the one asked for."""
@@ -404,7 +411,7 @@ class Exchange:
             "method": self.method, "path": self.path, "status": self.status,
             "model": self.model, "stream": self.request.stream,
             "messages": self.request.message_count, "tools": self.request.tool_count,
-            "body_bytes": len(self.body), "response_bytes": self.response_bytes,
+            "body_bytes": self.body_bytes, "response_bytes": self.response_bytes,
             "ttfb_ms": round(self.ttfb_ms, 1) if self.ttfb_ms is not None else None,
             "duration_ms": round(self.duration_ms, 1), "stop_reason": obs.stop_reason,
             "input_tokens": usage.input_tokens, "output_tokens": usage.output_tokens,

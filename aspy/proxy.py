@@ -23,7 +23,7 @@ from werkzeug.wsgi import ClosingIterator
 
 from .config import Config
 from .errors import AspyError, error_body, error_response
-from .observe import Exchange, observer_for, read_request
+from .observe import Exchange, observer_for
 from .routing import resolve, user_hash
 
 log = logging.getLogger(__name__)
@@ -238,7 +238,7 @@ def _finish(exchange: Exchange, record: Callable[[Exchange], None]) -> None:
         exchange.failure = "client went away before the response was complete"
     try:
         exchange.observation = exchange.observer.finish() if exchange.observer else exchange.observation
-        exchange.request = read_request(exchange.body, exchange.content_type)
+        exchange.read_body()
         record(exchange)
     except Exception:
         log.exception("recording an exchange failed; the proxy goes on")

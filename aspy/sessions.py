@@ -228,7 +228,7 @@ class Sessions:
         agent = ex.headers.get("x-claude-code-agent-id")
         events = [self._event(s, "request", ex.started_at, method=ex.method, path=ex.path, model=facts.model,
                               stream=facts.stream, messages=facts.message_count, tools=facts.tool_count,
-                              body_bytes=len(ex.body), agent_id=agent)]
+                              body_bytes=ex.body_bytes, agent_id=agent)]
         for tool_use_id, is_error in facts.tool_results:
             pending = tx.take_tool_call(tool_use_id)
             if pending is None:

@@ -115,7 +115,7 @@ def recording_cost(store_url: str, batch: int, count: int) -> float:
     sys.path.insert(0, str(ROOT))
     from aspy.config import parse_config
     from aspy.models import load_models
-    from aspy.observe import Exchange, SseObserver, read_request
+    from aspy.observe import Exchange, SseObserver
     from aspy.sessions import Sessions
     from aspy.store import open_store
 
@@ -131,7 +131,8 @@ def recording_cost(store_url: str, batch: int, count: int) -> float:
                       provider="anthropic", user="b0acf41e12907b7b",
                       headers={"x-claude-code-session-id": f"bench-{n % 10}"}, body=STREAM_BODY,
                       content_type="application/json", status=200, ttfb_ms=1.0, duration_ms=5.0)
-        ex.observation, ex.request = observer.finish(), read_request(STREAM_BODY, "application/json")
+        ex.observation = observer.finish()
+        ex.read_body()
         return ex
 
     exchanges = [exchange(n) for n in range(count)]

@@ -216,3 +216,14 @@ def test_request_facts_are_read_from_the_body():
 
 def test_unreadable_request_body_gives_empty_facts():
     assert read_request(b"\xff{", "application/json").model is None
+
+
+def test_an_exchange_lets_its_body_go_once_read():
+    from aspy.observe import Exchange
+
+    body = json.dumps({"model": "claude-haiku-4-5", "messages": [{"role": "user", "content": "x" * 100_000}]}).encode()
+    ex = Exchange(started_at=0, method="POST", path="/v1/messages", client=None, provider="p", user="anonymous",
+                  headers={}, body=body, content_type="application/json")
+    ex.read_body()
+    assert ex.request.model == "claude-haiku-4-5" and ex.body_bytes == len(body)
+    assert ex.body == b"" and ex.summary()["body_bytes"] == len(body)

@@ -94,13 +94,13 @@ def render(snapshot: Snapshot, api_url: str, client: str | None, problem: str | 
         if client in (None, c["id"]):
             clients.add_row(c["id"], c["name"], c["provider"], str(c["active_sessions"]), clock(c["last_seen"]))
     sessions = Table(title="Live sessions", expand=True, title_justify="left")
-    for column in ("client", "session", "status", "requests", "tokens in/out", "cost", "context"):
+    for column in ("client", "session", "status", "model", "requests", "tokens in/out", "cost", "context"):
         sessions.add_column(column)
     for s in snapshot.sessions:
         st = s["stats"]
         sessions.add_row(s["client_name"] or s["client"] or f"key {s['user']}", (s["claude_session_id"] or s["id"])[:13],
                          Text(s["status"], style="green" if s["status"] == "active" else "yellow"),
-                         str(st["requests"]["total"]), f"{st['tokens']['input']:,}/{st['tokens']['output']:,}",
+                         s["context"]["model"] or "-", str(st["requests"]["total"]), f"{st['tokens']['input']:,}/{st['tokens']['output']:,}",
                          money(st["cost"]["total_usd"]), gauge(s["context"]))
     feed = Table(title="Recent events", expand=True, title_justify="left")
     for column in ("time", "client", "event", "detail"):

@@ -29,6 +29,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_for_health(url: str, proc: subprocess.Popen | None = None, timeout: float = 30) -> dict:
+    """Wait until a server answers /health; return the answer. Fail early if its process died."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"the server exited early with status {proc.returncode}")
+        try:
+            # The first /health of a worker opens the store (and may create its schema).
+            response = requests.get(url + "/health", timeout=10)
+            if response.ok:
+                return response.json()
+        except requests.ConnectionError:
+            time.sleep(0.1)
+    raise RuntimeError(f"{url} did not answer /health within {timeout:g} s")
+
+
 class AspyProcess:
     """``aspy serve`` running in a subprocess with its own config and log."""
 
@@ -49,17 +65,11 @@ class AspyProcess:
             [sys.executable, "-m", "aspy", "serve", "--config", str(self.config),
              "--listen", f"127.0.0.1:{self.port}", "--workers", str(self.workers)],
             stdout=self.log.open("ab"), stderr=subprocess.STDOUT, env=self.env, cwd=ROOT)
-        deadline = time.time() + 30
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"aspy exited early:\n{self.log.read_text()}")
-            try:
-                # The first /health of a worker opens the store (and may create its schema).
-                if requests.get(self.url + "/health", timeout=10).ok:
-                    return self
-            except requests.ConnectionError:
-                time.sleep(0.1)
-        raise RuntimeError(f"aspy did not start:\n{self.log.read_text()}")
+        try:
+            wait_for_health(self.url, self.proc)
+        except RuntimeError as exc:
+            raise RuntimeError(f"{exc}; aspy's log:\n{self.log.read_text()}") from None
+        return self
 
     def stop(self) -> None:
         """Stop the server at once (gunicorn's quick shutdown)."""

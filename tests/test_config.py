@@ -5,7 +5,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -172,7 +171,7 @@ def test_aspy_check_accepts_a_good_file(tmp_path):
 
 def test_aspy_serve_with_no_config_at_all_runs_in_legacy_mode(tmp_path):
     import requests
-    from conftest import free_port
+    from conftest import free_port, wait_for_health
 
     port = free_port()
     env = {**os.environ, "XDG_CONFIG_HOME": str(tmp_path / "config"), "XDG_STATE_HOME": str(tmp_path / "state")}
@@ -180,13 +179,7 @@ def test_aspy_serve_with_no_config_at_all_runs_in_legacy_mode(tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "aspy", "serve", "--listen", f"127.0.0.1:{port}"], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.time() + 20
-        while time.time() < deadline:
-            try:
-                health = requests.get(f"http://127.0.0.1:{port}/health", timeout=5).json()
-                break
-            except requests.ConnectionError:
-                time.sleep(0.1)
+        health = wait_for_health(f"http://127.0.0.1:{port}", proc)
         assert health["status"] == "ok" and health["store"]["path"] == str(tmp_path / "state" / "aspy" / "aspy.db")
         assert requests.get(f"http://127.0.0.1:{port}/api/clients").json() == {"clients": []}
     finally:

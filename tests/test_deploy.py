@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from conftest import ROOT, AspyProcess, free_port, standard_config
+from conftest import ROOT, AspyProcess, free_port, standard_config, wait_for_health
 from aspy.serving import LONGEST_STREAM
 
 UNIT = ROOT / "systemd" / "aspy.service"
@@ -83,13 +83,7 @@ def test_gunicorn_with_the_shipped_conf_and_wsgi_serves(upstream, tmp_path):
                             env={**os.environ, "ASPY_CONFIG": str(config), "XDG_STATE_HOME": str(tmp_path)},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.time() + 20
-        while time.time() < deadline:
-            try:
-                if requests.get(f"http://127.0.0.1:{port}/health", timeout=1).ok:
-                    break
-            except requests.ConnectionError:
-                time.sleep(0.1)
+        wait_for_health(f"http://127.0.0.1:{port}", proc)
         r = requests.post(f"http://127.0.0.1:{port}/dev-1/v1/messages", json=MESSAGE | {"stream": True})
         assert r.status_code == 200 and r.headers["x-accel-buffering"] == "no"
     finally:
@@ -132,15 +126,7 @@ http {{
     proc = subprocess.Popen([nginx, "-c", str(tmp_path / "nginx.conf"), "-p", str(tmp_path)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 10
-    while time.time() < deadline:
-        try:
-            if requests.get(f"{url}/health", timeout=1).ok:
-                break
-        except requests.ConnectionError:
-            if proc.poll() is not None:
-                raise RuntimeError(proc.stderr.read().decode())
-            time.sleep(0.1)
+    wait_for_health(url, proc)
     yield url
     proc.send_signal(signal.SIGQUIT)
     proc.wait(10)

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
+import sys
+import threading
 import time
 from typing import Callable, Iterator
 
@@ -186,7 +189,8 @@ def forward(_path: str) -> Response:
                             if k.lower().startswith("anthropic-ratelimit-")}
     # The record is made on close, after the server wrote the last byte; direct passthrough
     # skips werkzeug's own close hooks, so the iterator carries it.
-    relayed = ClosingIterator(_relay(upstream, exchange), lambda: _finish(exchange, record))
+    relayed = ClosingIterator(_relay(upstream, exchange, environ.get("gunicorn.socket")),
+                              lambda: _finish(exchange, record))
     response = Response(relayed, status=upstream.status_code, headers=relay_headers(upstream),
                         direct_passthrough=True)
     if "content-type" not in upstream.headers:
@@ -195,10 +199,22 @@ def forward(_path: str) -> Response:
     return response
 
 
-def _relay(upstream: requests.Response, exchange: Exchange) -> Iterator[bytes]:
+def _relay(upstream: requests.Response, exchange: Exchange, client: socket.socket | None) -> Iterator[bytes]:
     """Yield the upstream body as it arrives, observing each chunk after it went out."""
     observer = observer_for(exchange.response_type)
     exchange.observer = observer
+    gone = threading.Event()
+
+    def hang_up() -> None:
+        gone.set()
+        # Shut the socket down rather than close the response: the read under way then ends.
+        connection = upstream.raw.connection
+        if connection is not None and connection.sock is not None:
+            connection.sock.shutdown(socket.SHUT_RDWR)
+
+    # Only streams can keep an upstream busy for minutes; other answers end on their own.
+    stop_watching = _watch_client(client, hang_up) if exchange.response_type.startswith(STREAM_TYPES) \
+        else lambda: None
     try:
         for chunk in _chunks(upstream, exchange.response_type):
             if not chunk:
@@ -207,7 +223,12 @@ def _relay(upstream: requests.Response, exchange: Exchange) -> Iterator[bytes]:
             exchange.response_bytes += len(chunk)
             observer.feed(chunk)
         exchange.complete = True
-    except (requests.exceptions.RequestException, urllib3.exceptions.HTTPError) as exc:
+    except Exception as exc:
+        if gone.is_set():
+            # The client hung up and its upstream was closed under the read: nobody is listening.
+            return
+        if not isinstance(exc, (requests.exceptions.RequestException, urllib3.exceptions.HTTPError)):
+            raise
         exchange.failure = f"upstream stream broke off: {type(exc).__name__}"
         log.warning("upstream stream broke off after %d bytes: %s", exchange.response_bytes,
                     type(exc).__name__)
@@ -218,7 +239,32 @@ def _relay(upstream: requests.Response, exchange: Exchange) -> Iterator[bytes]:
         else:
             raise
     finally:
+        stop_watching()
         upstream.close()
+
+
+def _watch_client(client: socket.socket | None, on_hangup: Callable[[], None]) -> Callable[[], None]:
+    """Call on_hangup as soon as the client closes its connection, even while the upstream is silent.
+
+    Under gevent a greenlet waits for the client's socket to turn readable; reading nothing
+    then (without consuming a pipelined request) means the client has gone. Elsewhere the
+    hang-up is noticed at the next write, as WSGI allows. Returns the function that stops it.
+    """
+    if client is None or "gevent" not in sys.modules:
+        return lambda: None
+    import gevent
+    from gevent.socket import wait_read
+
+    def watch() -> None:
+        try:
+            wait_read(client.fileno())
+            if client.recv(1, socket.MSG_PEEK) == b"":
+                on_hangup()
+        except OSError:
+            on_hangup()
+
+    watcher = gevent.spawn(watch)
+    return watcher.kill
 
 
 def _chunks(upstream: requests.Response, content_type: str) -> Iterator[bytes]:

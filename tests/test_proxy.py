@@ -314,6 +314,23 @@ def test_client_disconnect_closes_the_upstream(aspy, upstream):
     assert len(upstream.disconnects) > before, "upstream still streaming after the client left"
 
 
+def test_client_disconnect_closes_a_silent_upstream_at_once(aspy, upstream):
+    before = len(upstream.disconnects)
+    sock = socket.create_connection(("127.0.0.1", aspy.port))
+    body = json.dumps(MESSAGE | {"stream": True}).encode()
+    sock.sendall(b"POST /dev-1/v1/messages HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"x-fake-events: 5\r\nx-fake-delay: 4000\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+    assert sock.recv(4096).startswith(b"HTTP/1.1 200")
+    left = time.time()
+    sock.close()
+    # The upstream is silent for 4 s between events; aspy must not wait for the next one.
+    deadline = left + 3.5
+    while len(upstream.disconnects) == before and time.time() < deadline:
+        time.sleep(0.05)
+    assert len(upstream.disconnects) > before
+    assert time.time() - left < 3
+
+
 def test_broken_upstream_stream_ends_with_an_error_event(aspy):
     r = requests.post(f"{aspy.url}/dev-1/v1/messages", json=MESSAGE | {"stream": True},
                       headers={"x-fake-break": "3"})

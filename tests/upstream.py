@@ -178,9 +178,9 @@ class FakeUpstream:
         seen = Seen(method, target, headers, header_list, body)
         self.requests.append(seen)
         keep_alive = headers.get("connection", "").lower() != "close"
-        return await self._answer(seen, writer) and keep_alive
+        return await self._answer(seen, writer, reader) and keep_alive
 
-    async def _answer(self, seen: Seen, writer) -> bool:
+    async def _answer(self, seen: Seen, writer, reader) -> bool:
         h = seen.headers
         if "x-fake-sleep" in h:
             await asyncio.sleep(float(h["x-fake-sleep"]))
@@ -189,17 +189,18 @@ class FakeUpstream:
             content_type = None
         if "x-fake-file" in h:
             raw = (FIXTURES.parent / h["x-fake-file"]).read_bytes()
-            return await self._send(writer, 200, content_type, [raw[i:i + 997] for i in range(0, len(raw), 997)], h)
+            return await self._send(writer, 200, content_type, [raw[i:i + 997] for i in range(0, len(raw), 997)], h,
+                                    reader=reader)
         if "x-fake-status" in h:
             status = int(h["x-fake-status"])
             body = h.get("x-fake-body", json.dumps({"type": "error", "error": {
                 "type": "overloaded_error", "message": "Overloaded"}})).encode()
             return await self._send(writer, status, content_type, [body] if body else [], h,
-                                    extra=[("request-id", "req_fake_error")])
+                                    extra=[("request-id", "req_fake_error")], reader=reader)
         if not seen.target.split("?")[0].endswith("/messages"):
             echo = {"method": seen.method, "target": seen.target, "headers": seen.header_list,
                     "body_bytes": len(seen.body)}
-            return await self._send(writer, 200, "application/json", [json.dumps(echo).encode()], h)
+            return await self._send(writer, 200, "application/json", [json.dumps(echo).encode()], h, reader=reader)
         try:
             request = json.loads(seen.body or b"{}")
         except ValueError:
@@ -225,12 +226,12 @@ class FakeUpstream:
             events = stream_events(model, parts, usage, tool, tool_id)
         else:
             body = json.dumps(message(model, text, usage, tool, tool_id)).encode()
-            return await self._send(writer, 200, "application/json", [body], h, extra=extra)
+            return await self._send(writer, 200, "application/json", [body], h, extra=extra, reader=reader)
         return await self._send(writer, 200, "text/event-stream; charset=utf-8", events, h,
-                                extra=extra + [("cache-control", "no-cache")])
+                                extra=extra + [("cache-control", "no-cache")], reader=reader)
 
     async def _send(self, writer, status: int, content_type: str | None, parts: list[bytes], h: dict,
-                    extra: list[tuple[str, str]] = ()) -> bool:
+                    extra: list[tuple[str, str]] = (), reader=None) -> bool:
         """Send a response part by part; return False when the connection must end."""
         delay = float(h.get("x-fake-delay", 0)) / 1000
         cut_after = int(h["x-fake-break"]) if "x-fake-break" in h else None
@@ -261,8 +262,9 @@ class FakeUpstream:
                     await writer.drain()
                     writer.transport.abort()
                     return False
-                if index and delay:
-                    await asyncio.sleep(delay)
+                if index and delay and await self._hung_up(reader, delay):
+                    self.disconnects.append(time.time())
+                    return False
                 writer.write(b"%x\r\n%s\r\n" % (len(part), part) if streamed and not close_delimited else part)
                 await writer.drain()
             if streamed and not close_delimited:
@@ -272,6 +274,15 @@ class FakeUpstream:
             self.disconnects.append(time.time())
             return False
         return not close_delimited
+
+
+    @staticmethod
+    async def _hung_up(reader, delay: float) -> bool:
+        """Pause between events; say whether the client hung up meanwhile (seen at once, not at the next write)."""
+        try:
+            return await asyncio.wait_for(reader.read(1), delay) == b""
+        except asyncio.TimeoutError:
+            return False
 
 
 def main() -> None:

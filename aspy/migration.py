@@ -362,5 +362,4 @@ def _store_session(tx: Transaction, entry: LogSession) -> None:
     for tool, (calls, failed) in entry.tools.items():
         tx.add_tool_counts(new.id, tool, calls, failed)
     tx.add_events(sorted(entry.events, key=lambda e: e.timestamp))
-    for message in entry.messages:
-        tx.add_message(message)
+    tx.add_messages(entry.messages)

@@ -126,8 +126,7 @@ class Sessions:
             for session in batch.sessions.values():
                 tx.save_session(session)
             tx.add_events(batch.events)
-            for message in batch.messages:
-                tx.add_message(message)
+            tx.add_messages(batch.messages)
         self.touched.update(batch.sessions)
 
     def _upkeep(self, tx: Transaction, now: float) -> None:

@@ -188,8 +188,8 @@ class Transaction(ABC):
         """Add events, in order."""
 
     @abstractmethod
-    def add_message(self, message: Message) -> None:
-        """Keep a prompt or answer for search."""
+    def add_messages(self, messages: list[Message]) -> None:
+        """Keep prompts and answers for search."""
 
     @abstractmethod
     def add_tool_call(self, tool_use_id: str, session_id: str, tool: str, called_at: float) -> None:

@@ -166,11 +166,12 @@ class SqlTransaction(Transaction):
                 [(e.session, e.client, e.user, e.type, e.timestamp, json.dumps(e.data, separators=(",", ":")))
                  for e in events])
 
-    def add_message(self, message):
-        self.execute("INSERT INTO messages (session_id, client_id, user_hash, role, timestamp, text) "
-                     "VALUES (?, ?, ?, ?, ?, ?)",
-                     (message.session, message.client, message.user, message.role, message.timestamp,
-                      message.text))
+    def add_messages(self, messages):
+        if messages:
+            self.cur.executemany(
+                self.store.sql("INSERT INTO messages (session_id, client_id, user_hash, role, timestamp, text) "
+                               "VALUES (?, ?, ?, ?, ?, ?)"),
+                [(m.session, m.client, m.user, m.role, m.timestamp, m.text) for m in messages])
 
     def add_tool_call(self, tool_use_id, session_id, tool, called_at):
         self.execute("INSERT INTO tool_calls (tool_use_id, session_id, tool, called_at) VALUES (?, ?, ?, ?) "

@@ -82,10 +82,19 @@ class AspyTools:
     def __init__(self, api: ApiClient):
         self.api = api
         self.target: Target = api.target
+        self._client = api.target.client
+
+    def own_client(self) -> str | None:
+        """Return this Claude Code's client id; behind a proxy token, the one client the API shows."""
+        if self._client is None and (self.target.token or "").startswith("pt_"):
+            clients = self.api.get("clients")["clients"]
+            if len(clients) == 1:
+                self._client = clients[0]["id"]
+        return self._client
 
     def scope(self, args: dict) -> dict[str, Any]:
         """Return the client filter: this Claude Code's own client unless all clients were asked for."""
-        return {} if args.get("all_clients") else {"client": self.target.client}
+        return {} if args.get("all_clients") else {"client": self.own_client()}
 
     def aspy_stats(self, args: dict) -> dict:
         if args.get("session"):
@@ -105,9 +114,9 @@ class AspyTools:
             except ApiError as exc:
                 if exc.status != 404:
                     raise
-        if args.get("all_clients") or not self.target.client:
+        if args.get("all_clients") or not self.own_client():
             return self.api.get("context")
-        return self.api.get("context", client=self.target.client)
+        return self.api.get("context", client=self.own_client())
 
     def aspy_sessions(self, args: dict) -> dict:
         answer = self.api.get("sessions", status=args.get("status"), limit=args.get("limit", 20), **self.scope(args))
@@ -122,7 +131,7 @@ class AspyTools:
             for s in sessions:
                 if s["claude_session_id"] == self.target.claude_session_id:
                     return s["id"]
-        live = [s for s in sessions if s["client"] == self.target.client and s["client"] is not None
+        live = [s for s in sessions if s["client"] == self.own_client() and s["client"] is not None
                 and s["status"] != "ended"]
         return max(live, key=lambda s: s["last_activity"])["id"] if live else None
 

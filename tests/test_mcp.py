@@ -132,6 +132,9 @@ def test_the_proxy_token_in_the_base_url_is_the_bearer_token(start_aspy, upstrea
     env = {"ANTHROPIC_BASE_URL": f"{server.url}/{token}"}
     _, [stats, everyone] = call_tools(env, [("aspy_stats", {}), ("aspy_stats", {"all_clients": True})])
     assert not stats.is_error
+    _, [sessions] = eventually(lambda: (r := call_tools(env, [("aspy_sessions", {})]))[1][0]
+                               .structured_content["sessions"] and r)
+    assert [(s["client"], s["is_me"]) for s in sessions.structured_content["sessions"]] == [("mcp-a", True)]
     eventually(lambda: call_tools(env, [("aspy_stats", {})])[1][0].structured_content["requests"]["total"] == 1)
     # A proxy token sees its own client only: asking for everyone still answers for it alone.
     assert everyone.structured_content["requests"]["total"] <= 1

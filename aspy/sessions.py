@@ -187,6 +187,9 @@ class Sessions:
             session = (tx.find_session(client_id, identity.user, None, REGISTERED)
                        or tx.find_session(client_id, identity.user, None, IMPLICIT))
             source = IMPLICIT
+        if session is not None and exchange.started_at - session.last_activity > self.config.sessions.end_after:
+            # Past end_after it has ended, even if the upkeep has not marked it yet.
+            session = None
         if session is None:
             session = self._open(tx, identity, key, source, exchange.started_at, events=batch.events)
         batch.by_key[known] = session.id

@@ -193,3 +193,10 @@ def test_aspy_serve_refuses_a_bad_models_yaml_before_serving(tmp_path):
     done = subprocess.run([sys.executable, "-m", "aspy", "serve", "--config", str(path)], capture_output=True,
                           text=True, timeout=30)
     assert done.returncode == 2 and "models.claude-x: output: expected a price" in done.stderr
+
+
+def test_the_shipped_example_config_is_valid():
+    from conftest import ROOT
+
+    config = load_config(ROOT / "conf" / "config.example.toml")
+    assert set(config.clients) == {"dev-1", "ci"} and config.clients["ci"].provider == "foundry"

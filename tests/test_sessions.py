@@ -105,3 +105,12 @@ def test_a_tool_result_without_a_known_call_is_ignored(tmp_path):
     [s] = sessions.store.sessions(Scope(), None, 0, 5)
     assert s.tool_failed == 0
     assert sessions.store.events(Scope(), ["tool_result"], None, 5) == []
+
+
+def test_traffic_after_end_after_opens_a_new_session_even_before_the_upkeep(tmp_path):
+    sessions = book(tmp_path, idle_after="1s", end_after="2s")
+    sessions.record([exchange(at=time.time() - 10)])
+    sessions.next_upkeep = time.time() + 60  # the upkeep has not run since
+    sessions.record([exchange()])
+    found = sessions.store.sessions(Scope(session="s1"), None, 0, 10)
+    assert len(found) == 2 and [s.requests for s in found] == [1, 1]

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -37,8 +38,11 @@ def create_app(config: Config | None = None, test_config: dict | None = None) ->
     recorder = Recorder(sessions)
     app.extensions.update({"aspy.store": store, "aspy.sessions": sessions, "aspy.recorder": recorder})
 
+    exchange_log = logging.getLogger("aspy.exchange")
+
     def record(exchange: Exchange) -> None:
-        log_exchange(exchange)
+        if exchange_log.isEnabledFor(logging.DEBUG):
+            log_exchange(exchange)
         recorder(exchange)
 
     app.extensions["aspy.record"] = record
@@ -49,8 +53,8 @@ def create_app(config: Config | None = None, test_config: dict | None = None) ->
 
 
 def log_exchange(exchange: Exchange) -> None:
-    """Write one structured log line for an exchange."""
-    logging.getLogger("aspy.exchange").info(json.dumps(exchange.summary(), separators=(",", ":")))
+    """Write one structured log line for an exchange (at DEBUG: the store has the figures)."""
+    logging.getLogger("aspy.exchange").debug(json.dumps(exchange.summary(), separators=(",", ":")))
 
 
 def _setup_logging() -> None:
@@ -60,5 +64,6 @@ def _setup_logging() -> None:
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
         logger.addHandler(handler)
-        logger.setLevel(logging.INFO)
+        # ASPY_LOG_LEVEL=DEBUG adds one structured line per exchange.
+        logger.setLevel(os.environ.get("ASPY_LOG_LEVEL", "INFO").upper())
         logger.propagate = False

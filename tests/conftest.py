@@ -171,7 +171,8 @@ def upstream() -> FakeUpstream:
 @pytest.fixture(scope="session")
 def aspy(upstream, tmp_path_factory) -> AspyProcess:
     """aspy under gunicorn + gevent, configured with the standard clients."""
-    server = AspyProcess(tmp_path_factory.mktemp("aspy"), standard_config(upstream.url)).start()
+    server = AspyProcess(tmp_path_factory.mktemp("aspy"), standard_config(upstream.url),
+                         env={"ASPY_LOG_LEVEL": "DEBUG"}).start()
     yield server
     server.stop()
 

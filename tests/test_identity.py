@@ -76,7 +76,7 @@ def team(upstream, tmp_path_factory, fresh_store):
     from conftest import AspyProcess
 
     server = AspyProcess(tmp_path_factory.mktemp("team"), identity_config(upstream.url) + fresh_store(),
-                         env={"ASPY_TEST_CENTRAL_KEY": CENTRAL}).start()
+                         env={"ASPY_TEST_CENTRAL_KEY": CENTRAL, "ASPY_LOG_LEVEL": "DEBUG"}).start()
     yield server
     server.stop()
 
@@ -214,6 +214,7 @@ def test_no_secret_reaches_the_store_or_the_logs(team, upstream):
         stored = b"".join(p.read_bytes() for p in state.iterdir())
         assert b"SQLite format 3" in stored
     logged = team.log_text().encode()
+    assert b"aspy.exchange" in logged  # the per-exchange lines were written, and are checked too
     for secret in (KEY_A, KEY_B, BEARER, CENTRAL, TOKEN, OTHER_TOKEN, API_TOKEN, "pt_unknownTokenValue_0123456789"):
         assert secret.encode() not in stored, f"{secret} is in the store"
         assert secret.encode() not in logged, f"{secret} is in the log"

@@ -18,13 +18,11 @@ from .config import Config
 from .errors import AspyError, error_response
 from .observe import Usage
 from .sessions import Sessions, status_of, warning_level
-from .store import ACTIVE, ENDED, IDLE, LIVE, ModelUsage, Scope, Session, Store, StoreError
+from .store import ACTIVE, ENDED, EVENT_TYPES, IDLE, LIVE, ModelUsage, Scope, Session, Store, StoreError
 from .timerange import TimeRangeError, parse_instant, parse_time_range
 
 bp = Blueprint("api", __name__, url_prefix="/api")
 
-EVENT_TYPES = ("request", "response", "tool_call", "tool_result", "thinking", "error", "rate_limit",
-               "context_compact", "session_start", "session_end")
 USER_HASH = re.compile(r"[0-9a-f]{16}|anonymous")
 MAX_LIMIT = 500
 # Enough digits to show one token of the cheapest model; rounding only hides float noise.

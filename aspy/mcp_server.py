@@ -16,12 +16,11 @@ from mcp.server.stdio import stdio_server
 
 from . import __version__
 from .apiclient import ApiClient, ApiError, Target
+from .store import EVENT_TYPES
+from .timerange import NAMED
 
 ALL_CLIENTS = {"type": "boolean", "default": False,
                "description": "Answer for every client instead of only this Claude Code's own client."}
-TIME_RANGES = ["last_hour", "today", "yesterday", "last_24_hours", "last_7_days", "last_30_days", "all"]
-EVENT_TYPES = ["request", "response", "tool_call", "tool_result", "thinking", "error", "rate_limit",
-               "context_compact", "session_start", "session_end"]
 
 
 def schema(properties: dict[str, Any], required: list[str] | None = None) -> dict[str, Any]:
@@ -69,7 +68,7 @@ TOOLS = [
                     "snippets with their session, time and role. Use it to recall 'when did we discuss X'.",
         input_schema=schema({
             "keyword": {"type": "string", "description": "Words to find."},
-            "time_range": {"type": "string", "enum": TIME_RANGES, "default": "all"},
+            "time_range": {"type": "string", "enum": list(NAMED), "default": "all"},
             "role": {"type": "string", "enum": ["user", "assistant"]},
             "limit": {"type": "integer", "minimum": 1, "maximum": 100, "default": 10},
             "all_clients": ALL_CLIENTS}, required=["keyword"])),

@@ -71,6 +71,11 @@ class ModelUsage:
     priced: bool = True
 
 
+# Every kind of event, as /api/events names them.
+EVENT_TYPES = ("request", "response", "tool_call", "tool_result", "thinking", "error", "rate_limit",
+               "context_compact", "session_start", "session_end")
+
+
 @dataclass
 class Event:
     """One thing that happened, as listed by /api/events."""

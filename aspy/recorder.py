@@ -1,9 +1,11 @@
 """Record exchanges off the request's path, in batches, in each worker process.
 
 The proxy hands each finished exchange to :class:`Recorder`, which only queues it. A
-background thread (a greenlet under gevent) takes whatever has queued up and applies it in
-one store transaction, so a busy worker writes many exchanges per transaction and the
-client never waits for the store. A failing store is logged and counted; its records are
+background writer takes whatever has queued up and applies it in one store transaction, so
+a busy worker writes many exchanges per transaction and the client never waits for the
+store. For SQLite under gevent the writer is a real OS thread: SQLite blocks in C, and
+there it leaves the gevent hub free to serve requests. For PostgreSQL, whose driver waits
+cooperatively, it is a greenlet. A failing store is logged and counted; its records are
 kept for the next try, up to ``MAX_PENDING``, and the proxy never notices.
 """
 from __future__ import annotations
@@ -13,8 +15,8 @@ import logging
 import os
 import queue
 import threading
-import time
 
+from .native import gevent_patched, native
 from .observe import Exchange
 from .sessions import Sessions
 from .store import StoreError
@@ -35,7 +37,13 @@ class Recorder:
 
     def __init__(self, sessions: Sessions):
         self.sessions = sessions
-        self.queue: queue.Queue[Exchange] = queue.Queue()
+        self.in_os_thread = gevent_patched() and getattr(sessions.store, "kind", "") == "sqlite"
+        # What the writer waits with: the standard library's own in an OS thread, else gevent's.
+        tools = native if self.in_os_thread else lambda module, name: getattr(__import__(module), name)
+        self.queue: queue.SimpleQueue[Exchange] = tools("queue", "SimpleQueue")()
+        self._sleep = tools("time", "sleep")
+        # gevent patches what threading.Thread starts with, so an OS thread starts from _thread.
+        self._start_thread = tools("_thread", "start_new_thread")
         self.pending: list[Exchange] = []
         self.failures = 0
         self.dropped = 0
@@ -44,7 +52,7 @@ class Recorder:
         self._pid: int | None = None
         self._lock = threading.Lock()
         # The writer and the exit hook must never apply the same batch twice.
-        self._flushing = threading.Lock()
+        self._flushing = tools("threading", "Lock")()
 
     def __call__(self, exchange: Exchange) -> None:
         """Queue an exchange; start the writer in this process if it is not running."""
@@ -57,7 +65,7 @@ class Recorder:
             if self._pid == os.getpid():
                 return
             self._pid = os.getpid()
-            threading.Thread(target=self._run, name="aspy-recorder", daemon=True).start()
+            self._start_thread(self._run, ())
             atexit.register(self.flush)
 
     def _run(self) -> None:
@@ -68,7 +76,7 @@ class Recorder:
             except queue.Empty:
                 pass
             # Let a busy worker gather more exchanges into the same transaction.
-            time.sleep(GATHER)
+            self._sleep(GATHER)
             self.flush()
 
     def flush(self) -> None:

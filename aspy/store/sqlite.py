@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
+from ..native import native
 from . import Hit, StoreError
 from .sql import SqlStore, SqlTransaction, message_filters
 
@@ -91,15 +92,24 @@ class SqliteStore(SqlStore):
 
     def __init__(self, path: str):
         self.path = Path(path).expanduser()
-        # Patched into a gevent lock in the workers: one greenlet uses the connection at a time.
-        self.lock = threading.Lock()
-        self._conn: sqlite3.Connection | None = None
-        self._pid: int | None = None
+        # One connection per OS thread: the greenlets of a gevent worker share one (under a
+        # gevent lock, one greenlet at a time), the recorder's own thread has another.
+        self._slots: dict[tuple[int, int], tuple[sqlite3.Connection, Any]] = {}
+        self._slots_lock = native("_thread", "allocate_lock")()
 
-    def _connection(self) -> sqlite3.Connection:
-        """Return this process's connection, opening and migrating the file on first use."""
-        if self._conn is not None and self._pid == os.getpid():
-            return self._conn
+    def _slot(self) -> tuple[sqlite3.Connection, Any]:
+        """Return this thread's connection and its lock, opening and migrating the file on first use."""
+        key = (os.getpid(), native("_thread", "get_ident")())
+        slot = self._slots.get(key)
+        if slot is not None:
+            return slot
+        with self._slots_lock:
+            if key not in self._slots:
+                self._slots[key] = (self._open(), threading.Lock())
+            return self._slots[key]
+
+    def _open(self) -> sqlite3.Connection:
+        """Open the file, creating or migrating its schema."""
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=0.1)
@@ -109,11 +119,10 @@ class SqliteStore(SqlStore):
             self._migrate(conn)
         except (OSError, sqlite3.Error) as exc:
             raise StoreError(f"cannot open the SQLite store {self.path}: {exc}") from None
-        self._conn, self._pid = conn, os.getpid()
         return conn
 
     def _begin(self, conn: sqlite3.Connection) -> None:
-        """Take the write lock, waiting cooperatively while another process holds it."""
+        """Take the write lock, waiting while another process holds it."""
         deadline = time.monotonic() + WRITE_PATIENCE
         while True:
             try:
@@ -122,7 +131,9 @@ class SqliteStore(SqlStore):
             except sqlite3.Error as exc:
                 if not _busy(exc) or time.monotonic() > deadline:
                     raise
-                time.sleep(0.02)
+                # In the main thread (the gevent hub's), let other greenlets run meanwhile.
+                on_main = native("threading", "current_thread")() is native("threading", "main_thread")()
+                (time.sleep if on_main else native("time", "sleep"))(0.02)
 
     def _migrate(self, conn: sqlite3.Connection) -> None:
         """Create the schema, or bring it up to SCHEMA_VERSION."""
@@ -146,9 +157,9 @@ class SqliteStore(SqlStore):
 
     @contextmanager
     def transaction(self) -> Iterator[SqlTransaction]:
-        with self.lock:
+        conn, lock = self._slot()
+        with lock:
             try:
-                conn = self._connection()
                 self._begin(conn)
             except sqlite3.Error as exc:
                 raise StoreError(f"cannot write to the SQLite store {self.path}: {exc}") from None
@@ -169,9 +180,10 @@ class SqliteStore(SqlStore):
             conn.execute("ROLLBACK")
 
     def query(self, statement: str, params: Iterable[Any] = ()) -> list[tuple]:
-        with self.lock:
+        conn, lock = self._slot()
+        with lock:
             try:
-                return self._connection().execute(statement, tuple(params)).fetchall()
+                return conn.execute(statement, tuple(params)).fetchall()
             except sqlite3.Error as exc:
                 raise StoreError(f"reading the SQLite store {self.path} failed: {exc}") from None
 
@@ -211,7 +223,8 @@ class SqliteStore(SqlStore):
         return answer | {"schema_version": int(row[0]) if row else None}
 
     def close(self) -> None:
-        with self.lock:
-            if self._conn is not None:
-                self._conn.close()
-                self._conn = None
+        with self._slots_lock:
+            for (pid, _), (conn, _) in list(self._slots.items()):
+                if pid == os.getpid():
+                    conn.close()
+            self._slots.clear()

@@ -26,6 +26,7 @@ from .config import Config, ConfigError, client_id_problem, config_path, parse_c
 from .models import ModelTable
 from .observe import Usage, read_request
 from .routing import ANONYMOUS
+from .sessions import Batch
 from .store import ENDED, Event, Message, Session, Store, Transaction
 
 HASH = re.compile(r"[0-9a-f]{16}")
@@ -178,8 +179,8 @@ class LogSession:
     session: Session
     events: list[Event] = field(default_factory=list)
     messages: list[Message] = field(default_factory=list)
-    models: dict[str, list] = field(default_factory=dict)
-    tools: dict[str, list[int]] = field(default_factory=dict)
+    # Per-model and per-tool sums, kept and written as the recorder's are.
+    shares: Batch = field(default_factory=Batch)
 
 
 @dataclass
@@ -294,17 +295,16 @@ def _apply_record(entry: LogSession, record: dict, at: float, config: Config, mo
         s.usage = s.usage + usage
         s.cost_usd += cost.usd
         s.savings_usd += cost.savings_usd
-        share = entry.models.setdefault(model, [Usage(), 0.0, 0.0, cost.priced, 0])
-        share[0], share[1], share[2], share[4] = share[0] + usage, share[1] + cost.usd, share[2] + cost.savings_usd, share[4] + 1
+        entry.shares.add_model(s.id, model, usage, cost)
     elif kind == "ToolCall":
         s.tool_calls += 1
-        entry.tools.setdefault(record.get("tool_name") or "unknown", [0, 0])[0] += 1
+        entry.shares.add_tool(s.id, record.get("tool_name") or "unknown", 1, 0)
         event("tool_call", tool=record.get("tool_name"), tool_use_id=record.get("id"),
               input=record.get("input") if config.capture_content else None, imported=True)
     elif kind == "ToolResult":
         is_error = record.get("success") is False
         s.tool_failed += is_error
-        entry.tools.setdefault(record.get("tool_name") or "unknown", [0, 0])[1] += is_error
+        entry.shares.add_tool(s.id, record.get("tool_name") or "unknown", 0, int(is_error))
         event("tool_result", tool=record.get("tool_name"), tool_use_id=record.get("id"), is_error=is_error,
               duration_ms=duration_ms(record.get("duration")), imported=True)
     elif kind == "Thinking":
@@ -357,9 +357,6 @@ def _store_session(tx: Transaction, entry: LogSession) -> None:
             setattr(old, name, getattr(old, name) + getattr(new, name))
         old.usage = old.usage + new.usage
         tx.save_session(old)
-    for model, (usage, cost, savings, priced, responses) in entry.models.items():
-        tx.add_model_usage(new.id, model, usage, cost, savings, priced, responses)
-    for tool, (calls, failed) in entry.tools.items():
-        tx.add_tool_counts(new.id, tool, calls, failed)
+    entry.shares.write_shares(tx)
     tx.add_events(sorted(entry.events, key=lambda e: e.timestamp))
     tx.add_messages(entry.messages)

@@ -15,10 +15,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .config import Client, Config
-from .models import ModelTable
-from .observe import Exchange
+from .models import Cost, ModelTable
+from .observe import Exchange, Usage
 from .routing import ANONYMOUS
-from .store import ACTIVE, ENDED, IDLE, Event, Message, Session, Store, Transaction
+from .store import ACTIVE, ENDED, IDLE, Event, Message, ModelUsage, Session, Store, Transaction
 
 COMPACTION_FLOOR = 10_000
 COMPACTION_DROP = 0.7
@@ -84,6 +84,31 @@ class Batch:
     by_key: dict[tuple, str] = field(default_factory=dict)
     events: list[Event] = field(default_factory=list)
     messages: list[Message] = field(default_factory=list)
+    # Per (session, model) and (session, tool) sums, written once per batch.
+    models: dict[tuple[str, str], ModelUsage] = field(default_factory=dict)
+    tools: dict[tuple[str, str], list[int]] = field(default_factory=dict)
+
+    def add_model(self, session_id: str, model: str, usage: Usage, cost: Cost) -> None:
+        """Add one response to a model's share of a session."""
+        share = self.models.setdefault((session_id, model), ModelUsage(requests=0, priced=cost.priced))
+        share.requests += 1
+        share.usage = share.usage + usage
+        share.cost_usd += cost.usd
+        share.savings_usd += cost.savings_usd
+
+    def add_tool(self, session_id: str, tool: str, calls: int, failed: int) -> None:
+        """Add calls or failures of a tool to a session."""
+        counts = self.tools.setdefault((session_id, tool), [0, 0])
+        counts[0] += calls
+        counts[1] += failed
+
+    def write_shares(self, tx: Transaction) -> None:
+        """Write the per-model and per-tool sums."""
+        for (session_id, model), share in self.models.items():
+            tx.add_model_usage(session_id, model, share.usage, share.cost_usd, share.savings_usd, share.priced,
+                               share.requests)
+        for (session_id, tool), (calls, failed) in self.tools.items():
+            tx.add_tool_counts(session_id, tool, calls, failed)
 
 
 @dataclass
@@ -125,6 +150,7 @@ class Sessions:
                 self._apply(tx, session, exchange, batch)
             for session in batch.sessions.values():
                 tx.save_session(session)
+            batch.write_shares(tx)
             tx.add_events(batch.events)
             tx.add_messages(batch.messages)
         self.touched.update(batch.sessions)
@@ -238,7 +264,7 @@ class Sessions:
             _, tool, called_at = pending
             if is_error:
                 s.tool_failed += 1
-                tx.add_tool_counts(s.id, tool, 0, 1)
+                batch.add_tool(s.id, tool, 0, 1)
             events.append(self._event(s, "tool_result", ex.started_at, tool=tool, tool_use_id=tool_use_id,
                                       is_error=is_error, duration_ms=round((ex.started_at - called_at) * 1000, 1)))
         cost_usd = 0.0
@@ -248,7 +274,7 @@ class Sessions:
             s.usage = s.usage + obs.usage
             s.cost_usd += cost.usd
             s.savings_usd += cost.savings_usd
-            tx.add_model_usage(s.id, model, obs.usage, cost.usd, cost.savings_usd, cost.priced)
+            batch.add_model(s.id, model, obs.usage, cost)
         if ex.ttfb_ms is not None:
             s.ttfb_total_ms += ex.ttfb_ms
             s.ttfb_count += 1
@@ -269,7 +295,7 @@ class Sessions:
             if tool.server:
                 continue
             s.tool_calls += 1
-            tx.add_tool_counts(s.id, tool.name, 1, 0)
+            batch.add_tool(s.id, tool.name, 1, 0)
             tx.add_tool_call(tool.id, s.id, tool.name, done_at)
             events.append(self._event(s, "tool_call", done_at, tool=tool.name, tool_use_id=tool.id,
                                       input=tool.input if capture else None, complete=tool.complete))

@@ -189,7 +189,7 @@ def url_problem(url: Any) -> str | None:
     if parts.query or parts.fragment or "@" in parts.netloc or "\\" in url:
         return f"expected a plain base URL without credentials, query or fragment, got {url!r}"
     try:
-        parts.port
+        _ = parts.port  # raises for a port that is not a number in range
     except ValueError:
         return f"expected a valid port in {url!r}"
     return None

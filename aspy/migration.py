@@ -157,7 +157,8 @@ def _write_toml(path: Path, doc: tomlkit.TOMLDocument) -> Path | None:
     try:
         parse_config(tomllib.loads(new_text), path)
     except ConfigError as exc:
-        raise MigrationError(f"the migrated configuration would not be valid:\n  " + "\n  ".join(exc.problems))
+        raise MigrationError("the migrated configuration would not be valid:\n  "
+                             + "\n  ".join(exc.problems)) from None
     backup = None
     if path.exists():
         backup = path.with_name(f"{path.name}.bak-{time.strftime('%Y%m%dT%H%M%S')}")

@@ -16,7 +16,6 @@ import requests
 from aspy.config import Server
 from aspy.routing import user_hash
 from aspy.serving import warn_if_exposed
-from conftest import FIXTURES, free_port
 from test_sessions_api import eventually
 
 KEY_A = "sk-ant-api03-AAAA-first-key-0001"

@@ -11,7 +11,7 @@ import time
 from typing import Any, Iterable
 
 from ..observe import Usage
-from . import (ACTIVE, ENDED, IDLE, LIVE, Event, LegacyUser, Message, ModelUsage, Scope, Session, Store, Totals,
+from . import (ACTIVE, ENDED, IDLE, LIVE, Event, LegacyUser, ModelUsage, Scope, Session, Store, Totals,
                Transaction)
 
 SESSION_COLUMNS = (

@@ -299,36 +299,31 @@ def test_close_delimited_stream_is_relayed_as_it_arrives(aspy):
     assert arrivals[0] < arrivals[-1] - 2
 
 
-def test_client_disconnect_closes_the_upstream(aspy, upstream):
+def leave_a_stream(aspy, upstream, events: int, delay_ms: int, wait: float) -> float | None:
+    """Start a stream, hang up after its first bytes; return how long the upstream took to see it."""
     before = len(upstream.disconnects)
     sock = socket.create_connection(("127.0.0.1", aspy.port))
     body = json.dumps(MESSAGE | {"stream": True}).encode()
     sock.sendall(b"POST /dev-1/v1/messages HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                 b"x-fake-events: 200\r\nx-fake-delay: 100\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
-    first = sock.recv(4096)
-    assert first.startswith(b"HTTP/1.1 200")
-    sock.close()
-    deadline = time.time() + 5
-    while len(upstream.disconnects) == before and time.time() < deadline:
-        time.sleep(0.05)
-    assert len(upstream.disconnects) > before, "upstream still streaming after the client left"
-
-
-def test_client_disconnect_closes_a_silent_upstream_at_once(aspy, upstream):
-    before = len(upstream.disconnects)
-    sock = socket.create_connection(("127.0.0.1", aspy.port))
-    body = json.dumps(MESSAGE | {"stream": True}).encode()
-    sock.sendall(b"POST /dev-1/v1/messages HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                 b"x-fake-events: 5\r\nx-fake-delay: 4000\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+                 b"x-fake-events: %d\r\nx-fake-delay: %d\r\nContent-Length: %d\r\n\r\n%s"
+                 % (events, delay_ms, len(body), body))
     assert sock.recv(4096).startswith(b"HTTP/1.1 200")
     left = time.time()
     sock.close()
-    # The upstream is silent for 4 s between events; aspy must not wait for the next one.
-    deadline = left + 3.5
-    while len(upstream.disconnects) == before and time.time() < deadline:
+    while len(upstream.disconnects) == before and time.time() < left + wait:
         time.sleep(0.05)
-    assert len(upstream.disconnects) > before
-    assert time.time() - left < 3
+    return upstream.disconnects[-1] - left if len(upstream.disconnects) > before else None
+
+
+def test_client_disconnect_closes_the_upstream(aspy, upstream):
+    assert leave_a_stream(aspy, upstream, events=200, delay_ms=100, wait=5) is not None, \
+        "upstream still streaming after the client left"
+
+
+def test_client_disconnect_closes_a_silent_upstream_at_once(aspy, upstream):
+    # The upstream is silent for 4 s between events; aspy must not wait for the next one.
+    took = leave_a_stream(aspy, upstream, events=5, delay_ms=4000, wait=3.5)
+    assert took is not None and took < 3
 
 
 def test_broken_upstream_stream_ends_with_an_error_event(aspy):

@@ -122,7 +122,7 @@ def recording_cost(store_url: str, batch: int, count: int) -> float:
     config = parse_config({"store": {"url": store_url},
                            "clients": {"bench": {"name": "Bench", "provider": "anthropic"}}}, None)
     sessions = Sessions(config, open_store(config.store.url), load_models())
-    stream = ROOT.parent / "shared" / "fixtures" / "real" / "sse" / "sdkpy_snapshot_555fb399_0_tool_use_haiku45.sse"
+    stream = ROOT / "tests" / "fixtures" / "real" / "sse" / "sdkpy_snapshot_555fb399_0_tool_use_haiku45.sse"
 
     def exchange(n: int) -> Exchange:
         observer = SseObserver()

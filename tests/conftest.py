@@ -18,7 +18,7 @@ from upstream import FakeUpstream
 
 ROOT = Path(__file__).resolve().parents[1]
 POSTGRES_URL = os.environ.get("ASPY_TEST_POSTGRES_URL")
-FIXTURES = ROOT.parent / "shared" / "fixtures"
+FIXTURES = ROOT / "tests" / "fixtures"
 API_KEY = "sk-ant-test-0123456789abcdef"
 
 

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from aspy.observe import JsonObserver, SseObserver, Usage, read_request
 
-SSE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "real" / "sse"
+SSE = Path(__file__).resolve().parent / "fixtures" / "real" / "sse"
 JSON = SSE.parent / "json"
 
 

@@ -4,12 +4,12 @@ An asyncio HTTP/1.1 server (keep-alive, chunked or sized bodies both ways) that 
 ``/v1/messages`` with a Message, or with an event stream sent event by event with delays.
 What it does is chosen by request headers, which aspy forwards untouched:
 
-- ``x-fake-fixture: NAME``: replay ``shared/fixtures/real/sse/NAME`` event by event.
+- ``x-fake-fixture: NAME``: replay ``tests/fixtures/real/sse/NAME`` event by event.
 - ``x-fake-delay: MS``: pause between events (default 0).
 - ``x-fake-events: N``: a generated stream of N text events (with the delay between).
 - ``x-fake-status: CODE`` with optional ``x-fake-body``: answer that status and body as JSON.
 - ``x-fake-content-type: TYPE`` (``none`` for no header), ``x-fake-file: PATH``: send a
-  file from ``shared/fixtures/real`` with that content type, in odd-sized chunks.
+  file from ``tests/fixtures/real`` with that content type, in odd-sized chunks.
 - ``x-fake-sleep: SECONDS``: wait before sending headers.
 - ``x-fake-gzip: 1``: gzip the body although nobody asked for it.
 - ``x-fake-break: N``: cut the connection after N events, with no end chunk.
@@ -34,7 +34,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "real" / "sse"
+FIXTURES = Path(__file__).resolve().parent / "fixtures" / "real" / "sse"
 REASONS = {200: "OK", 204: "No Content", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found",
            413: "Payload Too Large", 429: "Too Many Requests", 500: "Internal Server Error",
            529: "Overloaded"}

@@ -2,7 +2,8 @@
 
 Each tool calls aspy's JSON API and answers its JSON as structured content and as text.
 Tools are scoped to the caller's own client (see :mod:`aspy.apiclient`) unless asked for
-``all_clients``; an API failure becomes a tool error with a plain message.
+``all_clients``, except ``aspy_sessions``, which lists every session the token may see with
+``is_me`` marking the caller's; an API failure becomes a tool error with a plain message.
 """
 from __future__ import annotations
 
@@ -56,12 +57,13 @@ TOOLS = [
                                          "Claude Code's own current session."}, "all_clients": ALL_CLIENTS})),
     types.Tool(
         name="aspy_sessions",
-        description="Sessions with their statistics (tokens, cost, tools, context), most recent first. "
-                    "is_me marks the session of the Claude Code asking.",
+        description="Every session aspy may show this Claude Code, of every client, with their statistics "
+                    "(tokens, cost, tools, context), most recent first. is_me marks the session of the "
+                    "Claude Code asking.",
         input_schema=schema({
             "status": {"type": "string", "enum": ["active", "idle", "ended"]},
             "limit": {"type": "integer", "minimum": 1, "maximum": 500, "default": 20},
-            "all_clients": ALL_CLIENTS})),
+            "client": {"type": "string", "description": "Only this client's sessions."}})),
     types.Tool(
         name="aspy_search",
         description="Search past prompts and answers recorded by aspy (every word must match); returns ranked "
@@ -118,7 +120,9 @@ class AspyTools:
         return self.api.get("context", client=self.own_client())
 
     def aspy_sessions(self, args: dict) -> dict:
-        answer = self.api.get("sessions", status=args.get("status"), limit=args.get("limit", 20), **self.scope(args))
+        # Unlike the other tools, every session the token may see: is_me tells this one apart.
+        answer = self.api.get("sessions", status=args.get("status"), limit=args.get("limit", 20),
+                              client=args.get("client"))
         mine = self._my_session(answer["sessions"])
         for session in answer["sessions"]:
             session["is_me"] = session["id"] == mine

@@ -82,7 +82,8 @@ def test_each_tool_answers_for_its_own_client_as_structured_content_and_text(two
     assert mine["requests"]["total"] == 2 and everyone["requests"]["total"] == 3
     assert [e["tool"] for e in events["events"]] == ["Read"] and events["events"][0]["client"] == "mcp-a"
     assert context["client"] == "mcp-a" and context["current_tokens"] == 150_000 and context["warning_level"] == "warning"
-    assert {s["client"] for s in sessions["sessions"]} == {"mcp-a"}
+    # aspy_sessions lists every client's sessions; is_me tells the caller's apart.
+    assert {s["client"] for s in sessions["sessions"]} == {"mcp-a", "mcp-b"}
     assert [r["client"] for r in search["results"]] == ["mcp-a"]
     assert sorted(r["client"] for r in search_all["results"]) == ["mcp-a", "mcp-b"]
 
@@ -90,16 +91,16 @@ def test_each_tool_answers_for_its_own_client_as_structured_content_and_text(two
 def test_is_me_marks_the_asking_sessions(two_clients):
     ids = two_clients.sessions
     # Without its session id, "me" is the client's most recently active live session.
-    _, [plain, everyone] = call_tools(as_client(two_clients), [("aspy_sessions", {}),
-                                                               ("aspy_sessions", {"all_clients": True})])
+    _, [plain, only_b] = call_tools(as_client(two_clients), [("aspy_sessions", {}),
+                                                             ("aspy_sessions", {"client": "mcp-b"})])
     me = {s["claude_session_id"]: s["is_me"] for s in plain.structured_content["sessions"]}
-    assert me == {ids["a-new"]: True, ids["a-old"]: False}
-    assert {s["claude_session_id"]: s["is_me"] for s in everyone.structured_content["sessions"]}[ids["b"]] is False
+    assert me == {ids["a-new"]: True, ids["a-old"]: False, ids["b"]: False}
+    assert [s["claude_session_id"] for s in only_b.structured_content["sessions"]] == [ids["b"]]
     # With Claude Code's session id in the environment, that session is "me".
     _, [told, context] = call_tools(as_client(two_clients, CLAUDE_CODE_SESSION_ID=ids["a-old"]),
                                     [("aspy_sessions", {}), ("aspy_context", {})])
     me = {s["claude_session_id"]: s["is_me"] for s in told.structured_content["sessions"]}
-    assert me == {ids["a-new"]: False, ids["a-old"]: True}
+    assert me == {ids["a-new"]: False, ids["a-old"]: True, ids["b"]: False}
     assert context.structured_content["claude_session_id"] == ids["a-old"]
 
 

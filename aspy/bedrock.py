@@ -32,6 +32,9 @@ PRELUDE = 12
 MIN_FRAME = PRELUDE + 4
 METRICS_KEY = "amazon-bedrock-invocationMetrics"
 
+# One Messages API event, e.g. {"type": "message_start", "message": {...}}.
+Event = dict[str, Any]
+
 # Header value types with a fixed size; 6 (bytes) and 7 (string) carry a u16 length instead.
 _FIXED_SIZE = {0: 0, 1: 0, 2: 1, 3: 2, 4: 4, 5: 8, 8: 8, 9: 16}
 # byte, short, int, long, timestamp (milliseconds since the epoch): signed big-endian.
@@ -120,12 +123,12 @@ class BedrockDecoder:
         """Return how many bytes are held waiting for the rest of their frame."""
         return len(self._buffer)
 
-    def feed(self, chunk: bytes) -> list[dict]:
+    def feed(self, chunk: bytes) -> list[Event]:
         """Take the next bytes; return the events of every frame they complete."""
         if self.error is not None or not chunk:
             return []
         self._buffer += chunk
-        events: list[dict] = []
+        events: list[Event] = []
         try:
             self._drain(events)
         except FrameError as exc:
@@ -163,7 +166,7 @@ class BedrockDecoder:
         self._buffer = bytearray()
         self._total = None
 
-    def _drain(self, events: list[dict]) -> None:
+    def _drain(self, events: list[Event]) -> None:
         """Read every complete frame in the buffer, then drop their bytes once."""
         buf = self._buffer
         offset = 0
@@ -188,6 +191,7 @@ class BedrockDecoder:
 
     def _prelude(self, prelude: bytes | bytearray) -> int:
         """Check a prelude; return the frame's total length."""
+        total: int
         total, headers_len, crc = struct.unpack(">III", prelude)
         if zlib.crc32(prelude[:8]) != crc:
             raise FrameError("prelude CRC mismatch")
@@ -197,7 +201,7 @@ class BedrockDecoder:
             raise FrameError(f"inconsistent frame lengths (total {total}, headers {headers_len})")
         return total
 
-    def _frame(self, frame: bytes, events: list[dict]) -> None:
+    def _frame(self, frame: bytes, events: list[Event]) -> None:
         """Check one whole frame and turn it into an event, if it carries one."""
         (crc,) = struct.unpack_from(">I", frame, len(frame) - 4)
         if zlib.crc32(memoryview(frame)[:-4]) != crc:
@@ -211,7 +215,7 @@ class BedrockDecoder:
         else:
             events.append(event)
 
-    def _event(self, headers: dict[str, Any], payload: bytes) -> dict | None:
+    def _event(self, headers: dict[str, Any], payload: bytes) -> Event | None:
         """Return the Messages API event a well-framed frame stands for, or None."""
         # AWS SDKs treat a frame without :message-type as an event.
         kind = headers.get(":message-type", "event")
@@ -230,7 +234,7 @@ class BedrockDecoder:
                                                "message": str(headers.get(":error-message", ""))}}
         return None
 
-    def _chunk(self, payload: bytes) -> dict | None:
+    def _chunk(self, payload: bytes) -> Event | None:
         """Unwrap a chunk payload ``{"bytes": <base64 event JSON>}``; note invocation metrics."""
         body = _json(payload)
         if not isinstance(body, dict) or not isinstance(body.get("bytes"), str):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -308,6 +309,16 @@ def observer_for(content_type: str) -> SseObserver | JsonObserver | CountingObse
     if mime == "application/json":
         return JsonObserver()
     return CountingObserver()
+
+
+# The paths of a Messages call on each provider: Anthropic and Azure Foundry, Vertex, Bedrock.
+MESSAGES_PATH = re.compile(r"(?:/v1/messages|/publishers/anthropic/models/[^/]+:(?:stream)?rawPredict"
+                           r"|/model/[^/]+/invoke(?:-with-response-stream)?)$", re.IGNORECASE)
+
+
+def is_messages_call(method: str, path: str) -> bool:
+    """Tell whether a request asks a model for a message (not a probe, a model list or count_tokens)."""
+    return method == "POST" and MESSAGES_PATH.search(path.split("?", 1)[0]) is not None
 
 
 @dataclass

@@ -280,6 +280,9 @@ def _chunks(upstream: requests.Response, content_type: str) -> Iterator[bytes]:
 def _finish(exchange: Exchange, record: Callable[[Exchange], None]) -> None:
     """Complete the record of an exchange and hand it on; observation never raises."""
     exchange.duration_ms = (time.time() - exchange.started_at) * 1000
+    if exchange.method == "HEAD":
+        # A HEAD answer has no body: the server closes it without reading one.
+        exchange.complete = True
     if not exchange.complete and not exchange.failure:
         exchange.failure = "client went away before the response was complete"
     try:

@@ -16,7 +16,7 @@ from typing import Any
 
 from .config import Client, Config
 from .models import Cost, ModelTable
-from .observe import Exchange, Usage
+from .observe import Exchange, Usage, is_messages_call
 from .routing import ANONYMOUS
 from .store import ACTIVE, ENDED, IDLE, Event, Message, ModelUsage, Session, Store, Transaction
 
@@ -71,6 +71,11 @@ def session_key(exchange: Exchange) -> tuple[str | None, str | None]:
     return None, None
 
 
+def failed_exchange(exchange: Exchange) -> bool:
+    """Tell whether an exchange failed: an error status, an error in the answer, or a broken exchange."""
+    return exchange.status >= 400 or exchange.failure is not None or bool(exchange.observation.errors)
+
+
 def new_session_id() -> str:
     """Return a fresh session id."""
     return "s_" + uuid.uuid4().hex[:20]
@@ -87,6 +92,15 @@ class Batch:
     # Per (session, model) and (session, tool) sums, written once per batch.
     models: dict[tuple[str, str], ModelUsage] = field(default_factory=dict)
     tools: dict[tuple[str, str], list[int]] = field(default_factory=dict)
+    # Requests outside any session, per (client, user): [requests, failed, last seen].
+    traffic: dict[tuple[str | None, str], list[float]] = field(default_factory=dict)
+
+    def add_traffic(self, client: str | None, user: str, failed: bool, at: float) -> None:
+        """Count a request that opens no session as its identity's traffic."""
+        counts = self.traffic.setdefault((client, user), [0, 0, at])
+        counts[0] += 1
+        counts[1] += failed
+        counts[2] = max(counts[2], at)
 
     def add_model(self, session_id: str, model: str, usage: Usage, cost: Cost) -> None:
         """Add one response to a model's share of a session."""
@@ -109,6 +123,8 @@ class Batch:
                                share.requests)
         for (session_id, tool), (calls, failed) in self.tools.items():
             tx.add_tool_counts(session_id, tool, calls, failed)
+        for (client, user), (requests, failed, last_seen) in self.traffic.items():
+            tx.add_traffic(client, user, int(requests), int(failed), last_seen)
 
 
 @dataclass
@@ -146,6 +162,11 @@ class Sessions:
                 self._upkeep(tx, now)
             batch = Batch()
             for exchange in exchanges:
+                if not is_messages_call(exchange.method, exchange.path):
+                    identity = self.identity(exchange.client, exchange.user)
+                    batch.add_traffic(identity.client.id if identity.client else None, identity.user,
+                                      failed_exchange(exchange), exchange.started_at + exchange.duration_ms / 1000)
+                    continue
                 session = self._session_for(tx, exchange, batch)
                 self._apply(tx, session, exchange, batch)
             for session in batch.sessions.values():
@@ -251,8 +272,7 @@ class Sessions:
         if s.user == ANONYMOUS:
             s.user = ex.user
         s.requests += 1
-        failed = ex.status >= 400 or ex.failure is not None or bool(obs.errors)
-        s.failed += failed
+        s.failed += failed_exchange(ex)
         agent = ex.headers.get("x-claude-code-agent-id")
         events = [self._event(s, "request", ex.started_at, method=ex.method, path=ex.path, model=facts.model,
                               stream=facts.stream, messages=facts.message_count, tools=facts.tool_count,

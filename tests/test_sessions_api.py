@@ -23,7 +23,7 @@ MODEL = "claude-sonnet-4-5-20250929"
 # Sonnet 4.5 list prices per million tokens: input, output, 5m write, 1h write, cache read.
 RATES = (3, 15, 3.75, 6, 0.30)
 EXTRA_CLIENTS = "".join(f'\n[clients.{c}]\nname = "{c.title()}"\nprovider = "fake"\n'
-                        for c in ("team-a", "team-b", "solo", "reg", "keys", "tools", "ctx", "finder", "other"))
+                        for c in ("team-a", "team-b", "solo", "reg", "keys", "tools", "ctx", "finder", "other", "probe"))
 
 
 def usage(i: int, o: int, read: int = 0, w5: int = 0, w1: int = 0) -> dict:
@@ -283,6 +283,22 @@ def test_unknown_models_cost_nothing_and_are_listed(tracked):
     assert stats["cost"]["total_usd"] == 0
     assert stats["cost"]["unpriced_models"] == ["claude-future-9"]
     assert stats["tokens"]["input"] == 1000
+
+
+def test_requests_that_are_not_messages_calls_count_but_open_no_session(tracked):
+    # Claude Code's start-up probe, a model list and count_tokens: the client's traffic, no session.
+    assert requests.head(f"{tracked.url}/probe/", headers={"x-claude-code-session-id": key()}).status_code == 200
+    assert requests.get(f"{tracked.url}/probe/v1/models", headers={"x-api-key": API_KEY}).status_code == 200
+    assert requests.post(f"{tracked.url}/probe/v1/messages/count_tokens", headers={"x-api-key": API_KEY},
+                         json={"model": MODEL, "messages": []}).status_code == 200
+    failing = requests.get(f"{tracked.url}/probe/v1/models", headers={"x-fake-status": "500"})
+    assert failing.status_code == 500
+    stats = stats_when(tracked, 4, client="probe")
+    assert stats["requests"] == {"total": 4, "failed": 1}
+    assert stats["sessions"] == {"active": 0, "idle": 0, "ended": 0}
+    assert api(tracked, "sessions", client="probe")["sessions"] == []
+    [probe] = [c for c in api(tracked, "clients")["clients"] if c["id"] == "probe"]
+    assert probe["active_sessions"] == 0 and probe["last_seen"] is not None
 
 
 def test_failed_requests_are_counted_with_an_error_event(tracked):

@@ -197,6 +197,10 @@ class Transaction(ABC):
         """Keep prompts and answers for search."""
 
     @abstractmethod
+    def add_traffic(self, client: str | None, user: str, requests: int, failed: int, last_seen: float) -> None:
+        """Count requests that belong to no session (probes, model lists, count_tokens)."""
+
+    @abstractmethod
     def add_tool_call(self, tool_use_id: str, session_id: str, tool: str, called_at: float) -> None:
         """Remember a tool_use until its result arrives."""
 

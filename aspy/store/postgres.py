@@ -21,7 +21,7 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 from . import Hit, StoreError
 from .sql import SqlStore, SqlTransaction, message_filters
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 # One number for aspy's advisory lock: every write, and migrations, take it.
 WRITE_LOCK = 0x61737079
 MIGRATIONS: dict[int, list[str]] = {
@@ -74,6 +74,11 @@ MIGRATIONS: dict[int, list[str]] = {
             imported_at DOUBLE PRECISION NOT NULL)""",
         "CREATE INDEX events_user ON events (user_hash)",
         "CREATE INDEX messages_user ON messages (user_hash)",
+    ],
+    3: [
+        """CREATE TABLE traffic (
+            client_id TEXT NOT NULL, user_hash TEXT NOT NULL, requests BIGINT NOT NULL,
+            failed BIGINT NOT NULL, last_seen DOUBLE PRECISION NOT NULL, PRIMARY KEY (client_id, user_hash))""",
     ],
 }
 

@@ -173,6 +173,15 @@ class SqlTransaction(Transaction):
                                "VALUES (?, ?, ?, ?, ?, ?)"),
                 [(m.session, m.client, m.user, m.role, m.timestamp, m.text) for m in messages])
 
+    def add_traffic(self, client, user, requests, failed, last_seen):
+        # A legacy user's traffic has client "" here: NULL would never match the primary key.
+        self.execute("INSERT INTO traffic (client_id, user_hash, requests, failed, last_seen) VALUES (?, ?, ?, ?, ?) "
+                     "ON CONFLICT (client_id, user_hash) DO UPDATE SET requests = traffic.requests + excluded.requests, "
+                     "failed = traffic.failed + excluded.failed, "
+                     "last_seen = CASE WHEN excluded.last_seen > traffic.last_seen "
+                     "THEN excluded.last_seen ELSE traffic.last_seen END",
+                     (client or "", user, requests, failed, last_seen))
+
     def add_tool_call(self, tool_use_id, session_id, tool, called_at):
         self.execute("INSERT INTO tool_calls (tool_use_id, session_id, tool, called_at) VALUES (?, ?, ?, ?) "
                      "ON CONFLICT (tool_use_id) DO NOTHING", (tool_use_id, session_id, tool, called_at))
@@ -266,6 +275,12 @@ class SqlStore(Store):
         usage, (cost, savings, tools, tools_failed, active, idle, ended) = Usage(*rest[:6]), rest[6:]
         totals = Totals(requests=requests, failed=failed, usage=usage, cost_usd=cost, savings_usd=savings,
                         tool_calls=tools, tool_failed=tools_failed, active=active, idle=idle, ended=ended)
+        if scope.session is None:
+            # Requests outside any session still count as their client's traffic.
+            sent, sent_failed = self.query(f"SELECT COALESCE(SUM(requests), 0), COALESCE(SUM(failed), 0) "
+                                           f"FROM traffic WHERE {where}", params)[0]
+            totals.requests += sent
+            totals.failed += sent_failed
         joined, joined_params = scope_clause(scope, "s")
         for model, requests, *counts, cost, savings, priced in self.query(
                 f"SELECT m.model, SUM(m.requests), {', '.join(f'SUM(m.{c})' for c in USAGE_COLUMNS)}, "
@@ -307,4 +322,9 @@ class SqlStore(Store):
     def client_activity(self):
         rows = self.query(f"SELECT client_id, SUM(CASE WHEN {OPEN} THEN 1 ELSE 0 END), "
                           "MAX(last_activity) FROM sessions WHERE client_id IS NOT NULL GROUP BY client_id")
-        return {client: (live, last) for client, live, last in rows}
+        activity = {client: (live, last) for client, live, last in rows}
+        for client, last in self.query("SELECT client_id, MAX(last_seen) FROM traffic WHERE client_id <> '' "
+                                       "GROUP BY client_id"):
+            live, seen = activity.get(client, (0, None))
+            activity[client] = (live, max(last, seen or last))
+        return activity

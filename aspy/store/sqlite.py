@@ -20,7 +20,7 @@ from ..native import native
 from . import Hit, StoreError
 from .sql import SqlStore, SqlTransaction, message_filters
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 # How long a write waits for another process's transaction before giving up.
 WRITE_PATIENCE = 2.0
 MIGRATIONS: dict[int, list[str]] = {
@@ -76,6 +76,12 @@ MIGRATIONS: dict[int, list[str]] = {
             file_hash TEXT PRIMARY KEY, name TEXT NOT NULL, lines INTEGER NOT NULL, imported_at REAL NOT NULL)""",
         "CREATE INDEX events_user ON events (user_hash)",
         "CREATE INDEX messages_user ON messages (user_hash)",
+    ],
+    # Requests that are not Messages calls (probes, model lists, count_tokens): counted, no session.
+    3: [
+        """CREATE TABLE traffic (
+            client_id TEXT NOT NULL, user_hash TEXT NOT NULL, requests INTEGER NOT NULL,
+            failed INTEGER NOT NULL, last_seen REAL NOT NULL, PRIMARY KEY (client_id, user_hash))""",
     ],
 }
 

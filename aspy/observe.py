@@ -15,6 +15,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from .bedrock import BedrockDecoder
+
 log = logging.getLogger(__name__)
 
 # Non-streaming answers are parsed only up to this size; past it they are counted.
@@ -274,7 +276,7 @@ class SseObserver:
         """Close the stream: flush a last event and any block left open."""
         if not self.obs.parse_error:
             try:
-                self._feed(b"\n\n")
+                self._end_of_stream()
                 for index in sorted(self.blocks, key=lambda i: (not isinstance(i, int), i or 0)):
                     self._close_block(index, complete=False)
                 self.obs.text = "".join(self.texts)
@@ -287,8 +289,34 @@ class SseObserver:
         return self.obs
 
 
+    def _end_of_stream(self) -> None:
+        """Dispatch an event the stream left without its closing blank line."""
+        self._feed(b"\n\n")
+
+
+class BedrockObserver(SseObserver):
+    """Observe a Bedrock event stream: its binary frames carry the same Messages events as SSE."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.frames = BedrockDecoder()
+
+    def _feed(self, chunk: bytes) -> None:
+        for event in self.frames.feed(chunk):
+            self._event(event.get("type"), event)
+
+    def _end_of_stream(self) -> None:
+        self.frames.finish()
+        if self.frames.error:
+            self.obs.parse_error = f"Bedrock frames: {self.frames.error}"
+        # The invocation metrics stand in for usage when the events carried none.
+        metrics = self.frames.metrics_usage()
+        if not self.usage and metrics:
+            self.usage = metrics
+
+
 class CountingObserver:
-    """Observe a body that is not parsed (Bedrock frames, files): count its bytes."""
+    """Observe a body that is not parsed (files, anything but JSON and event streams): count its bytes."""
 
     def __init__(self) -> None:
         self.obs = Observation()
@@ -306,6 +334,8 @@ def observer_for(content_type: str) -> SseObserver | JsonObserver | CountingObse
     mime = content_type.split(";", 1)[0].strip().lower()
     if mime == "text/event-stream":
         return SseObserver()
+    if mime == "application/vnd.amazon.eventstream":
+        return BedrockObserver()
     if mime == "application/json":
         return JsonObserver()
     return CountingObserver()

@@ -7,11 +7,13 @@ import json
 import os
 import socket
 import time
+import uuid
 
 import pytest
 import requests
 
 from conftest import API_KEY, FIXTURES, standard_config
+from test_sessions_api import eventually
 
 MESSAGE = {"model": "claude-sonnet-4-5-20250929", "max_tokens": 64,
            "messages": [{"role": "user", "content": "hello"}]}
@@ -131,13 +133,20 @@ def test_a_response_without_content_type_gets_none_added(aspy):
     assert "content-type" not in r.headers
 
 
-def test_bedrock_event_stream_is_relayed_byte_for_byte(aspy):
+def test_bedrock_event_stream_is_relayed_byte_for_byte_and_observed(aspy):
     name = "bedrock/bedrock_sso_proxy_stream-out.bin"
+    session = f"bedrock-{uuid.uuid4()}"
     r = requests.post(f"{aspy.url}/dev-1/model/anthropic.claude-sonnet-4-20250514-v1:0/invoke-with-response-stream",
-                      json=MESSAGE, headers={"x-fake-file": name,
+                      json=MESSAGE, headers={"x-fake-file": name, "x-claude-code-session-id": session,
                                              "x-fake-content-type": "application/vnd.amazon.eventstream"})
     assert r.status_code == 200 and r.headers["x-accel-buffering"] == "no"
     assert r.content == (FIXTURES / "real" / name).read_bytes()
+    # The frames carry a claude-sonnet-4 answer: 17 tokens in, 322 out, at $3 and $15 per million.
+    stats = eventually(lambda: (s := requests.get(f"{aspy.url}/api/stats", params={"session": session})).ok
+                       and s.json()["requests"]["total"] == 1 and s.json())
+    assert stats["tokens"]["input"] == 17 and stats["tokens"]["output"] == 322
+    assert stats["cost"]["by_model"] == {"claude-sonnet-4-20250514": pytest.approx((17 * 3 + 322 * 15) / 1e6, abs=1e-12)}
+    assert stats["requests"]["failed"] == 0
 
 
 def test_upstream_error_body_passes_through_unchanged(aspy):

@@ -21,6 +21,13 @@ log = logging.getLogger(__name__)
 
 # Non-streaming answers are parsed only up to this size; past it they are counted.
 MAX_JSON_BODY = 32 * 1024 * 1024
+# One stream event (or line) larger than this stops the observation of its exchange.
+MAX_EVENT = 4 * 1024 * 1024
+# Assistant text, thinking and each tool input are kept up to this size (for search and events).
+MAX_TEXT = 256 * 1024
+# No real response has a trillion tokens; a larger count is clamped so sums stay in 64 bits.
+MAX_COUNT = 10**12
+SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 @dataclass
@@ -85,8 +92,35 @@ def billed_usage(usage: dict) -> tuple[Usage, Usage]:
 
 
 def _count(value: Any) -> int:
-    """Return a token count, treating a missing or odd value as 0."""
-    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+    """Return a token count, treating a missing or odd value as 0 and an absurd one as the ceiling."""
+    return min(value, MAX_COUNT) if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+
+
+def _dict(value: Any) -> dict:
+    """Return a JSON object, or an empty one for anything else."""
+    return value if isinstance(value, dict) else {}
+
+
+def _key(value: Any) -> Any:
+    """Return a content block index usable as a dict key (the API sends integers)."""
+    return value if isinstance(value, (int, str)) and not isinstance(value, bool) else None
+
+
+def _text(value: Any) -> str | None:
+    """Return a string field as clean text (no NUL, no lone surrogate), or None when it is not a string."""
+    return clean_text(value) if isinstance(value, str) else None
+
+
+def clean_text(text: str) -> str:
+    """Return text that every store can hold: lone surrogates and NUL replaced with U+FFFD."""
+    if "\x00" in text:
+        text = text.replace("\x00", "\ufffd")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        # JSON decodes a valid pair to one character: any surrogate left in a str is alone.
+        text = SURROGATE.sub("\ufffd", text)
+    return text
 
 
 @dataclass
@@ -116,22 +150,28 @@ class Observation:
     errors: list[dict] = field(default_factory=list)
     message_id: str | None = None
     parse_error: str | None = None
+    # An event stream that ended without message_stop (and without an error event).
+    unfinished: bool = False
 
 
 def read_message(message: dict, obs: Observation) -> None:
-    """Fill an observation from a whole (non-streaming) Message object."""
-    obs.message_id = message.get("id")
-    obs.model = message.get("model")
-    obs.stop_reason = message.get("stop_reason")
-    texts = []
-    for block in message.get("content") or []:
+    """Fill an observation from a whole (non-streaming) Message object, reading only what has the right type."""
+    obs.message_id = _text(message.get("id"))
+    obs.model = _text(message.get("model"))
+    obs.stop_reason = _text(message.get("stop_reason"))
+    texts, size = [], 0
+    content = message.get("content")
+    for block in content if isinstance(content, list) else []:
+        block = _dict(block)
         kind = block.get("type")
-        if kind == "text":
-            texts.append(block.get("text", ""))
+        if kind == "text" and isinstance(block.get("text"), str):
+            if size < MAX_TEXT:
+                texts.append(block["text"][:MAX_TEXT - size])
+            size += len(block["text"])
         elif kind in ("thinking", "redacted_thinking"):
-            obs.thinking.append(block.get("thinking", ""))
+            obs.thinking.append(_text(block.get("thinking")) or "")
         elif kind in ("tool_use", "server_tool_use"):
-            obs.tool_uses.append(ToolUse(block.get("id", ""), block.get("name", ""),
+            obs.tool_uses.append(ToolUse(_text(block.get("id")) or "", _text(block.get("name")) or "",
                                          block.get("input", {}), server=kind == "server_tool_use"))
     obs.text = "".join(texts)
     if isinstance(message.get("usage"), dict):
@@ -160,28 +200,40 @@ class JsonObserver:
             return self.obs
         try:
             data = json.loads(b"".join(self.chunks))
-        except ValueError as exc:
-            self.obs.parse_error = f"invalid JSON: {exc}"
+        except (ValueError, RecursionError) as exc:
+            self.obs.parse_error = f"invalid JSON: {type(exc).__name__}"
             return self.obs
+        finally:
+            self.chunks = []
         if isinstance(data, dict) and data.get("type") == "error":
-            self.obs.errors.append(data.get("error") or {})
+            self.obs.errors.append(_dict(data.get("error")))
         elif isinstance(data, dict) and data.get("type") == "message":
             read_message(data, self.obs)
         return self.obs
 
 
 class SseObserver:
-    """Parse a Messages API event stream incrementally."""
+    """Parse a Messages API event stream incrementally, in time linear in its bytes.
+
+    A line still incomplete is kept in one growing buffer (never re-joined with every
+    chunk), and no event may exceed ``MAX_EVENT``: past it the observer gives up on the
+    exchange, so a hostile stream costs bounded memory.
+    """
 
     def __init__(self) -> None:
         self.obs = Observation()
-        self.pending = b""
+        self.partial = bytearray()
+        # A chunk that ended in CR may be the first half of a CRLF.
+        self.cr_pending = False
         self.event: str | None = None
         self.data: list[bytes] = []
+        self.data_size = 0
         self.usage: dict = {}
-        # Open content blocks by index: [kind, parts, block]
+        # Open content blocks by index: [kind, parts, block, size]
         self.blocks: dict[int, list] = {}
         self.texts: list[str] = []
+        self.text_size = 0
+        self.stopped = False
 
     def feed(self, chunk: bytes) -> None:
         """Take the next bytes of the stream, in whatever pieces they came."""
@@ -191,85 +243,114 @@ class SseObserver:
             self._feed(chunk)
         except Exception as exc:  # a parser bug must never reach the stream
             log.exception("event stream parser failed; observation stops for this exchange")
-            self.obs.parse_error = f"{type(exc).__name__}: {exc}"
+            self.give_up(f"{type(exc).__name__}: {exc}")
+
+    def give_up(self, reason: str) -> None:
+        """Stop observing this exchange, say why, and let go of what was buffered."""
+        self.obs.parse_error = reason
+        self.partial, self.data, self.blocks = bytearray(), [], {}
 
     def _feed(self, chunk: bytes) -> None:
-        buf = self.pending + chunk
-        # A CR at the end may be the first half of a CRLF: wait for the next chunk.
-        if buf.endswith(b"\r"):
-            buf, self.pending = buf[:-1], b"\r"
-        else:
-            self.pending = b""
-        if b"\r" in buf:
-            buf = buf.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
-        lines = buf.split(b"\n")
-        self.pending = lines.pop() + self.pending
-        for line in lines:
-            self._line(line)
+        if self.cr_pending:
+            chunk, self.cr_pending = b"\r" + chunk, False
+        if chunk.endswith(b"\r"):
+            chunk, self.cr_pending = chunk[:-1], True
+        if b"\r" in chunk:
+            chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        lines = chunk.split(b"\n")
+        if len(lines) > 1:
+            first = lines[0]
+            if self.partial:
+                self.partial += first
+                first, self.partial = bytes(self.partial), bytearray()
+            self._line(first)
+            for line in lines[1:-1]:
+                self._line(line)
+                if self.obs.parse_error:
+                    return
+        self.partial += lines[-1]
+        if len(self.partial) > MAX_EVENT:
+            self.give_up(f"an event stream line over {MAX_EVENT} bytes")
 
     def _line(self, line: bytes) -> None:
         if not line:
             self._dispatch()
         elif line.startswith(b"data:"):
             value = line[5:]
-            self.data.append(value[1:] if value.startswith(b" ") else value)
+            value = value[1:] if value.startswith(b" ") else value
+            self.data.append(value)
+            self.data_size += len(value)
+            if self.data_size > MAX_EVENT:
+                self.give_up(f"an event over {MAX_EVENT} bytes")
         elif line.startswith(b"event:"):
             self.event = line[6:].strip().decode("utf-8", "replace")
 
     def _dispatch(self) -> None:
         data, event = self.data, self.event
-        self.data, self.event = [], None
+        self.data, self.event, self.data_size = [], None, 0
         if not data:
             return
         try:
             payload = json.loads(b"\n".join(data))
-        except ValueError:
+        except (ValueError, RecursionError):
             return
         if isinstance(payload, dict):
-            self._event(payload.get("type") or event, payload)
+            kind = payload.get("type")
+            self._event(kind if isinstance(kind, str) else event, payload)
 
     def _event(self, kind: str | None, payload: dict) -> None:
         obs = self.obs
         if kind == "content_block_delta":
-            block = self.blocks.get(payload.get("index"))
-            delta = payload.get("delta") or {}
-            if block is not None:
-                piece = delta.get("text") or delta.get("partial_json") or delta.get("thinking")
-                if isinstance(piece, str):
+            block = self.blocks.get(_key(payload.get("index")))
+            delta = _dict(payload.get("delta"))
+            piece = delta.get("text") or delta.get("partial_json") or delta.get("thinking")
+            if block is not None and isinstance(piece, str):
+                # Past MAX_TEXT a block is counted, not kept: a huge answer costs bounded memory.
+                if block[3] + len(piece) <= MAX_TEXT:
                     block[1].append(piece)
+                block[3] += len(piece)
         elif kind == "content_block_start":
-            block = payload.get("content_block") or {}
-            self.blocks[payload.get("index")] = [block.get("type"), [], block]
+            block = _dict(payload.get("content_block"))
+            self.blocks[_key(payload.get("index"))] = [block.get("type"), [], block, 0]
         elif kind == "content_block_stop":
-            self._close_block(payload.get("index"))
+            self._close_block(_key(payload.get("index")))
         elif kind == "message_start":
-            message = payload.get("message") or {}
-            obs.message_id = message.get("id")
-            obs.model = message.get("model")
-            self.usage = dict(message.get("usage") or {})
+            message = _dict(payload.get("message"))
+            obs.message_id = _text(message.get("id"))
+            obs.model = _text(message.get("model"))
+            self.usage = dict(_dict(message.get("usage")))
         elif kind == "message_delta":
-            obs.stop_reason = (payload.get("delta") or {}).get("stop_reason", obs.stop_reason)
+            stop_reason = _dict(payload.get("delta")).get("stop_reason")
+            obs.stop_reason = _text(stop_reason) or obs.stop_reason
             # Cumulative: every field present replaces what came before.
-            self.usage.update(payload.get("usage") or {})
+            self.usage.update(_dict(payload.get("usage")))
+        elif kind == "message_stop":
+            self.stopped = True
         elif kind == "error":
-            obs.errors.append(payload.get("error") or {})
+            obs.errors.append(_dict(payload.get("error")))
 
     def _close_block(self, index: Any, complete: bool = True) -> None:
         entry = self.blocks.pop(index, None)
         if entry is None:
             return
-        kind, parts, block = entry
+        kind, parts, block, size = entry
+        kept = "".join(parts)
         if kind == "text":
-            self.texts.append("".join(parts))
+            if self.text_size < MAX_TEXT:
+                self.texts.append(kept[:MAX_TEXT - self.text_size])
+            self.text_size += size
         elif kind in ("thinking", "redacted_thinking"):
-            self.obs.thinking.append("".join(parts))
+            self.obs.thinking.append(kept)
         elif kind in ("tool_use", "server_tool_use"):
-            raw = "".join(parts)
-            try:
-                value = json.loads(raw) if raw.strip() else block.get("input") or {}
-            except ValueError:
-                value, complete = raw, False
-            self.obs.tool_uses.append(ToolUse(block.get("id", ""), block.get("name", ""), value,
+            if size > MAX_TEXT:
+                value: Any = f"(input of {size} characters, not kept)"
+                complete = False
+            else:
+                try:
+                    value = json.loads(kept) if kept.strip() else block.get("input") or {}
+                except (ValueError, RecursionError):
+                    value, complete = kept, False
+            self.obs.tool_uses.append(ToolUse(_text(block.get("id")) or "", _text(block.get("name")) or "", value,
                                               server=kind == "server_tool_use", complete=complete))
 
     def finish(self) -> Observation:
@@ -280,6 +361,7 @@ class SseObserver:
                 for index in sorted(self.blocks, key=lambda i: (not isinstance(i, int), i or 0)):
                     self._close_block(index, complete=False)
                 self.obs.text = "".join(self.texts)
+                self.obs.unfinished = not self.stopped and not self.obs.errors
                 if self.usage:
                     self.obs.usage, self.obs.context = billed_usage(self.usage)
                     self.obs.has_usage = True
@@ -372,18 +454,18 @@ def read_request(body: bytes, content_type: str) -> RequestFacts:
         return facts
     try:
         data = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):
         return facts
     if not isinstance(data, dict):
         return facts
-    facts.model = data.get("model") if isinstance(data.get("model"), str) else None
+    facts.model = _text(data.get("model"))
     facts.stream = data.get("stream") is True
     messages = data.get("messages") if isinstance(data.get("messages"), list) else []
     facts.message_count = len(messages)
     facts.tool_count = len(data["tools"]) if isinstance(data.get("tools"), list) else 0
     metadata = data.get("metadata")
-    if isinstance(metadata, dict) and isinstance(metadata.get("user_id"), str):
-        facts.metadata_user_id = metadata["user_id"]
+    if isinstance(metadata, dict):
+        facts.metadata_user_id = _text(metadata.get("user_id"))
     if messages and isinstance(messages[-1], dict) and messages[-1].get("role") == "user":
         _read_user_turn(messages[-1].get("content"), facts)
     return facts

@@ -270,7 +270,9 @@ def _watch_client(client: socket.socket | None, on_hangup: Callable[[], None]) -
 def _chunks(upstream: requests.Response, content_type: str) -> Iterator[bytes]:
     """Yield the body as it arrives: chunk by chunk, or read by read for an unchunked stream."""
     if "chunked" in upstream.headers.get("transfer-encoding", "").lower():
-        return upstream.iter_content(chunk_size=None)
+        # Each chunk as it comes, but never more than READ_CHUNK decoded at once: a gzip bomb
+        # in one chunk is inflated piece by piece, not into memory whole.
+        return upstream.raw.read_chunked(READ_CHUNK, decode_content=True)
     if content_type.startswith(STREAM_TYPES):
         # iter_content would wait for 64 KiB (or the end) before yielding: read what has come.
         return iter(lambda: upstream.raw.read1(READ_CHUNK, decode_content=True), b"")

@@ -72,8 +72,9 @@ def session_key(exchange: Exchange) -> tuple[str | None, str | None]:
 
 
 def failed_exchange(exchange: Exchange) -> bool:
-    """Tell whether an exchange failed: an error status, an error in the answer, or a broken exchange."""
-    return exchange.status >= 400 or exchange.failure is not None or bool(exchange.observation.errors)
+    """Tell whether an exchange failed: an error status, an error in the answer, a broken exchange or stream."""
+    obs = exchange.observation
+    return exchange.status >= 400 or exchange.failure is not None or bool(obs.errors) or obs.unfinished
 
 
 def new_session_id() -> str:

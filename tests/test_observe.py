@@ -227,3 +227,63 @@ def test_an_exchange_lets_its_body_go_once_read():
     ex.read_body()
     assert ex.request.model == "claude-haiku-4-5" and ex.body_bytes == len(body)
     assert ex.body == b"" and ex.summary()["body_bytes"] == len(body)
+
+
+def test_one_huge_event_stops_observation_in_linear_time_with_bounded_memory():
+    import time
+
+    from aspy.observe import MAX_EVENT
+    observer = SseObserver()
+    line = b"data: " + b"x" * (10 * 1024 * 1024) + b"\n\n"
+    started = time.process_time()
+    for i in range(0, len(line), 4096):
+        observer.feed(line[i:i + 4096])
+        assert len(observer.partial) <= MAX_EVENT + 4096 and observer.data_size <= MAX_EVENT + 4096
+    # The old parser re-joined its buffer with every chunk: 24 s for this; linear work takes milliseconds.
+    assert time.process_time() - started < 2
+    assert "over" in observer.finish().parse_error
+
+
+def test_a_stream_without_newlines_is_held_only_up_to_the_bound():
+    from aspy.observe import MAX_EVENT
+    observer = SseObserver()
+    for _ in range(3 * MAX_EVENT // 65536):
+        observer.feed(b"y" * 65536)
+    assert len(observer.partial) == 0 and observer.obs.parse_error
+
+
+def test_odd_types_in_a_stream_are_read_as_far_as_they_make_sense():
+    events = [
+        {"type": "message_start", "message": {"id": 5, "model": {"x": 1}, "usage": {"input_tokens": 10**30}}},
+        {"type": "content_block_start", "index": [1], "content_block": "no"},
+        {"type": "content_block_start", "index": 0, "content_block": {"type": "tool_use", "id": 7, "name": None}},
+        {"type": "content_block_delta", "index": 0, "delta": {"partial_json": "{\"a\": \"\\ud800\\u0000\"}"}},
+        {"type": "content_block_stop", "index": 0},
+        {"type": "message_delta", "delta": ["x"], "usage": {"output_tokens": "3"}},
+        {"type": "message_stop"},
+    ]
+    obs = parse(b"".join(b"data: " + json.dumps(e).encode() + b"\n\n" for e in events))
+    assert obs.parse_error is None and obs.model is None and obs.message_id is None
+    assert obs.usage.input_tokens == 10**12 and obs.usage.output_tokens == 0
+    assert [(t.id, t.name) for t in obs.tool_uses] == [("", "")]
+    assert not obs.unfinished
+
+
+def test_a_stream_that_ends_without_message_stop_is_unfinished():
+    data = (SSE / "sdkpy_snapshot_555fb399_1_text_haiku45.sse").read_bytes()
+    cut = data[:data.index(b"event: message_stop")]
+    assert parse(cut).unfinished and not parse(data).unfinished
+
+
+def test_clean_text_replaces_nul_and_lone_surrogates():
+    from aspy.observe import clean_text
+    assert clean_text("a\x00b\ud800c") == "a\ufffdb\ufffdc"
+    assert clean_text("plain ☃") == "plain ☃"
+
+
+def test_deeply_nested_bodies_give_empty_facts_not_errors():
+    deep = b'{"model": "m", "messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    assert read_request(deep, "application/json").model is None
+    observer = JsonObserver()
+    observer.feed(b'{"type": "message", "content": ' + b"[" * 100_000 + b"]" * 100_000 + b"}")
+    assert "invalid JSON" in observer.finish().parse_error

@@ -24,7 +24,8 @@ import tomlkit
 
 from .config import Config, ConfigError, client_id_problem, config_path, parse_config
 from .models import ModelTable
-from .observe import Usage, read_request
+from .billing import samplings
+from .observe import FIVE_MINUTES, read_request
 from .routing import ANONYMOUS
 from .sessions import Batch
 from .store import ENDED, Event, Message, Session, Store, Transaction
@@ -182,6 +183,8 @@ class LogSession:
     messages: list[Message] = field(default_factory=list)
     # Per-model and per-tool sums, kept and written as the recorder's are.
     shares: Batch = field(default_factory=Batch)
+    # The cache lifetime the session's last request asked for.
+    cache_ttl: str = FIVE_MINUTES
 
 
 @dataclass
@@ -268,6 +271,7 @@ def _apply_record(entry: LogSession, record: dict, at: float, config: Config, mo
         s.requests += 1
         body = record.get("body") if isinstance(record.get("body"), dict) else {}
         facts = read_request(json.dumps(body).encode(), "application/json")
+        entry.cache_ttl = facts.cache_ttl
         event("request", method=record.get("method"), path=record.get("path"), model=facts.model,
               stream=facts.stream, messages=facts.message_count, tools=facts.tool_count,
               body_bytes=record.get("body_size"), imported=True)
@@ -288,15 +292,17 @@ def _apply_record(entry: LogSession, record: dict, at: float, config: Config, mo
         if config.capture_content and text.strip():
             entry.messages.append(Message(s.id, s.client, s.user, "assistant", at, text))
     elif kind == "ApiUsage":
-        model = record.get("model") or "unknown"
-        usage = Usage(input_tokens=_int(record.get("input_tokens")), output_tokens=_int(record.get("output_tokens")),
-                      cache_read=_int(record.get("cache_read_tokens")),
-                      cache_write_5m=_int(record.get("cache_creation_tokens")))
-        cost = models.cost(model, usage)
-        s.usage = s.usage + usage
-        s.cost_usd += cost.usd
-        s.savings_usd += cost.savings_usd
-        entry.shares.add_model(s.id, model, usage, cost)
+        model = record.get("model") if isinstance(record.get("model"), str) else "unknown"
+        usage = {"input_tokens": record.get("input_tokens"), "output_tokens": record.get("output_tokens"),
+                 "cache_read_input_tokens": record.get("cache_read_tokens"),
+                 "cache_creation_input_tokens": record.get("cache_creation_tokens")}
+        # The log has no 5m/1h split: writes take the lifetime the session's last request asked for.
+        for i, part in enumerate(samplings(usage, model, ttl=entry.cache_ttl)):
+            cost = models.price(part)
+            s.usage = s.usage + part.usage
+            s.cost_usd += cost.usd
+            s.savings_usd += cost.savings_usd
+            entry.shares.add_model(s.id, model, part.usage, cost, requests=int(i == 0))
     elif kind == "ToolCall":
         s.tool_calls += 1
         entry.shares.add_tool(s.id, record.get("tool_name") or "unknown", 1, 0)

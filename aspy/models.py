@@ -17,9 +17,16 @@ from typing import Any
 import yaml
 
 from .config import ConfigError
+from .billing import Sampling
 from .observe import Usage
 
 RATE_KEYS = ("input", "output", "cache_write_5m", "cache_write_1h", "cache_read")
+# Table-wide numbers: per 1,000 web searches, and the US-only and Batch API multipliers.
+MULTIPLIERS = ("web_search_per_1k", "geo_us_multiplier", "batch_multiplier")
+ENTRY_KEYS = {*RATE_KEYS, "context_window", "aliases", "long_context", "fast", "geo_us", "beta_context_window",
+              "source", "taken", "note"}
+# The parts of a price class (see price_class): how a sampling's tokens are priced.
+STANDARD, FAST, LONG, US, BATCH, UNBILLED = "standard", "fast", "long", "us", "batch", "unbilled"
 PROVIDER_PREFIX = re.compile(r"^(?:(?:us|eu|apac|jp|au|global)\.)?anthropic\.")
 SUFFIXES = (re.compile(r"\[1m\]$"), re.compile(r"@.*$"), re.compile(r"-v\d+(?::\d+)?$"),
             re.compile(r"-\d{8}$"), re.compile(r"-latest$"))
@@ -39,7 +46,7 @@ class Rates:
 
 @dataclass(frozen=True)
 class Model:
-    """One table entry."""
+    """One table entry, with where its prices come from."""
 
     id: str
     rates: Rates
@@ -47,15 +54,24 @@ class Model:
     # Prompts (input + cache reads + cache writes) above this many tokens use long_rates.
     long_above: int | None = None
     long_rates: Rates | None = None
+    # Rates when usage.speed is "fast"; None where the model has no fast mode.
+    fast: Rates | None = None
+    # Whether US-only inference (usage.inference_geo "us") costs the table's geo_us multiplier.
+    geo_us: bool = False
+    # The context window the context-1m beta opens, for the models that have that option.
+    beta_context_window: int | None = None
+    source: str = ""
+    taken: str = ""
 
 
 @dataclass(frozen=True)
 class Cost:
-    """What one response cost, and what its cache reads saved."""
+    """What one sampling cost, what its cache reads saved, and the price class it was billed in."""
 
     usd: float
     savings_usd: float
     priced: bool
+    price_class: str = STANDARD
 
 
 def family(model_id: str) -> str:
@@ -66,16 +82,25 @@ def family(model_id: str) -> str:
     return name
 
 
+def price_class(sampling: Sampling, long: bool = False) -> str:
+    """Name the price a sampling is billed at: its speed, band and multipliers, e.g. ``fast+us``."""
+    flags = [FAST if sampling.fast else STANDARD]
+    flags += [LONG] * long + [US] * sampling.geo_us + [BATCH] * sampling.batch + [UNBILLED] * (not sampling.billed)
+    return "+".join(flags)
+
+
 class ModelTable:
     """Look up models and price usage."""
 
     def __init__(self, models: dict[str, Model], aliases: dict[str, str], web_search_per_1k: float,
-                 source: str, taken: str):
+                 source: str, taken: str, geo_us_multiplier: float = 1.1, batch_multiplier: float = 0.5):
         self.models = models
         self.aliases = aliases
         self.web_search_per_1k = web_search_per_1k
         self.source = source
         self.taken = taken
+        self.geo_us_multiplier = geo_us_multiplier
+        self.batch_multiplier = batch_multiplier
 
     def find(self, model_id: str | None) -> Model | None:
         """Return the entry for a model id, or None when the table does not know it."""
@@ -85,27 +110,48 @@ class ModelTable:
         return self.models.get(self.aliases.get(key, key))
 
     def context_limit(self, model_id: str | None, beta: str = "") -> int | None:
-        """Return the context window, 1M when the request asked for the context-1m beta."""
-        if "context-1m" in beta:
-            return ONE_MILLION_CONTEXT
-        model = self.find(model_id)
-        return model.context_window if model else None
-
-    def cost(self, model_id: str | None, usage: Usage) -> Cost:
-        """Price one response's billed usage at list price; an unknown model costs 0."""
+        """Return the context window; the context-1m beta widens it only for models that have that option."""
         model = self.find(model_id)
         if model is None:
-            return Cost(0.0, 0.0, priced=False)
+            return None
+        if "context-1m" in beta and model.beta_context_window:
+            return model.beta_context_window
+        return model.context_window
+
+    def price(self, sampling: Sampling) -> Cost:
+        """Price one sampling at list price; a model the table does not know costs 0 and says so."""
+        model = self.find(sampling.model)
+        if model is None:
+            return Cost(0.0, 0.0, priced=False, price_class=price_class(sampling))
+        prompt = sampling.band_prompt if sampling.band_prompt is not None else sampling.usage.prompt_tokens
+        # Fast mode has one price across the whole window.
+        long = (not sampling.fast and model.long_above is not None and model.long_rates is not None
+                and prompt > model.long_above)
+        return self.charge(model, price_class(sampling, long), sampling.usage)
+
+    def charge(self, model: Model, klass: str, usage: Usage) -> Cost:
+        """Return what tokens cost at a model's price class (the one place rates meet tokens)."""
+        flags = set(klass.split("+"))
+        if UNBILLED in flags:
+            return Cost(0.0, 0.0, priced=True, price_class=klass)
         rates = model.rates
-        prompt = usage.input_tokens + usage.cache_read + usage.cache_write
-        if model.long_rates and model.long_above is not None and prompt > model.long_above:
+        if FAST in flags and model.fast:
+            rates = model.fast
+        elif LONG in flags and model.long_rates:
             rates = model.long_rates
+        multiplier = ((self.geo_us_multiplier if US in flags and model.geo_us else 1.0)
+                      * (self.batch_multiplier if BATCH in flags else 1.0))
         tokens = (usage.input_tokens * rates.input + usage.output_tokens * rates.output
                   + usage.cache_write_5m * rates.cache_write_5m + usage.cache_write_1h * rates.cache_write_1h
                   + usage.cache_read * rates.cache_read)
         searches = usage.web_search_requests * self.web_search_per_1k / 1000
-        savings = usage.cache_read * (rates.input - rates.cache_read) / 1e6
-        return Cost(tokens / 1e6 + searches, savings, priced=True)
+        savings = usage.cache_read * (rates.input - rates.cache_read) * multiplier / 1e6
+        return Cost(tokens * multiplier / 1e6 + searches, savings, priced=True, price_class=klass)
+
+    def reprice(self, model_id: str, klass: str, usage: Usage) -> Cost | None:
+        """Price tokens recorded unpriced, now that the table may know their model; None if it still does not."""
+        model = self.find(model_id)
+        return self.charge(model, klass, usage) if model else None
 
 
 def load_models(config_dir: Path | None = None) -> ModelTable:
@@ -121,11 +167,11 @@ def load_models(config_dir: Path | None = None) -> ModelTable:
         override = _parse(user, str(user_file), partial=True)
         data["models"].update(override["models"])
         data["aliases"].update(override["aliases"])
-        for key in ("web_search_per_1k", "source", "taken"):
+        for key in ("source", "taken", *MULTIPLIERS):
             if key in override:
                 data[key] = override[key]
-    return ModelTable(data["models"], data["aliases"], data["web_search_per_1k"],
-                      data.get("source", ""), data.get("taken", ""))
+    return ModelTable(data["models"], data["aliases"], data["web_search_per_1k"], data.get("source", ""),
+                      data.get("taken", ""), data["geo_us_multiplier"], data["batch_multiplier"])
 
 
 def _parse(doc: Any, where: str, partial: bool = False) -> dict[str, Any]:
@@ -137,12 +183,13 @@ def _parse(doc: Any, where: str, partial: bool = False) -> dict[str, Any]:
     for key in ("source", "taken"):
         if key in doc:
             out[key] = str(doc[key])
-    if "web_search_per_1k" in doc or not partial:
-        price = doc.get("web_search_per_1k")
-        if not _is_price(price):
-            problems.append(f"{where}: web_search_per_1k: expected a price in USD, got {price!r}")
-        else:
-            out["web_search_per_1k"] = float(price)
+    for key in MULTIPLIERS:
+        if key in doc or not partial:
+            value = doc.get(key)
+            if not _is_price(value):
+                problems.append(f"{where}: {key}: expected a number, got {value!r}")
+            else:
+                out[key] = float(value)
     models = doc.get("models", {})
     if not isinstance(models, dict):
         problems.append(f"{where}: models: expected a mapping of model ids")
@@ -157,17 +204,31 @@ def _parse(doc: Any, where: str, partial: bool = False) -> dict[str, Any]:
         if not isinstance(window, int) or isinstance(window, bool) or window <= 0:
             problems.append(f"{spot}: context_window: expected a whole number of tokens, got {window!r}")
             continue
-        long_above = long_rates = None
+        for unknown in sorted(set(entry) - ENTRY_KEYS, key=str):
+            problems.append(f"{spot}: {unknown}: not a known key (expected one of {', '.join(sorted(ENTRY_KEYS))})")
+        long_above = long_rates = fast = None
         if "long_context" in entry:
             long = entry["long_context"]
             if not isinstance(long, dict) or not isinstance(long.get("above"), int):
                 problems.append(f"{spot}: long_context: expected {{above: TOKENS, input: ..., ...}}")
             else:
                 long_above, long_rates = long["above"], _rates(long, f"{spot}.long_context", problems)
+        if "fast" in entry:
+            if isinstance(entry["fast"], dict):
+                fast = _rates(entry["fast"], f"{spot}.fast", problems)
+            else:
+                problems.append(f"{spot}: fast: expected {{input: ..., output: ..., ...}}")
+        beta_window = entry.get("beta_context_window")
+        if beta_window is not None and (not isinstance(beta_window, int) or beta_window <= 0):
+            problems.append(f"{spot}: beta_context_window: expected a whole number of tokens, got {beta_window!r}")
+        if not isinstance(entry.get("geo_us", False), bool):
+            problems.append(f"{spot}: geo_us: expected true or false, got {entry['geo_us']!r}")
         if rates is None:
             continue
         key = family(str(model_id))
-        out["models"][key] = Model(key, rates, window, long_above, long_rates)
+        out["models"][key] = Model(key, rates, window, long_above, long_rates, fast, entry.get("geo_us") is True,
+                                   beta_window if isinstance(beta_window, int) else None,
+                                   str(entry.get("source", "")), str(entry.get("taken", "")))
         for alias in entry.get("aliases", []):
             out["aliases"][family(str(alias))] = key
     if problems:

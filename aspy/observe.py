@@ -21,6 +21,10 @@ log = logging.getLogger(__name__)
 
 # Non-streaming answers are parsed only up to this size; past it they are counted.
 MAX_JSON_BODY = 32 * 1024 * 1024
+# Cache lifetimes a request can ask for (cache_control.ttl).
+FIVE_MINUTES, ONE_HOUR = "5m", "1h"
+# A batch results download is observed up to this many results; past it, counted only.
+MAX_BATCH_RESULTS = 10_000
 # One stream event (or line) larger than this stops the observation of its exchange.
 MAX_EVENT = 4 * 1024 * 1024
 # Assistant text, thinking and each tool input are kept up to this size (for search and events).
@@ -47,9 +51,14 @@ class Usage:
         return self.cache_write_5m + self.cache_write_1h
 
     @property
+    def prompt_tokens(self) -> int:
+        """Return the whole prompt: new input, cache reads and cache writes."""
+        return self.input_tokens + self.cache_read + self.cache_write
+
+    @property
     def context_tokens(self) -> int:
         """Return what this response held in its context window."""
-        return self.input_tokens + self.cache_read + self.cache_write
+        return self.prompt_tokens
 
     def __add__(self, other: Usage) -> Usage:
         return Usage(*(a + b for a, b in zip(self.astuple(), other.astuple())))
@@ -59,39 +68,8 @@ class Usage:
         return (self.input_tokens, self.output_tokens, self.cache_read, self.cache_write_5m,
                 self.cache_write_1h, self.web_search_requests)
 
-    @classmethod
-    def from_api(cls, usage: dict) -> Usage:
-        """Read one API ``usage`` object (no iterations)."""
-        total_write = _count(usage.get("cache_creation_input_tokens"))
-        split = usage.get("cache_creation") or {}
-        write_1h = _count(split.get("ephemeral_1h_input_tokens"))
-        write_5m = total_write - write_1h if "cache_creation_input_tokens" in usage else \
-            _count(split.get("ephemeral_5m_input_tokens"))
-        server_tools = usage.get("server_tool_use") or {}
-        return cls(
-            input_tokens=_count(usage.get("input_tokens")),
-            output_tokens=_count(usage.get("output_tokens")),
-            cache_read=_count(usage.get("cache_read_input_tokens")),
-            cache_write_5m=max(write_5m, 0),
-            cache_write_1h=write_1h,
-            web_search_requests=_count(server_tools.get("web_search_requests")),
-        )
 
-
-def billed_usage(usage: dict) -> tuple[Usage, Usage]:
-    """Return (billed, last) usage; with ``iterations`` the bill is their sum, the context the last."""
-    iterations = usage.get("iterations")
-    top = Usage.from_api(usage)
-    if not isinstance(iterations, list) or not iterations:
-        return top, top
-    parts = [Usage.from_api(it) for it in iterations if isinstance(it, dict)]
-    billed = sum(parts, Usage())
-    # Web searches are reported once, for the whole response.
-    billed.web_search_requests = top.web_search_requests
-    return billed, parts[-1]
-
-
-def _count(value: Any) -> int:
+def count(value: Any) -> int:
     """Return a token count, treating a missing or odd value as 0 and an absurd one as the ceiling."""
     return min(value, MAX_COUNT) if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
 
@@ -136,14 +114,29 @@ class ToolUse:
 
 
 @dataclass
+class BatchResult:
+    """One succeeded request of a Message Batch, as its results file reports it."""
+
+    model: str | None
+    usage: dict
+    stop_reason: str | None
+    produced_output: bool
+
+
+@dataclass
 class Observation:
     """What the response said: model, stop reason, usage, content, errors."""
 
     model: str | None = None
     stop_reason: str | None = None
-    usage: Usage = field(default_factory=Usage)
-    context: Usage = field(default_factory=Usage)
-    has_usage: bool = False
+    # The final usage object as the API reported it (message_delta's fields over message_start's),
+    # and message_start's own: the bill is read from them once the request is known too.
+    usage: dict | None = None
+    start_usage: dict = field(default_factory=dict)
+    # Whether any content came back: a refusal before any output is not billed.
+    produced_output: bool = False
+    # A Message Batches results download: each succeeded result, billed at batch rates.
+    batch_results: list[BatchResult] = field(default_factory=list)
     tool_uses: list[ToolUse] = field(default_factory=list)
     thinking: list[str] = field(default_factory=list)
     text: str = ""
@@ -174,9 +167,9 @@ def read_message(message: dict, obs: Observation) -> None:
             obs.tool_uses.append(ToolUse(_text(block.get("id")) or "", _text(block.get("name")) or "",
                                          block.get("input", {}), server=kind == "server_tool_use"))
     obs.text = "".join(texts)
+    obs.produced_output = bool(content)
     if isinstance(message.get("usage"), dict):
-        obs.usage, obs.context = billed_usage(message["usage"])
-        obs.has_usage = True
+        obs.usage = message["usage"]
 
 
 class JsonObserver:
@@ -310,6 +303,7 @@ class SseObserver:
                     block[1].append(piece)
                 block[3] += len(piece)
         elif kind == "content_block_start":
+            obs.produced_output = True
             block = _dict(payload.get("content_block"))
             self.blocks[_key(payload.get("index"))] = [block.get("type"), [], block, 0]
         elif kind == "content_block_stop":
@@ -319,6 +313,7 @@ class SseObserver:
             obs.message_id = _text(message.get("id"))
             obs.model = _text(message.get("model"))
             self.usage = dict(_dict(message.get("usage")))
+            self.obs.start_usage = dict(self.usage)
         elif kind == "message_delta":
             stop_reason = _dict(payload.get("delta")).get("stop_reason")
             obs.stop_reason = _text(stop_reason) or obs.stop_reason
@@ -363,8 +358,7 @@ class SseObserver:
                 self.obs.text = "".join(self.texts)
                 self.obs.unfinished = not self.stopped and not self.obs.errors
                 if self.usage:
-                    self.obs.usage, self.obs.context = billed_usage(self.usage)
-                    self.obs.has_usage = True
+                    self.obs.usage = self.usage
             except Exception as exc:
                 log.exception("event stream parser failed at the end of the stream")
                 self.obs.parse_error = f"{type(exc).__name__}: {exc}"
@@ -397,6 +391,53 @@ class BedrockObserver(SseObserver):
             self.usage = metrics
 
 
+class BatchResultsObserver:
+    """Read a Message Batches results file (JSONL) line by line: each succeeded result is billed."""
+
+    def __init__(self) -> None:
+        self.obs = Observation()
+        self.partial = bytearray()
+
+    def feed(self, chunk: bytes) -> None:
+        """Take the next bytes; read every line they complete."""
+        if self.obs.parse_error:
+            return
+        lines = chunk.split(b"\n")
+        if len(lines) > 1:
+            self.partial += lines[0]
+            self._line(bytes(self.partial))
+            self.partial = bytearray()
+            for line in lines[1:-1]:
+                self._line(line)
+        self.partial += lines[-1]
+        if len(self.partial) > MAX_JSON_BODY:
+            self.obs.parse_error = f"a batch result over {MAX_JSON_BODY} bytes"
+            self.partial = bytearray()
+
+    def _line(self, line: bytes) -> None:
+        if not line.strip() or self.obs.parse_error:
+            return
+        if len(self.obs.batch_results) >= MAX_BATCH_RESULTS:
+            self.obs.parse_error = f"more than {MAX_BATCH_RESULTS} batch results"
+            return
+        try:
+            entry = json.loads(line)
+        except (ValueError, RecursionError):
+            return
+        result = _dict(_dict(entry).get("result"))
+        message = _dict(result.get("message"))
+        if result.get("type") == "succeeded" and isinstance(message.get("usage"), dict):
+            content = message.get("content")
+            self.obs.batch_results.append(BatchResult(_text(message.get("model")), message["usage"],
+                                                      _text(message.get("stop_reason")), bool(content)))
+
+    def finish(self) -> Observation:
+        """Read a last line left without its newline."""
+        if self.partial and not self.obs.parse_error:
+            self._line(bytes(self.partial))
+        return self.obs
+
+
 class CountingObserver:
     """Observe a body that is not parsed (files, anything but JSON and event streams): count its bytes."""
 
@@ -411,8 +452,10 @@ class CountingObserver:
         return self.obs
 
 
-def observer_for(content_type: str) -> SseObserver | JsonObserver | CountingObserver:
-    """Pick how to observe a response by its content type."""
+def observer_for(content_type: str, path: str = "") -> Observer:
+    """Pick how to observe a response by its content type (or, for batch results, its path)."""
+    if BATCH_RESULTS_PATH.search(path.split("?", 1)[0]):
+        return BatchResultsObserver()
     mime = content_type.split(";", 1)[0].strip().lower()
     if mime == "text/event-stream":
         return SseObserver()
@@ -426,11 +469,19 @@ def observer_for(content_type: str) -> SseObserver | JsonObserver | CountingObse
 # The paths of a Messages call on each provider: Anthropic and Azure Foundry, Vertex, Bedrock.
 MESSAGES_PATH = re.compile(r"(?:/v1/messages|/publishers/anthropic/models/[^/]+:(?:stream)?rawPredict"
                            r"|/model/[^/]+/invoke(?:-with-response-stream)?)$", re.IGNORECASE)
+# Downloading a Message Batch's results: where the batch's messages, and their bill, arrive.
+BATCH_RESULTS_PATH = re.compile(r"/v1/messages/batches/[^/]+/results$")
 
 
 def is_messages_call(method: str, path: str) -> bool:
-    """Tell whether a request asks a model for a message (not a probe, a model list or count_tokens)."""
-    return method == "POST" and MESSAGES_PATH.search(path.split("?", 1)[0]) is not None
+    """Tell whether a request brings back messages to bill (not a probe, a model list or count_tokens)."""
+    path = path.split("?", 1)[0]
+    if method == "GET":
+        return BATCH_RESULTS_PATH.search(path) is not None
+    return method == "POST" and MESSAGES_PATH.search(path) is not None
+
+
+Observer = SseObserver | JsonObserver | BatchResultsObserver | CountingObserver
 
 
 @dataclass
@@ -445,6 +496,8 @@ class RequestFacts:
     # From the last user message: its text, and the tool results it carries.
     prompt: str = ""
     tool_results: list[tuple[str, bool]] = field(default_factory=list)
+    # The lifetime cache writes take when the response does not split them.
+    cache_ttl: str = FIVE_MINUTES
 
 
 def read_request(body: bytes, content_type: str) -> RequestFacts:
@@ -468,7 +521,26 @@ def read_request(body: bytes, content_type: str) -> RequestFacts:
         facts.metadata_user_id = _text(metadata.get("user_id"))
     if messages and isinstance(messages[-1], dict) and messages[-1].get("role") == "user":
         _read_user_turn(messages[-1].get("content"), facts)
+    facts.cache_ttl = _cache_ttl(data)
     return facts
+
+
+def _cache_ttl(request: dict) -> str:
+    """Return the lifetime of the request's last cache breakpoint (tools, then system, then messages)."""
+    last = FIVE_MINUTES
+    blocks: list[Any] = []
+    for key in ("tools", "system"):
+        if isinstance(request.get(key), list):
+            blocks += request[key]
+    for message in request.get("messages") if isinstance(request.get("messages"), list) else []:
+        content = message.get("content") if isinstance(message, dict) else None
+        if isinstance(content, list):
+            blocks += content
+    for block in blocks:
+        control = block.get("cache_control") if isinstance(block, dict) else None
+        if isinstance(control, dict):
+            last = ONE_HOUR if control.get("ttl") == ONE_HOUR else FIVE_MINUTES
+    return last
 
 
 def _read_user_turn(content: Any, facts: RequestFacts) -> None:
@@ -528,7 +600,7 @@ class Exchange:
 
     def summary(self) -> dict[str, Any]:
         """Return the exchange as one flat, secret-free dict for the log."""
-        obs, usage = self.observation, self.observation.usage
+        obs = self.observation
         return {
             "client": self.client, "provider": self.provider, "user": self.user,
             "method": self.method, "path": self.path, "status": self.status,
@@ -537,9 +609,7 @@ class Exchange:
             "body_bytes": self.body_bytes, "response_bytes": self.response_bytes,
             "ttfb_ms": round(self.ttfb_ms, 1) if self.ttfb_ms is not None else None,
             "duration_ms": round(self.duration_ms, 1), "stop_reason": obs.stop_reason,
-            "input_tokens": usage.input_tokens, "output_tokens": usage.output_tokens,
-            "cache_read": usage.cache_read, "cache_write_5m": usage.cache_write_5m,
-            "cache_write_1h": usage.cache_write_1h, "web_searches": usage.web_search_requests,
+            "usage": obs.usage, "batch_results": len(obs.batch_results) or None,
             "tool_uses": [t.name for t in obs.tool_uses], "thinking_blocks": len(obs.thinking),
             "errors": [e.get("type") for e in obs.errors], "request_id": self.request_id,
             "failure": self.failure, "parse_error": obs.parse_error,

@@ -201,7 +201,7 @@ def forward(_path: str) -> Response:
 
 def _relay(upstream: requests.Response, exchange: Exchange, client: socket.socket | None) -> Iterator[bytes]:
     """Yield the upstream body as it arrives, observing each chunk after it went out."""
-    observer = observer_for(exchange.response_type)
+    observer = observer_for(exchange.response_type, exchange.path)
     exchange.observer = observer
     gone = threading.Event()
 

@@ -8,6 +8,7 @@ Sessions with no traffic for ``end_after`` are ended and archived on the way.
 from __future__ import annotations
 
 import json
+import logging
 import re
 import time
 import uuid
@@ -16,9 +17,12 @@ from typing import Any
 
 from .config import Client, Config
 from .models import Cost, ModelTable
+from .billing import bill, context_of
 from .observe import Exchange, Usage, is_messages_call
 from .routing import ANONYMOUS
 from .store import ACTIVE, ENDED, IDLE, Event, Message, ModelUsage, Session, Store, Transaction
+
+log = logging.getLogger(__name__)
 
 COMPACTION_FLOOR = 10_000
 COMPACTION_DROP = 0.7
@@ -91,7 +95,7 @@ class Batch:
     events: list[Event] = field(default_factory=list)
     messages: list[Message] = field(default_factory=list)
     # Per (session, model) and (session, tool) sums, written once per batch.
-    models: dict[tuple[str, str], ModelUsage] = field(default_factory=dict)
+    models: dict[tuple[str, str, str], ModelUsage] = field(default_factory=dict)
     tools: dict[tuple[str, str], list[int]] = field(default_factory=dict)
     # Requests outside any session, per (client, user): [requests, failed, last seen].
     traffic: dict[tuple[str | None, str], list[float]] = field(default_factory=dict)
@@ -103,10 +107,11 @@ class Batch:
         counts[1] += failed
         counts[2] = max(counts[2], at)
 
-    def add_model(self, session_id: str, model: str, usage: Usage, cost: Cost) -> None:
-        """Add one response to a model's share of a session."""
-        share = self.models.setdefault((session_id, model), ModelUsage(requests=0, priced=cost.priced))
-        share.requests += 1
+    def add_model(self, session_id: str, model: str, usage: Usage, cost: Cost, requests: int = 1) -> None:
+        """Add a sampling to a model's share of a session, in its price class."""
+        share = self.models.setdefault((session_id, model, cost.price_class),
+                                       ModelUsage(requests=0, priced=cost.priced))
+        share.requests += requests
         share.usage = share.usage + usage
         share.cost_usd += cost.usd
         share.savings_usd += cost.savings_usd
@@ -119,9 +124,9 @@ class Batch:
 
     def write_shares(self, tx: Transaction) -> None:
         """Write the per-model and per-tool sums."""
-        for (session_id, model), share in self.models.items():
-            tx.add_model_usage(session_id, model, share.usage, share.cost_usd, share.savings_usd, share.priced,
-                               share.requests)
+        for (session_id, model, klass), share in self.models.items():
+            tx.add_model_usage(session_id, model, klass, share.usage, share.cost_usd, share.savings_usd,
+                               share.priced, share.requests)
         for (session_id, tool), (calls, failed) in self.tools.items():
             tx.add_tool_counts(session_id, tool, calls, failed)
         for (client, user), (requests, failed, last_seen) in self.traffic.items():
@@ -147,6 +152,9 @@ class Sessions:
         self.hash_owner = {h: c for c in config.clients.values() for h in c.legacy_user_hashes}
         # Sessions written since the last upkeep, whose event buffers may need trimming.
         self.touched: set[str] = set()
+        self.told_unpriced: set[str] = set()
+        # The history recorded without a price is priced once per process, by its first upkeep.
+        self.repriced = False
         self.next_upkeep = 0.0
 
     def identity(self, client_id: str | None, user: str) -> Identity:
@@ -178,7 +186,10 @@ class Sessions:
         self.touched.update(batch.sessions)
 
     def _upkeep(self, tx: Transaction, now: float) -> None:
-        """End idle-too-long sessions, trim event buffers and apply the retention."""
+        """End idle-too-long sessions, trim event buffers, apply the retention; once, price unpriced history."""
+        if not self.repriced:
+            self.reprice(tx)
+            self.repriced = True
         self._expire(tx, now)
         tx.prune(sorted(self.touched), self.config.sessions.events_per_session,
                  now - self.config.store.retention_days * 86400)
@@ -288,24 +299,33 @@ class Sessions:
                 batch.add_tool(s.id, tool, 0, 1)
             events.append(self._event(s, "tool_result", ex.started_at, tool=tool, tool_use_id=tool_use_id,
                                       is_error=is_error, duration_ms=round((ex.started_at - called_at) * 1000, 1)))
-        cost_usd = 0.0
-        if obs.has_usage and model:
-            cost = self.models.cost(model, obs.usage)
-            cost_usd = cost.usd
-            s.usage = s.usage + obs.usage
+        cost_usd, unpriced, usage = 0.0, set(), Usage()
+        parts = bill(ex)
+        if obs.batch_results and not self._first_billing(tx, ex):
+            parts = []
+        for i, part in enumerate(parts):
+            cost = self.models.price(part)
+            cost_usd += cost.usd
+            usage = usage + part.usage
             s.cost_usd += cost.usd
             s.savings_usd += cost.savings_usd
-            batch.add_model(s.id, model, obs.usage, cost)
+            name = part.model or "unknown"
+            if not cost.priced:
+                unpriced.add(name)
+            # A response counts once, in the share of the model that answered it (its first sampling).
+            batch.add_model(s.id, name, part.usage, cost, requests=int(i == 0))
+        s.usage = s.usage + usage
+        self._tell_unpriced(unpriced)
         if ex.ttfb_ms is not None:
             s.ttfb_total_ms += ex.ttfb_ms
             s.ttfb_count += 1
-        usage = obs.usage
         events.append(self._event(
             s, "response", done_at, status=ex.status, model=model, stop_reason=obs.stop_reason,
             usage={"input_tokens": usage.input_tokens, "output_tokens": usage.output_tokens,
                    "cache_read": usage.cache_read, "cache_write_5m": usage.cache_write_5m,
                    "cache_write_1h": usage.cache_write_1h, "web_search_requests": usage.web_search_requests},
-            cost_usd=round(cost_usd, 10), ttfb_ms=round(ex.ttfb_ms, 1) if ex.ttfb_ms is not None else None,
+            cost_usd=round(cost_usd, 10), unpriced_models=sorted(unpriced) or None,
+            ttfb_ms=round(ex.ttfb_ms, 1) if ex.ttfb_ms is not None else None,
             duration_ms=round(ex.duration_ms, 1), request_id=ex.request_id, agent_id=agent))
         capture = self.config.capture_content
         for text in obs.thinking:
@@ -327,7 +347,7 @@ class Sessions:
             events.append(self._event(s, "error", done_at, status=ex.status, error_type="proxy", message=ex.failure))
         if self._rate_limited(ex):
             events.append(self._event(s, "rate_limit", done_at, status=ex.status, headers=ex.rate_limits))
-        if agent is None and obs.has_usage and ex.status < 400:
+        if agent is None and obs.usage is not None and ex.status < 400:
             compact = self._move_context(s, ex)
             if compact:
                 events.append(self._event(s, "context_compact", done_at, **compact))
@@ -338,9 +358,34 @@ class Sessions:
             if obs.text.strip():
                 batch.messages.append(Message(s.id, s.client, s.user, "assistant", done_at, obs.text))
 
+    @staticmethod
+    def _first_billing(tx: Transaction, ex: Exchange) -> bool:
+        """Tell whether this download of a batch's results is the one to bill: the first complete one."""
+        batch_id = ex.path.split("?", 1)[0].rstrip("/").split("/")[-2]
+        return ex.complete and ex.failure is None and tx.first_billing_of_batch(batch_id, ex.started_at)
+
+    def reprice(self, tx: Transaction) -> int:
+        """Price the shares recorded while the table did not know their model; return how many."""
+        priced = 0
+        for session_id, model, klass, usage in tx.unpriced_shares():
+            cost = self.models.reprice(model, klass, usage)
+            if cost is not None:
+                tx.price_share(session_id, model, klass, cost.usd, cost.savings_usd)
+                priced += 1
+        if priced:
+            log.info("priced %d shares of history recorded before the model table knew their model", priced)
+        return priced
+
+    def _tell_unpriced(self, models: set[str]) -> None:
+        """Log, once per model and process, that the table cannot price a model seen in traffic."""
+        for model in sorted(models - self.told_unpriced):
+            log.warning("no price for model %r: its cost counts as 0 until models.yaml has it "
+                        "(aspy models lists what is missing)", model)
+            self.told_unpriced.add(model)
+
     def _move_context(self, s: Session, ex: Exchange) -> dict[str, int] | None:
         """Set the context gauge from a main-thread response; return a detected compaction."""
-        current = ex.observation.context.context_tokens
+        current = context_of(ex.observation.usage or {}, ex.request.cache_ttl).context_tokens
         before = s.context_tokens
         s.context_tokens = current
         s.context_model = ex.model

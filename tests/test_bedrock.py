@@ -13,6 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from aspy.billing import tokens
 from aspy.bedrock import MAX_FRAME, BedrockDecoder, FrameError, read_headers
 from aspy.observe import SseObserver
 
@@ -134,7 +135,7 @@ def test_real_stream_events_read_by_the_sse_observer_give_the_billed_usage() -> 
     obs = observer.finish()
     assert (obs.model, obs.stop_reason, obs.message_id) == \
         ("claude-sonnet-4-20250514", "end_turn", "msg_bdrk_01Cvb6nyDr4qNiwfcJMF8njo")
-    assert obs.usage.astuple() == (17, 322, 0, 0, 0, 0)
+    assert tokens(obs.usage).astuple() == (17, 322, 0, 0, 0, 0)
     assert len(obs.text) == 1558
 
 

@@ -10,6 +10,7 @@ import uuid
 import pytest
 
 from aspy.store import open_store
+from aspy.store.sqlite import SCHEMA_VERSION
 from conftest import POSTGRES_URL, free_port, postgres_database
 
 
@@ -30,7 +31,7 @@ def test_a_current_sqlite_store_is_reported_current(tmp_path):
     url = f"sqlite:///{tmp_path / 'aspy.db'}"
     open_store(url).check()
     done = check(tmp_path, url)
-    assert done.returncode == 0 and "reachable, schema version 2 (current)" in done.stdout
+    assert done.returncode == 0 and f"reachable, schema version {SCHEMA_VERSION} (current)" in done.stdout
 
 
 def test_a_store_newer_than_aspy_fails_the_check(tmp_path):
@@ -56,6 +57,6 @@ def test_a_postgresql_store_is_checked_then_current(tmp_path):
         assert "not created yet" in check(tmp_path, url).stdout
         open_store(url).check()
         done = check(tmp_path, url)
-        assert done.returncode == 0 and "schema version 2 (current)" in done.stdout
+        assert done.returncode == 0 and f"schema version {SCHEMA_VERSION} (current)" in done.stdout
     finally:
         postgres_database(name, create=False)

@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import pytest
 
+from aspy.billing import Sampling
 from aspy.config import ConfigError
 from aspy.models import family, load_models
 from aspy.observe import Usage
-from test_observe import EXPECTED, SSE, parse, vercel_stream
+from test_observe import EXPECTED, SSE, billed, parse, vercel_stream
 
 # List prices per million tokens, copied by hand from Anthropic's pricing page:
 # input, output, 5m cache write, 1h cache write, cache read.
@@ -21,6 +22,11 @@ LIST_PRICES = {
     "claude-sonnet-4-6": (3, 15, 3.75, 6, 0.30),
     "claude-sonnet-5": (2, 10, 2.5, 4, 0.20),
 }
+
+
+def cost(table, model: str, usage: Usage):
+    """Price one sampling of a model at standard speed."""
+    return table.price(Sampling(model, usage))
 
 
 @pytest.fixture(scope="module")
@@ -39,33 +45,33 @@ def list_price(model: str, usage: tuple[int, ...]) -> float:
 def test_every_capture_is_billed_at_list_price(table, name):
     model, _, usage, _, _ = EXPECTED[name]
     obs = parse((SSE / name).read_bytes())
-    cost = table.cost(obs.model, obs.usage)
-    assert cost.priced
-    assert cost.usd == pytest.approx(list_price(model, usage), abs=1e-12)
+    charged = cost(table, obs.model, billed(obs))
+    assert charged.priced
+    assert charged.usd == pytest.approx(list_price(model, usage), abs=1e-12)
 
 
 def test_web_search_capture_bills_the_search(table):
     obs = parse((SSE / "llm-anthropic_web_search_server_tool_opus41.sse").read_bytes())
     # 10,423 input at $15, 341 output at $75, one search at $10 per 1,000.
-    assert table.cost(obs.model, obs.usage).usd == pytest.approx(0.156345 + 0.025575 + 0.01)
+    assert cost(table, obs.model, billed(obs)).usd == pytest.approx(0.156345 + 0.025575 + 0.01)
 
 
 def test_compaction_capture_bills_the_sum_of_its_iterations(table):
     obs = parse((SSE / "pydantic-ai_compaction_cache_read_sonnet46.sse").read_bytes())
     # (100 + 181) input, (83 + 8) output, 55,096 cache reads, at Sonnet 4.6 list price.
-    assert table.cost(obs.model, obs.usage).usd == pytest.approx((281 * 3 + 91 * 15 + 55096 * 0.30) / 1e6)
+    assert cost(table, obs.model, billed(obs)).usd == pytest.approx((281 * 3 + 91 * 15 + 55096 * 0.30) / 1e6)
 
 
 def test_cache_writes_are_priced_by_lifetime(table):
     obs = parse(vercel_stream())
-    expected = list_price("claude-sonnet-5", obs.usage.astuple())
-    assert table.cost(obs.model, obs.usage).usd == pytest.approx(expected)
-    assert obs.usage.cache_write_5m == 3337
+    expected = list_price("claude-sonnet-5", billed(obs).astuple())
+    assert cost(table, obs.model, billed(obs)).usd == pytest.approx(expected)
+    assert billed(obs).cache_write_5m == 3337
 
 
 def test_cache_savings_are_what_reads_saved_against_input_price(table):
-    cost = table.cost("claude-sonnet-4-6", Usage(cache_read=1_000_000))
-    assert cost.savings_usd == pytest.approx(3.0 - 0.30)
+    charged = cost(table, "claude-sonnet-4-6", Usage(cache_read=1_000_000))
+    assert charged.savings_usd == pytest.approx(3.0 - 0.30)
 
 
 @pytest.mark.parametrize("model_id,key", [
@@ -92,27 +98,37 @@ def test_every_current_family_is_priced(table, model_id):
 
 @pytest.mark.parametrize("model_id", ["claude-opus-4-9", "claude-sonnet-4-5-extra", "gpt-5", "claude-opus"])
 def test_unknown_models_are_never_priced_as_another(table, model_id):
-    cost = table.cost(model_id, Usage(input_tokens=1000, output_tokens=1000))
-    assert not cost.priced and cost.usd == 0
+    charged = cost(table, model_id, Usage(input_tokens=1000, output_tokens=1000))
+    assert not charged.priced and charged.usd == 0
 
 
 def test_long_prompts_use_the_long_context_band(table):
-    short = table.cost("claude-sonnet-4-5", Usage(input_tokens=200_000, output_tokens=1000))
-    long = table.cost("claude-sonnet-4-5", Usage(input_tokens=200_001, output_tokens=1000))
+    short = cost(table, "claude-sonnet-4-5", Usage(input_tokens=200_000, output_tokens=1000))
+    long = cost(table, "claude-sonnet-4-5", Usage(input_tokens=200_001, output_tokens=1000))
     assert short.usd == pytest.approx((200_000 * 3 + 1000 * 15) / 1e6)
     assert long.usd == pytest.approx((200_001 * 6 + 1000 * 22.5) / 1e6)
 
 
 def test_haiku_5_5_prices_prompts_over_100k_higher(table):
-    assert table.cost("claude-haiku-5-5", Usage(input_tokens=100_000)).usd == pytest.approx(0.01)
-    assert table.cost("claude-haiku-5-5", Usage(input_tokens=50_000, cache_read=60_000)).usd == \
+    assert cost(table, "claude-haiku-5-5", Usage(input_tokens=100_000)).usd == pytest.approx(0.01)
+    assert cost(table, "claude-haiku-5-5", Usage(input_tokens=50_000, cache_read=60_000)).usd == \
         pytest.approx((50_000 * 0.5 + 60_000 * 0.05) / 1e6)
 
 
-def test_context_window_and_the_1m_beta(table):
+def test_context_window_and_the_1m_beta(table, tmp_path):
     assert table.context_limit("claude-sonnet-4-5-20250929") == 200_000
-    assert table.context_limit("claude-sonnet-4-5-20250929", "context-1m-2025-08-07,other") == 1_000_000
+    # The beta was retired for Sonnet 4.5 (and Haiku 4.5 never had it): the model's own window stands.
+    assert table.context_limit("claude-sonnet-4-5-20250929", "context-1m-2025-08-07,other") == 200_000
+    assert table.context_limit("claude-haiku-4-5", "context-1m-2025-08-07") == 200_000
+    assert table.context_limit("claude-opus-4-6", "context-1m-2025-08-07") == 1_000_000
     assert table.context_limit("claude-unknown") is None
+    # A model with the option gets the wider window only when the request asks for it.
+    (tmp_path / "models.yaml").write_text("models:\n  claude-in-house-2: {input: 1, output: 1, cache_write_5m: 1, "
+                                          "cache_write_1h: 1, cache_read: 1, context_window: 200000, "
+                                          "beta_context_window: 1000000}\n")
+    own = load_models(tmp_path)
+    assert own.context_limit("claude-in-house-2") == 200_000
+    assert own.context_limit("claude-in-house-2", "context-1m-2025-08-07") == 1_000_000
 
 
 def test_user_models_yaml_overrides_and_adds(tmp_path):
@@ -122,7 +138,7 @@ models:
   claude-in-house-1: {input: 7, output: 7, cache_write_5m: 7, cache_write_1h: 7, cache_read: 7, context_window: 5000}
 """)
     table = load_models(tmp_path)
-    assert table.cost("claude-sonnet-4-5-20250929", Usage(input_tokens=1_000_000)).usd == 1
+    assert cost(table, "claude-sonnet-4-5-20250929", Usage(input_tokens=1_000_000)).usd == 1
     assert table.find("claude-in-house-1").context_window == 5000
     assert table.find("claude-opus-4-6") is not None
 

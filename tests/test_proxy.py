@@ -368,7 +368,8 @@ def test_each_exchange_is_logged_without_secrets(aspy):
         time.sleep(0.05)
     record = json.loads(lines[-1].split("aspy.exchange ", 1)[1])
     assert record["client"] == "dev-1" and record["status"] == 200 and record["stream"] is True
-    assert record["output_tokens"] == 7 and record["cache_write_1h"] == 5
+    assert record["usage"]["output_tokens"] == 7
+    assert record["usage"]["cache_creation"]["ephemeral_1h_input_tokens"] == 5
     assert record["tool_uses"] == ["Read"] and record["stop_reason"] == "tool_use"
     assert API_KEY not in aspy.log_text() and "sk-secret-bearer" not in aspy.log_text()
 

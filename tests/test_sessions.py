@@ -27,8 +27,7 @@ def exchange(key: str | None = "s1", input_tokens: int = 10, agent: str | None =
     ex = Exchange(started_at=at or time.time(), method="POST", path="/v1/messages", client="dev",
                   provider="anthropic", user="0123456789abcdef", headers=h | headers, status=200,
                   ttfb_ms=1.0, duration_ms=2.0)
-    ex.observation = Observation(model="claude-sonnet-4-5", usage=Usage(input_tokens=input_tokens, output_tokens=1),
-                                 context=Usage(input_tokens=input_tokens), has_usage=True)
+    ex.observation = Observation(model="claude-sonnet-4-5", usage={"input_tokens": input_tokens, "output_tokens": 1})
     ex.request = RequestFacts(model="claude-sonnet-4-5", metadata_user_id=metadata)
     return ex
 

@@ -249,7 +249,11 @@ def test_context_gauge_follows_the_main_thread_and_detects_compaction(tracked):
     assert ctx["current_tokens"] == 20_000 and ctx["warning_level"] == "normal"
     compact = api(tracked, "events", session=sid, type="context_compact")["events"][0]
     assert compact["before_tokens"] == 150_000 and compact["after_tokens"] == 20_000
-    send(tracked, "ctx", headers=headers | {"anthropic-beta": "context-1m-2025-08-07"}, i=900_000, o=1)
+    # The context-1m beta no longer widens Sonnet 4.5's window; a 1M model's window is 1M.
+    send(tracked, "ctx", headers=headers | {"anthropic-beta": "context-1m-2025-08-07"}, i=180_000, o=1)
+    ctx = eventually(lambda: (c := api(tracked, "context", session=sid))["current_tokens"] == 180_000 and c)
+    assert ctx["limit_tokens"] == 200_000 and ctx["warning_level"] == "high"
+    send(tracked, "ctx", headers=headers, model="claude-opus-4-6", i=900_000, o=1)
     ctx = eventually(lambda: (c := api(tracked, "context", session=sid))["current_tokens"] == 900_000 and c)
     assert ctx["limit_tokens"] == 1_000_000 and ctx["warning_level"] == "high"
     assert api(tracked, "context", client="ctx")["session"] == session_of(tracked, sid)["id"]

@@ -180,9 +180,21 @@ class Transaction(ABC):
         """Write back a session's status and statistics."""
 
     @abstractmethod
-    def add_model_usage(self, session_id: str, model: str, usage: Usage, cost_usd: float,
+    def add_model_usage(self, session_id: str, model: str, price_class: str, usage: Usage, cost_usd: float,
                         savings_usd: float, priced: bool, responses: int = 1) -> None:
-        """Add responses (one, unless told) to a session's per-model figures."""
+        """Add responses (one, unless told) to a session's per-model figures in one price class."""
+
+    @abstractmethod
+    def first_billing_of_batch(self, batch_id: str, at: float) -> bool:
+        """Note that a Message Batch's results were billed; return False if they were before."""
+
+    @abstractmethod
+    def unpriced_shares(self) -> list[tuple[str, str, str, Usage]]:
+        """Return (session id, model, price class, tokens) of every share recorded without a price."""
+
+    @abstractmethod
+    def price_share(self, session_id: str, model: str, price_class: str, cost_usd: float, savings_usd: float) -> None:
+        """Give an unpriced share its price, and add it to its session's cost."""
 
     @abstractmethod
     def add_tool_counts(self, session_id: str, tool: str, calls: int, failed: int) -> None:
@@ -252,6 +264,10 @@ class Store(ABC):
     def search(self, words: list[str], since: float | None, until: float | None, scope: Scope,
                role: str | None, limit: int) -> tuple[int, list[Hit]]:
         """Find prompts and answers holding every word; return (total matches, best hits)."""
+
+    @abstractmethod
+    def unpriced_models(self) -> list[str]:
+        """Return the models seen in traffic that the table could not price."""
 
     @abstractmethod
     def client_activity(self) -> dict[str, tuple[int, float | None]]:

@@ -79,6 +79,11 @@ MIGRATIONS: dict[int, list[str]] = {
         """CREATE TABLE traffic (
             client_id TEXT NOT NULL, user_hash TEXT NOT NULL, requests BIGINT NOT NULL,
             failed BIGINT NOT NULL, last_seen DOUBLE PRECISION NOT NULL, PRIMARY KEY (client_id, user_hash))""",
+        "ALTER TABLE session_models ADD COLUMN price_class TEXT NOT NULL DEFAULT 'standard'",
+        "ALTER TABLE session_models DROP CONSTRAINT session_models_pkey",
+        "ALTER TABLE session_models ADD PRIMARY KEY (session_id, model, price_class)",
+        "CREATE INDEX session_models_unpriced ON session_models (priced)",
+        "CREATE TABLE batches (batch_id TEXT PRIMARY KEY, billed_at DOUBLE PRECISION NOT NULL)",
     ],
 }
 

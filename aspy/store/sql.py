@@ -143,14 +143,32 @@ class SqlTransaction(Transaction):
         sets = ", ".join(f"{c} = ?" for c in SESSION_COLUMNS[1:])
         self.execute(f"UPDATE sessions SET {sets} WHERE id = ?", (*session_row(session)[1:], session.id))
 
-    def add_model_usage(self, session_id, model, usage, cost_usd, savings_usd, priced, responses=1):
+    def add_model_usage(self, session_id, model, price_class, usage, cost_usd, savings_usd, priced, responses=1):
         adds = ", ".join(f"{c} = session_models.{c} + excluded.{c}"
                          for c in ("requests", *USAGE_COLUMNS, "cost_usd", "savings_usd"))
         self.execute(
-            f"INSERT INTO session_models (session_id, model, requests, {', '.join(USAGE_COLUMNS)}, "
-            "cost_usd, savings_usd, priced) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
-            f"ON CONFLICT (session_id, model) DO UPDATE SET {adds}",
-            (session_id, model, responses, *usage.astuple(), cost_usd, savings_usd, 1 if priced else 0))
+            f"INSERT INTO session_models (session_id, model, price_class, requests, {', '.join(USAGE_COLUMNS)}, "
+            "cost_usd, savings_usd, priced) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+            f"ON CONFLICT (session_id, model, price_class) DO UPDATE SET {adds}",
+            (session_id, model, price_class, responses, *usage.astuple(), cost_usd, savings_usd,
+             1 if priced else 0))
+
+    def first_billing_of_batch(self, batch_id, at):
+        row = self.execute("INSERT INTO batches (batch_id, billed_at) VALUES (?, ?) "
+                           "ON CONFLICT (batch_id) DO NOTHING RETURNING batch_id", (batch_id, at)).fetchone()
+        return row is not None
+
+    def unpriced_shares(self):
+        rows = self.execute(f"SELECT session_id, model, price_class, {', '.join(USAGE_COLUMNS)} FROM session_models "
+                            "WHERE priced = 0").fetchall()
+        return [(sid, model, klass, Usage(*counts)) for sid, model, klass, *counts in rows]
+
+    def price_share(self, session_id, model, price_class, cost_usd, savings_usd):
+        self.execute("UPDATE session_models SET cost_usd = ?, savings_usd = ?, priced = 1 "
+                     "WHERE session_id = ? AND model = ? AND price_class = ?",
+                     (cost_usd, savings_usd, session_id, model, price_class))
+        self.execute("UPDATE sessions SET cost_usd = cost_usd + ?, savings_usd = savings_usd + ? WHERE id = ?",
+                     (cost_usd, savings_usd, session_id))
 
     def add_tool_counts(self, session_id, tool, calls, failed):
         self.execute(
@@ -241,8 +259,9 @@ class SqlStore(Store):
             return sessions
         by_id = {s.id: s for s in sessions}
         marks = ", ".join("?" for _ in by_id)
-        for row in self.query(f"SELECT session_id, model, requests, {', '.join(USAGE_COLUMNS)}, cost_usd, "
-                              f"savings_usd, priced FROM session_models WHERE session_id IN ({marks})", by_id):
+        sums = ", ".join(f"SUM({c})" for c in ("requests", *USAGE_COLUMNS, "cost_usd", "savings_usd"))
+        for row in self.query(f"SELECT session_id, model, {sums}, MIN(priced) FROM session_models "
+                              f"WHERE session_id IN ({marks}) GROUP BY session_id, model", by_id):
             sid, model, requests, *counts, cost, savings, priced = row
             by_id[sid].by_model[model] = ModelUsage(requests, Usage(*counts), cost, savings, bool(priced))
         for sid, tool, calls, failed in self.query(
@@ -318,6 +337,10 @@ class SqlStore(Store):
                           "SUM(cost_usd), MIN(started), MAX(last_activity) FROM sessions "
                           "WHERE client_id IS NULL GROUP BY user_hash ORDER BY MAX(last_activity) DESC")
         return [LegacyUser(*row) for row in rows]
+
+    def unpriced_models(self):
+        return [row[0] for row in self.query("SELECT DISTINCT model FROM session_models WHERE priced = 0 "
+                                             "ORDER BY model")]
 
     def client_activity(self):
         rows = self.query(f"SELECT client_id, SUM(CASE WHEN {OPEN} THEN 1 ELSE 0 END), "

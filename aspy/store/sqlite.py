@@ -82,6 +82,21 @@ MIGRATIONS: dict[int, list[str]] = {
         """CREATE TABLE traffic (
             client_id TEXT NOT NULL, user_hash TEXT NOT NULL, requests INTEGER NOT NULL,
             failed INTEGER NOT NULL, last_seen REAL NOT NULL, PRIMARY KEY (client_id, user_hash))""",
+        # Each model's share of a session is kept per price class (fast, batch, US-only...), so
+        # tokens recorded before the table knew their model can be priced exactly later.
+        """CREATE TABLE session_models_priced (
+            session_id TEXT NOT NULL, model TEXT NOT NULL, price_class TEXT NOT NULL, requests INTEGER NOT NULL,
+            input_tokens INTEGER NOT NULL, output_tokens INTEGER NOT NULL, cache_read INTEGER NOT NULL,
+            cache_write_5m INTEGER NOT NULL, cache_write_1h INTEGER NOT NULL, web_searches INTEGER NOT NULL,
+            cost_usd REAL NOT NULL, savings_usd REAL NOT NULL, priced INTEGER NOT NULL,
+            PRIMARY KEY (session_id, model, price_class))""",
+        """INSERT INTO session_models_priced SELECT session_id, model, 'standard', requests, input_tokens,
+            output_tokens, cache_read, cache_write_5m, cache_write_1h, web_searches, cost_usd, savings_usd, priced
+            FROM session_models""",
+        "DROP TABLE session_models",
+        "ALTER TABLE session_models_priced RENAME TO session_models",
+        "CREATE INDEX session_models_unpriced ON session_models (priced)",
+        "CREATE TABLE batches (batch_id TEXT PRIMARY KEY, billed_at REAL NOT NULL)",
     ],
 }
 

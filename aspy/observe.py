@@ -15,6 +15,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import claude_code as claude_code_rules
 from .bedrock import BedrockDecoder
 
 log = logging.getLogger(__name__)
@@ -498,10 +499,16 @@ class RequestFacts:
     tool_results: list[tuple[str, bool]] = field(default_factory=list)
     # The lifetime cache writes take when the response does not split them.
     cache_ttl: str = FIVE_MINUTES
+    # A Claude Code request beside the conversation (session title...): it never moves the gauge.
+    side: bool = False
 
 
-def read_request(body: bytes, content_type: str) -> RequestFacts:
-    """Read the facts of a Messages API request body; an unreadable body gives empty facts."""
+def read_request(body: bytes, content_type: str, claude_code: bool = False) -> RequestFacts:
+    """Read the facts of a Messages API request body; an unreadable body gives empty facts.
+
+    ``claude_code``: the request came from Claude Code, whose side requests and prompt
+    wrappers :mod:`aspy.claude_code` knows.
+    """
     facts = RequestFacts()
     if not body or "json" not in content_type.lower():
         return facts
@@ -519,8 +526,14 @@ def read_request(body: bytes, content_type: str) -> RequestFacts:
     metadata = data.get("metadata")
     if isinstance(metadata, dict):
         facts.metadata_user_id = _text(metadata.get("user_id"))
-    if messages and isinstance(messages[-1], dict) and messages[-1].get("role") == "user":
-        _read_user_turn(messages[-1].get("content"), facts)
+    # The user's turn is the last user message, even with system messages after it.
+    last_user = next((m for m in reversed(messages) if isinstance(m, dict) and m.get("role") != "system"), None)
+    if isinstance(last_user, dict) and last_user.get("role") == "user":
+        _read_user_turn(last_user.get("content"), facts)
+    if claude_code:
+        facts.side = claude_code_rules.is_side_request(data)
+        facts.prompt = "" if facts.side else claude_code_rules.user_words(messages)
+    facts.prompt = clean_text(facts.prompt)
     facts.cache_ttl = _cache_ttl(data)
     return facts
 
@@ -546,7 +559,7 @@ def _cache_ttl(request: dict) -> str:
 def _read_user_turn(content: Any, facts: RequestFacts) -> None:
     """Collect the text and tool results of the user's last message."""
     if isinstance(content, str):
-        facts.prompt = content
+        facts.prompt = claude_code_rules.REMINDER.sub("", content).strip()
         return
     texts = []
     for block in content if isinstance(content, list) else []:
@@ -555,8 +568,8 @@ def _read_user_turn(content: Any, facts: RequestFacts) -> None:
         if block.get("type") == "text" and isinstance(block.get("text"), str):
             texts.append(block["text"])
         elif block.get("type") == "tool_result":
-            facts.tool_results.append((str(block.get("tool_use_id", "")), block.get("is_error") is True))
-    facts.prompt = "\n".join(texts)
+            facts.tool_results.append((clean_text(str(block.get("tool_use_id", ""))), block.get("is_error") is True))
+    facts.prompt = claude_code_rules.REMINDER.sub("", "\n".join(texts)).strip()
 
 
 @dataclass
@@ -590,7 +603,8 @@ class Exchange:
 
     def read_body(self) -> None:
         """Read the request's facts from its body, then let the body go (queued records stay small)."""
-        self.request = read_request(self.body, self.content_type)
+        self.request = read_request(self.body, self.content_type,
+                                    claude_code="x-claude-code-session-id" in self.headers)
         self.body_bytes, self.body = len(self.body), b""
 
     @property

@@ -18,13 +18,15 @@ from typing import Any
 from .config import Client, Config
 from .models import Cost, ModelTable
 from .billing import bill, context_of
-from .observe import Exchange, Usage, is_messages_call
+from .observe import Exchange, Usage, clean_text, is_messages_call
 from .routing import ANONYMOUS
 from .store import ACTIVE, ENDED, IDLE, Event, Message, ModelUsage, Session, Store, Transaction
 
 log = logging.getLogger(__name__)
 
 COMPACTION_FLOOR = 10_000
+# Which thread of a Claude Code session a request belongs to.
+MAIN, SUBAGENT, SIDE = "main", "subagent", "side"
 COMPACTION_DROP = 0.7
 # Sources of a session's key, in the order they are tried.
 CLAUDE_CODE, HEADER, METADATA, REGISTERED, IMPLICIT = "claude_code", "header", "metadata", "registered", "implicit"
@@ -286,9 +288,10 @@ class Sessions:
         s.requests += 1
         s.failed += failed_exchange(ex)
         agent = ex.headers.get("x-claude-code-agent-id")
+        thread = SUBAGENT if agent else SIDE if facts.side else MAIN
         events = [self._event(s, "request", ex.started_at, method=ex.method, path=ex.path, model=facts.model,
                               stream=facts.stream, messages=facts.message_count, tools=facts.tool_count,
-                              body_bytes=ex.body_bytes, agent_id=agent)]
+                              body_bytes=ex.body_bytes, agent_id=agent, thread=thread)]
         for tool_use_id, is_error in facts.tool_results:
             pending = tx.take_tool_call(tool_use_id)
             if pending is None:
@@ -347,16 +350,19 @@ class Sessions:
             events.append(self._event(s, "error", done_at, status=ex.status, error_type="proxy", message=ex.failure))
         if self._rate_limited(ex):
             events.append(self._event(s, "rate_limit", done_at, status=ex.status, headers=ex.rate_limits))
-        if agent is None and obs.usage is not None and ex.status < 400:
+        # Only the main thread moves the gauge: a subagent or a side request has its own, smaller context.
+        if thread == MAIN and obs.usage is not None and ex.status < 400:
             compact = self._move_context(s, ex)
             if compact:
                 events.append(self._event(s, "context_compact", done_at, **compact))
         batch.events += events
-        if capture:
-            if facts.prompt.strip():
+        # Search holds the conversation: the user's own words, and the answers of the main thread
+        # and its subagents; a subagent's prompt is the model's, and a side request is neither.
+        if capture and thread != SIDE:
+            if thread == MAIN and facts.prompt.strip():
                 batch.messages.append(Message(s.id, s.client, s.user, "user", ex.started_at, facts.prompt))
             if obs.text.strip():
-                batch.messages.append(Message(s.id, s.client, s.user, "assistant", done_at, obs.text))
+                batch.messages.append(Message(s.id, s.client, s.user, "assistant", done_at, clean_text(obs.text)))
 
     @staticmethod
     def _first_billing(tx: Transaction, ex: Exchange) -> bool:

@@ -16,9 +16,11 @@ What it does is chosen by request headers, which aspy forwards untouched:
 - ``x-fake-close-delimited: 1``: send the body with no length and no chunking, then close.
 - ``x-fake-usage: JSON``: the usage object of a generated answer.
 - ``x-fake-tool: NAME`` (and ``x-fake-tool-id``): a generated answer that calls that tool.
-- ``x-fake-tool-once: NAME``: call that tool where the request offers it, unless the request
-  carries a tool result (so a real agent loop ends).
+- ``x-fake-tool-once: NAME[,NAME...]``: call these tools in turn where the request offers them,
+  the n-th once n tool results came back, then answer with text (so a real agent loop ends).
 - ``x-fake-text: TEXT``: the text of a generated answer.
+- A request with a structured output format (Claude Code's session title) gets a small JSON
+  title and ``TITLE_USAGE``, whatever the headers ask of the other answers.
 
 Every request is kept in ``requests`` (method, raw target, headers, body), and every stream
 whose client went away is noted in ``disconnects``.
@@ -38,6 +40,7 @@ FIXTURES = Path(__file__).resolve().parent / "fixtures" / "real" / "sse"
 REASONS = {200: "OK", 204: "No Content", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found",
            413: "Payload Too Large", 429: "Too Many Requests", 500: "Internal Server Error",
            529: "Overloaded"}
+TITLE_USAGE = {"input_tokens": 554, "output_tokens": 9}
 DEFAULT_USAGE = {"input_tokens": 12, "output_tokens": 7, "cache_read_input_tokens": 100,
                  "cache_creation_input_tokens": 20,
                  "cache_creation": {"ephemeral_5m_input_tokens": 15, "ephemeral_1h_input_tokens": 5}}
@@ -208,14 +211,20 @@ class FakeUpstream:
         model = request.get("model", "claude-sonnet-4-5-20250929")
         usage = json.loads(h["x-fake-usage"]) if "x-fake-usage" in h else DEFAULT_USAGE
         tool = h.get("x-fake-tool")
-        if "x-fake-tool-once" in h:
-            # Ask for the tool once, only where it is offered, and not when its result just came back.
-            offered = {t.get("name") for t in request.get("tools") or [] if isinstance(t, dict)}
-            last = (request.get("messages") or [{}])[-1].get("content")
-            answered = isinstance(last, list) and any(b.get("type") == "tool_result" for b in last if isinstance(b, dict))
-            tool = h["x-fake-tool-once"] if h["x-fake-tool-once"] in offered and not answered else None
         tool_id = h.get("x-fake-tool-id", "toolu_fake_1")
+        if "x-fake-tool-once" in h:
+            # Ask for each tool once, in order, where it is offered: the n-th after n results came back.
+            offered = {t.get("name") for t in request.get("tools") or [] if isinstance(t, dict)}
+            answered = sum(1 for m in request.get("messages") or [] if isinstance(m, dict)
+                           and isinstance(m.get("content"), list)
+                           for b in m["content"] if isinstance(b, dict) and b.get("type") == "tool_result")
+            wanted = [name.strip() for name in h["x-fake-tool-once"].split(",")]
+            tool = wanted[answered] if answered < len(wanted) and wanted[answered] in offered else None
+            tool_id = f"toolu_fake_{answered + 1}"
         text = h.get("x-fake-text", "Hello from the fake upstream.")
+        if (request.get("output_config") or {}).get("format"):
+            # Claude Code's session title: a small structured answer, whatever the test asked of the turns.
+            text, usage, tool = json.dumps({"title": "A fake title"}), TITLE_USAGE, None
         extra = [("request-id", "req_fake_1"), ("anthropic-ratelimit-requests-remaining", "99"),
                  ("anthropic-ratelimit-tokens-limit", "400000"), ("x-fake-seen", "1")]
         if "x-fake-fixture" in h:

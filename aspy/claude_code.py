@@ -32,11 +32,10 @@ def is_side_request(body: dict) -> bool:
     output = body.get("output_config") if isinstance(body.get("output_config"), dict) else {}
     if output.get("format") or body.get("output_format"):
         return True
+    # A forced tool (explain command). A missing tools list alone is not enough: `claude --tools ""`
+    # runs its conversation without any.
     choice = body.get("tool_choice") if isinstance(body.get("tool_choice"), dict) else {}
-    if choice.get("type") == "tool":
-        return True
-    # The conversation always offers its tools; a request with none is not part of it.
-    return not body.get("tools")
+    return choice.get("type") == "tool"
 
 
 def user_words(messages: list) -> str:

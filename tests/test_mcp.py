@@ -16,7 +16,9 @@ from conftest import API_KEY, standard_config
 from test_clients import claude_cli
 from test_sessions_api import eventually
 
-CLIENTS = '\n[clients.mcp-a]\nname = "MCP A"\nprovider = "fake"\n[clients.mcp-b]\nname = "MCP B"\nprovider = "fake"\n'
+CLIENTS = ('\n[clients.mcp-a]\nname = "MCP A"\nprovider = "fake"\n[clients.mcp-b]\nname = "MCP B"\nprovider = "fake"\n'
+           # Claude Code's own test has a client of its own, so its sessions never change the others' answers.
+           '[clients.mcp-c]\nname = "MCP C"\nprovider = "fake"\n')
 MODEL = "claude-sonnet-4-5-20250929"
 
 
@@ -145,21 +147,22 @@ def test_the_proxy_token_in_the_base_url_is_the_bearer_token(start_aspy, upstrea
 def test_claude_code_calls_aspy_context_through_mcp_and_sends_the_answer_upstream(two_clients, upstream, tmp_path):
     cli = claude_cli()
     mcp_config = {"mcpServers": {"aspy": {"command": sys.executable, "args": ["-m", "aspy", "mcp"],
-                                          "env": {"ASPY_URL": two_clients.url, "ASPY_CLIENT_ID": "mcp-a"}}}}
+                                          "env": {"ASPY_URL": two_clients.url, "ASPY_CLIENT_ID": "mcp-c"}}}}
     env = {
-        "PATH": os.environ["PATH"], "HOME": str(tmp_path), "ANTHROPIC_BASE_URL": f"{two_clients.url}/mcp-a",
+        "PATH": os.environ["PATH"], "HOME": str(tmp_path), "ANTHROPIC_BASE_URL": f"{two_clients.url}/mcp-c",
         "ANTHROPIC_API_KEY": API_KEY, "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1", "DISABLE_AUTOUPDATER": "1",
         "ANTHROPIC_CUSTOM_HEADERS": "x-fake-tool-once: mcp__aspy__aspy_context",
     }
     before = len(upstream.requests)
     done = subprocess.run([cli, "-p", "How full is my context window?", "--mcp-config", json.dumps(mcp_config),
-                           "--allowedTools", "mcp__aspy__aspy_context"],
+                           "--allowedTools", "mcp__aspy__aspy_context,Bash(sleep:*)"],
                           env=env, cwd=tmp_path, capture_output=True, text=True, timeout=180, stdin=subprocess.DEVNULL)
     assert done.returncode == 0, done.stdout + done.stderr
     sent = [r.json() for r in upstream.requests[before:] if r.target.startswith("/v1/messages") and r.body]
-    results = [block for body in sent for message in body.get("messages", [])[-1:]
+    results = [block for body in sent for message in body.get("messages", [])
                if isinstance(message.get("content"), list)
-               for block in message["content"] if block.get("type") == "tool_result"]
+               for block in message["content"] if block.get("type") == "tool_result"
+               and block["tool_use_id"].startswith("toolu_fake_")]
     assert results, "Claude Code sent no tool result upstream"
     text = json.dumps(results[-1]["content"])
     assert "current_tokens" in text and "warning_level" in text and not results[-1].get("is_error")

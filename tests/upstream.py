@@ -67,19 +67,22 @@ def sse(event: str, data: dict) -> bytes:
     return f"event: {event}\ndata: {json.dumps(data)}\n\n".encode()
 
 
-def message(model: str, text: str, usage: dict, tool: str | None = None, tool_id: str = "toolu_fake_1") -> dict:
+def message(model: str, text: str, usage: dict, tool: str | None = None, tool_id: str = "toolu_fake_1",
+            tool_input: dict | None = None) -> dict:
     """Return a whole Message object."""
     content = [{"type": "text", "text": text}]
     if tool:
-        content.append({"type": "tool_use", "id": tool_id, "name": tool, "input": {"command": "ls"}})
+        content.append({"type": "tool_use", "id": tool_id, "name": tool,
+                        "input": {"command": "ls"} if tool_input is None else tool_input})
     return {"id": "msg_fake", "type": "message", "role": "assistant", "model": model,
             "content": content, "stop_reason": "tool_use" if tool else "end_turn",
             "stop_sequence": None, "usage": usage}
 
 
 def stream_events(model: str, text_parts: list[str], usage: dict, tool: str | None = None,
-                  tool_id: str = "toolu_fake_1") -> list[bytes]:
-    """Return the events of a streamed Message, one text delta per part."""
+                  tool_id: str = "toolu_fake_1", tool_input: dict | None = None) -> list[bytes]:
+    """Return the events of a streamed Message, one text delta per part (a tool's input in two)."""
+    raw_input = json.dumps({"command": "ls"} if tool_input is None else tool_input)
     start_usage = {k: v for k, v in usage.items() if k != "output_tokens"} | {"output_tokens": 1}
     events = [
         sse("message_start", {"type": "message_start", "message": {
@@ -97,9 +100,9 @@ def stream_events(model: str, text_parts: list[str], usage: dict, tool: str | No
             sse("content_block_start", {"type": "content_block_start", "index": 1, "content_block": {
                 "type": "tool_use", "id": tool_id, "name": tool, "input": {}}}),
             sse("content_block_delta", {"type": "content_block_delta", "index": 1,
-                                        "delta": {"type": "input_json_delta", "partial_json": '{"command": '}}),
+                                        "delta": {"type": "input_json_delta", "partial_json": raw_input[:12]}}),
             sse("content_block_delta", {"type": "content_block_delta", "index": 1,
-                                        "delta": {"type": "input_json_delta", "partial_json": '"ls"}'}}),
+                                        "delta": {"type": "input_json_delta", "partial_json": raw_input[12:]}}),
             sse("content_block_stop", {"type": "content_block_stop", "index": 1}),
         ]
     events += [
@@ -212,15 +215,22 @@ class FakeUpstream:
         usage = json.loads(h["x-fake-usage"]) if "x-fake-usage" in h else DEFAULT_USAGE
         tool = h.get("x-fake-tool")
         tool_id = h.get("x-fake-tool-id", "toolu_fake_1")
+        tool_input: dict = {"command": "ls"}
         if "x-fake-tool-once" in h:
             # Ask for each tool once, in order, where it is offered: the n-th after n results came back.
             offered = {t.get("name") for t in request.get("tools") or [] if isinstance(t, dict)}
-            answered = sum(1 for m in request.get("messages") or [] if isinstance(m, dict)
-                           and isinstance(m.get("content"), list)
-                           for b in m["content"] if isinstance(b, dict) and b.get("type") == "tool_result")
+            results = [b.get("tool_use_id", "") for m in request.get("messages") or [] if isinstance(m, dict)
+                       and isinstance(m.get("content"), list)
+                       for b in m["content"] if isinstance(b, dict) and b.get("type") == "tool_result"]
+            answered = sum(1 for r in results if not r.startswith("toolu_wait_"))
             wanted = [name.strip() for name in h["x-fake-tool-once"].split(",")]
             tool = wanted[answered] if answered < len(wanted) and wanted[answered] in offered else None
-            tool_id = f"toolu_fake_{answered + 1}"
+            tool_id, tool_input = f"toolu_fake_{answered + 1}", {}
+            waits = len(results) - answered
+            if answered < len(wanted) and tool is None and "Bash" in offered and waits < 40:
+                # Claude Code may ask before its MCP servers are connected: wait for the tool with a
+                # short sleep, as a model would, until the next request offers it.
+                tool, tool_id, tool_input = "Bash", f"toolu_wait_{waits + 1}", {"command": "sleep 0.25"}
         text = h.get("x-fake-text", "Hello from the fake upstream.")
         if (request.get("output_config") or {}).get("format"):
             # Claude Code's session title: a small structured answer, whatever the test asked of the turns.
@@ -232,9 +242,9 @@ class FakeUpstream:
         elif request.get("stream"):
             count = int(h.get("x-fake-events", 3))
             parts = [text] if "x-fake-text" in h else [f"part {i} " for i in range(count)]
-            events = stream_events(model, parts, usage, tool, tool_id)
+            events = stream_events(model, parts, usage, tool, tool_id, tool_input)
         else:
-            body = json.dumps(message(model, text, usage, tool, tool_id)).encode()
+            body = json.dumps(message(model, text, usage, tool, tool_id, tool_input)).encode()
             return await self._send(writer, 200, "application/json", [body], h, extra=extra, reader=reader)
         return await self._send(writer, 200, "text/event-stream; charset=utf-8", events, h,
                                 extra=extra + [("cache-control", "no-cache")], reader=reader)

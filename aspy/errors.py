@@ -8,6 +8,11 @@ from __future__ import annotations
 import json
 
 from flask import Response
+from gunicorn.http.errors import NoMoreData, ParseException
+
+# What reading a request body raises when the client hung up before its end, or broke the
+# chunked framing: gunicorn's parse errors, and a connection reset under the read.
+BROKEN_BODY = (NoMoreData, ParseException, ConnectionError)
 
 
 class AspyError(Exception):

@@ -22,6 +22,7 @@ from flask import Blueprint, Response, current_app, request
 from requests.adapters import HTTPAdapter
 from requests.structures import CaseInsensitiveDict
 from requests.utils import requote_uri
+from werkzeug.routing import PathConverter
 from werkzeug.wsgi import ClosingIterator
 
 from .config import Config
@@ -161,8 +162,20 @@ def read_body(environ: dict) -> bytes:
     return b"".join(parts)
 
 
+class AnyPath(PathConverter):
+    """A path of any characters: one with a CR or LF in it reaches check_path (400), not a bare 404."""
+
+    regex = "(?s:[^/].*?)"
+
+
+@bp.record_once
+def _add_any_path(state) -> None:
+    """Teach the app's URL map the ``anypath`` converter before the routes below are added."""
+    state.app.url_map.converters["anypath"] = AnyPath
+
+
 @bp.route("/", defaults={"_path": ""}, methods=["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"])
-@bp.route("/<path:_path>", methods=["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"])
+@bp.route("/<anypath:_path>", methods=["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"])
 def forward(_path: str) -> Response:
     """Forward one request to its provider and stream the answer back."""
     config: Config = current_app.config["ASPY"]

@@ -9,15 +9,22 @@ from __future__ import annotations
 import gzip
 import http.client
 import json
+import os
+import signal
 import socket
+import subprocess
+import sys
 import uuid
 
+import pytest
 import requests
 
+from conftest import ROOT, free_port, standard_config, wait_for_health
 from test_sessions_api import eventually
 
 MESSAGE = json.dumps({"model": "claude-sonnet-4-5-20250929", "max_tokens": 8,
                       "messages": [{"role": "user", "content": "hello"}]}).encode()
+TOKEN = "pt_HostileTestToken0123456789abcdefXY"
 
 
 def send_raw(port: int, head: str, body: bytes = b"", then: str = "half-close") -> socket.socket:
@@ -98,6 +105,12 @@ def test_a_chunked_body_with_a_bad_chunk_size_gets_400_not_a_traceback(aspy, ups
     assert len(upstream.requests) == before
 
 
+def test_a_chunked_body_cut_off_on_the_way_to_the_api_gets_400(aspy):
+    sock = send_raw(aspy.port, "POST /api/search HTTP/1.1\nHost: x\nContent-Type: application/json\n"
+                               "Transfer-Encoding: chunked\n", b'40\r\n{"keyword": "he')
+    assert_anthropic_shape(*answer(sock), 400, "invalid_request_error")
+
+
 def test_a_request_transfer_coding_other_than_chunked_is_refused(aspy, upstream):
     session = f"hostile-{uuid.uuid4()}"
     before = len(upstream.requests)
@@ -108,3 +121,75 @@ def test_a_request_transfer_coding_other_than_chunked_is_refused(aspy, upstream)
     assert "gzip" in message
     assert recorded_as_failed(aspy, session) == {"total": 1, "failed": 1}
     assert len(upstream.requests) == before
+
+
+@pytest.mark.parametrize("method", ["TRACE", "PROPFIND"])
+def test_a_method_aspy_does_not_forward_gets_405_in_anthropic_shape(aspy, upstream, method):
+    before = len(upstream.requests)
+    sock = send_raw(aspy.port, head(method, "/dev-1/v1/messages", "x", "Connection: close"))
+    status, headers, body = answer(sock)
+    assert_anthropic_shape(status, headers, body, 405, "invalid_request_error")
+    assert "POST" in headers["allow"]
+    assert len(upstream.requests) == before
+
+
+@pytest.mark.parametrize("path", ["/dev-1/v1/%0d%0aX-Injected:%20yes", "/dev-1/v1/messages%0a", "/%0d%0a"])
+def test_a_cr_or_lf_in_the_path_is_answered_in_anthropic_shape(aspy, upstream, path):
+    before = len(upstream.requests)
+    sock = send_raw(aspy.port, head("GET", path, "x", "Connection: close"))
+    status, headers, body = answer(sock)
+    kind = "not_found_error" if path == "/%0d%0a" else "invalid_request_error"
+    assert_anthropic_shape(status, headers, body, 404 if path == "/%0d%0a" else 400, kind)
+    assert len(upstream.requests) == before
+
+
+# A gunicorn configuration file: the shipped one, plus faults planted in each worker once its
+# app is loaded, so that an unexpected error happens on a proxy-token path.
+FAULTY_GUNICORN_CONF = f"""
+exec(open({str(ROOT / "conf" / "gunicorn.conf.py")!r}).read())
+
+
+def post_worker_init(worker):
+    import aspy.proxy
+
+    forward_headers = aspy.proxy.forward_headers
+
+    def broken_forward_headers(environ, drop_credentials):
+        if "HTTP_X_BREAK_VIEW" in environ:
+            raise RuntimeError("planted fault forwarding " + environ["RAW_URI"])
+        return forward_headers(environ, drop_credentials)
+
+    aspy.proxy.forward_headers = broken_forward_headers
+"""
+
+
+@pytest.fixture
+def faulty_aspy(upstream, tmp_path):
+    """aspy under gunicorn with the shipped settings, a client with a proxy token, and planted faults."""
+    port = free_port()
+    config = tmp_path / "config.toml"
+    config.write_text(standard_config(upstream.url, f'\n[clients.tok]\nname = "Token client"\nprovider = "fake"\n'
+                                                    f'proxy_token = "{TOKEN}"\n')
+                      .replace("[server]\n", f'[server]\nlisten = "127.0.0.1:{port}"\n'))
+    conf = tmp_path / "gunicorn.conf.py"
+    conf.write_text(FAULTY_GUNICORN_CONF)
+    log = tmp_path / "aspy.log"
+    proc = subprocess.Popen([sys.executable, "-m", "gunicorn", "-c", str(conf)], cwd=ROOT,
+                            env={**os.environ, "ASPY_CONFIG": str(config), "XDG_STATE_HOME": str(tmp_path)},
+                            stdout=log.open("ab"), stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    wait_for_health(url, proc)
+    yield url, log
+    proc.send_signal(signal.SIGINT)
+    proc.wait(15)
+
+
+def test_an_unexpected_error_on_a_token_path_is_json_and_never_logs_the_token(faulty_aspy):
+    url, log = faulty_aspy
+    r = requests.post(f"{url}/{TOKEN}/v1/files", data=b"x", headers={"x-break-view": "1"})
+    assert r.status_code == 500 and r.headers["content-type"] == "application/json"
+    assert r.json()["error"]["type"] == "api_error"
+    eventually(lambda: "planted fault forwarding" in log.read_text())
+    text = log.read_text()
+    assert TOKEN not in text and TOKEN[3:] not in text
+    assert "/pt_…/v1/files" in text

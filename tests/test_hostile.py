@@ -15,11 +15,14 @@ import socket
 import subprocess
 import sys
 import uuid
+from urllib.parse import quote
 
 import pytest
 import requests
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from conftest import ROOT, free_port, standard_config, wait_for_health
+from conftest import ROOT, free_port, postgres_database, standard_config, wait_for_health
 from test_sessions_api import eventually
 
 MESSAGE = json.dumps({"model": "claude-sonnet-4-5-20250929", "max_tokens": 8,
@@ -193,3 +196,111 @@ def test_an_unexpected_error_on_a_token_path_is_json_and_never_logs_the_token(fa
     text = log.read_text()
     assert TOKEN not in text and TOKEN[3:] not in text
     assert "/pt_…/v1/files" in text
+
+
+# The API's answers to anything: every one is JSON, errors in Anthropic's shape, none a 5xx.
+
+API_TOKEN = "api-token-for-hostile-tests"
+ENDPOINTS = [("GET", "/api/stats"), ("GET", "/api/events"), ("GET", "/api/context"), ("GET", "/api/sessions"),
+             ("GET", "/api/clients"), ("POST", "/api/session/start"), ("POST", "/api/session/end"),
+             ("POST", "/api/search"), ("PUT", "/api/search"), ("DELETE", "/api/sessions"), ("GET", "/api/nothing")]
+# The POST endpoints read the most input: they get most of the examples.
+ENDPOINTS += [e for e in ENDPOINTS if e[0] == "POST"] * 2
+FIELDS = ["keyword", "role", "time_range", "client", "user", "session", "session_id", "source", "reason",
+          "limit", "since", "until", "status", "type"]
+# Any code point, lone surrogates and NUL included, and the values the API knows.
+TEXT = st.one_of(st.text(st.characters(exclude_categories=()), max_size=20),
+                 st.sampled_from(["dev-1", "anonymous", "0123456789abcdef", "today", "user", "assistant",
+                                  "active", "2025-01-01T00:00:00Z", "\ud800", "\x00", "hello", "50", ""]))
+JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | TEXT,
+                    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(TEXT, inner, max_size=3),
+                    max_leaves=8)
+# A valid body per endpoint and the fields it reads: a fault in any one field is then reached,
+# not only in the first one checked.
+VALID_BODIES = {"/api/search": {"keyword": "hello"}, "/api/session/start": {"client": "dev-1", "session_id": "hyp"},
+                "/api/session/end": {"session_id": "hyp"}}
+FIELDS_OF = {"/api/search": ["keyword", "role", "time_range", "client", "user", "session", "limit"],
+             "/api/session/start": ["client", "user", "session_id", "source"],
+             "/api/session/end": ["session_id", "reason"]}
+QUERIES = st.dictionaries(st.sampled_from(FIELDS), TEXT, max_size=3).map(
+    lambda q: "&".join(f"{k}={quote(v.encode('utf-8', 'surrogatepass'), safe='')}" for k, v in q.items()))
+# Mostly the API token, so that most examples get past authorization.
+AUTHORIZATION = st.sampled_from([f"Bearer {API_TOKEN}"] * 8 + [f"Bearer {TOKEN}", None, "Bearer pt_wrong", "Basic \xe9"])
+
+
+def bodies(path: str) -> st.SearchStrategy[bytes]:
+    """Any bytes, any JSON, or the endpoint's valid body with one field set to anything."""
+    valid_but = st.tuples(st.sampled_from(FIELDS_OF.get(path, FIELDS)), JSON).map(
+        lambda field: json.dumps(VALID_BODIES.get(path, {}) | dict([field])).encode())
+    # Listed twice: half of the bodies are valid but for a field or two.
+    return st.one_of(st.binary(max_size=200), JSON.map(lambda v: json.dumps(v).encode()), valid_but, valid_but)
+
+
+@pytest.fixture(scope="module")
+def api_client(store_kind, tmp_path_factory):
+    """Flask's test client on an app with an API token and a proxy-token client, on SQLite or PostgreSQL."""
+    from aspy import create_app
+    from aspy.config import parse_config
+
+    database = f"aspy_test_{uuid.uuid4().hex[:12]}"
+    url = (f"sqlite:///{tmp_path_factory.mktemp('hostile-api') / 'aspy.db'}" if store_kind == "sqlite"
+           else postgres_database(database, create=True))
+    config = parse_config({
+        "server": {"api_token": API_TOKEN}, "store": {"url": url},
+        "providers": {"fake": {"base_url": "http://127.0.0.1:9"}},
+        "clients": {"dev-1": {"name": "Dev", "provider": "fake"},
+                    "tok": {"name": "Token client", "provider": "fake", "proxy_token": TOKEN}},
+    }, None)
+    yield create_app(config).test_client()
+    if store_kind == "postgresql":
+        postgres_database(database, create=False)
+
+
+@settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(endpoint=st.sampled_from(ENDPOINTS), query=QUERIES, authorization=AUTHORIZATION, data=st.data())
+def test_the_api_answers_any_input_with_json_in_anthropic_shape_never_5xx(api_client, endpoint, query,
+                                                                          authorization, data):
+    method, path = endpoint
+    body = data.draw(bodies(path), label="body")
+    headers = {"Authorization": authorization} if authorization is not None else {}
+    r = api_client.open(path, method=method, data=body, headers=headers, content_type="application/json",
+                        environ_overrides={"QUERY_STRING": query})
+    assert r.status_code < 500, r.data[:300]
+    assert r.content_type == "application/json", r.data[:300]
+    answer = json.loads(r.data)
+    if r.status_code >= 400:
+        assert answer["type"] == "error"
+        assert isinstance(answer["error"]["type"], str) and isinstance(answer["error"]["message"], str)
+
+
+@pytest.mark.parametrize("path, body", [
+    ("/api/search", {"keyword": "hello", "time_range": ["today"]}),
+    ("/api/search", {"keyword": "hello", "client": ["dev-1"]}),
+    ("/api/search", {"keyword": "hello", "client": {"id": "dev-1"}}),
+    ("/api/search", {"keyword": "hello", "session": ["x"]}),
+    ("/api/search", {"keyword": "hello", "session": "\ud800"}),
+    ("/api/search", {"keyword": "hello", "session": "a\x00"}),
+    ("/api/session/start", {"client": "dev-1", "session_id": "\ud800"}),
+    ("/api/session/start", {"client": "dev-1", "session_id": "ok", "source": "\udfff"}),
+    ("/api/session/end", {"session_id": "\ud800"}),
+    ("/api/session/end", {"session_id": "x\x00y"}),
+])
+def test_the_api_refuses_wrong_types_and_unstorable_text_with_400(api_client, path, body):
+    r = api_client.post(path, data=json.dumps(body), content_type="application/json",
+                        headers={"Authorization": f"Bearer {API_TOKEN}"})
+    assert r.status_code == 400 and r.content_type == "application/json", r.data[:300]
+    assert r.json["error"]["type"] == "invalid_request_error"
+
+
+@pytest.mark.parametrize("query", ["session=x%00y", "client=dev-1%00"])
+@pytest.mark.parametrize("path", ["/api/stats", "/api/sessions", "/api/events", "/api/context"])
+def test_a_nul_in_a_filter_gets_400_never_a_store_error(api_client, path, query):
+    # PostgreSQL refuses NUL in text: the store was blamed (503) for the caller's input.
+    r = api_client.get(path, headers={"Authorization": f"Bearer {API_TOKEN}"}, environ_overrides={"QUERY_STRING": query})
+    assert r.status_code == 400 and r.json["error"]["type"] == "invalid_request_error", r.data[:300]
+
+
+def test_a_body_nested_100k_deep_gets_400(api_client):
+    r = api_client.post("/api/search", data=b"[" * 100_000, content_type="application/json",
+                        headers={"Authorization": f"Bearer {API_TOKEN}"})
+    assert r.status_code == 400 and r.json["error"]["message"] == "the body is nested too deeply"

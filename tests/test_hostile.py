@@ -146,23 +146,31 @@ def test_a_cr_or_lf_in_the_path_is_answered_in_anthropic_shape(aspy, upstream, p
     assert len(upstream.requests) == before
 
 
-# A gunicorn configuration file: the shipped one, plus faults planted in each worker once its
-# app is loaded, so that an unexpected error happens on a proxy-token path.
+# A gunicorn configuration file: the shipped one with gunicorn's access log on, plus faults
+# planted in each worker once its app is loaded, so that an unexpected error happens on a
+# proxy-token path.
 FAULTY_GUNICORN_CONF = f"""
 exec(open({str(ROOT / "conf" / "gunicorn.conf.py")!r}).read())
+accesslog = "-"
 
 
 def post_worker_init(worker):
     import aspy.proxy
 
-    forward_headers = aspy.proxy.forward_headers
+    forward_headers, observer_for = aspy.proxy.forward_headers, aspy.proxy.observer_for
 
     def broken_forward_headers(environ, drop_credentials):
         if "HTTP_X_BREAK_VIEW" in environ:
             raise RuntimeError("planted fault forwarding " + environ["RAW_URI"])
         return forward_headers(environ, drop_credentials)
 
+    def broken_observer_for(content_type):
+        if content_type == "application/x-break":
+            raise RuntimeError("planted fault relaying")
+        return observer_for(content_type)
+
     aspy.proxy.forward_headers = broken_forward_headers
+    aspy.proxy.observer_for = broken_observer_for
 """
 
 
@@ -192,10 +200,19 @@ def test_an_unexpected_error_on_a_token_path_is_json_and_never_logs_the_token(fa
     r = requests.post(f"{url}/{TOKEN}/v1/files", data=b"x", headers={"x-break-view": "1"})
     assert r.status_code == 500 and r.headers["content-type"] == "application/json"
     assert r.json()["error"]["type"] == "api_error"
-    eventually(lambda: "planted fault forwarding" in log.read_text())
+    eventually(lambda: "planted fault forwarding" in log.read_text() and '"POST /pt_…/v1/files' in log.read_text())
     text = log.read_text()
     assert TOKEN not in text and TOKEN[3:] not in text
-    assert "/pt_…/v1/files" in text
+    assert "unexpected error answering POST /pt_…/v1/files" in text
+
+
+def test_an_error_while_relaying_on_a_token_path_never_logs_the_token(faulty_aspy):
+    url, log = faulty_aspy
+    requests.post(f"{url}/{TOKEN}/v1/files", data=b"x", headers={
+        "x-fake-status": "200", "x-fake-body": "{}", "x-fake-content-type": "application/x-break"})
+    eventually(lambda: "planted fault relaying" in log.read_text())
+    text = log.read_text()
+    assert TOKEN not in text and TOKEN[3:] not in text
 
 
 # The API's answers to anything: every one is JSON, errors in Anthropic's shape, none a 5xx.

@@ -52,7 +52,8 @@ def gunicorn_settings(server: Server) -> dict[str, Any]:
     return {
         "bind": [server.listen],
         "workers": server.workers,
-        "worker_class": "gevent",
+        # gunicorn's gevent worker, with its own error pages in Anthropic's shape (aspy/worker.py).
+        "worker_class": "aspy.worker.AspyWorker",
         "worker_connections": 1000,
         # The gevent worker heartbeats from its own greenlet, so long streams never trip this.
         "timeout": 30,

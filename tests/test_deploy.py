@@ -71,7 +71,7 @@ def test_gunicorn_conf_takes_server_settings_without_loading_the_app(tmp_path):
                          env={**os.environ, "ASPY_CONFIG": str(config)}).stdout
     settings = json.loads(out)
     assert settings["bind"] == ["127.0.0.1:9123"] and settings["workers"] == 3
-    assert settings["worker_class"] == "gevent" and settings["preload_app"] is False
+    assert settings["worker_class"] == "aspy.worker.AspyWorker" and settings["preload_app"] is False
     assert settings["graceful_timeout"] > LONGEST_STREAM and settings["wsgi_app"] == "wsgi:app"
     assert settings["loaded"] == []
 

@@ -60,7 +60,7 @@ def assert_anthropic_shape(status: int, headers: dict[str, str], body: bytes, ex
 
 
 def head(method: str, target: str, session: str, *lines: str) -> str:
-    """Return a request head for dev-1 with a session key of its own."""
+    """Return a request head with a session key of its own."""
     return "\n".join([f"{method} {target} HTTP/1.1", "Host: x", "Content-Type: application/json",
                       f"x-claude-code-session-id: {session}", *lines]) + "\n"
 
@@ -126,6 +126,19 @@ def test_a_request_transfer_coding_other_than_chunked_is_refused(aspy, upstream)
     assert len(upstream.requests) == before
 
 
+@pytest.mark.parametrize("framing", [
+    "Content-Length: 5\nTransfer-Encoding: chunked", "Transfer-Encoding: chunked, gzip", "Content-Length: 12abc",
+    "Content-Length: 5\nContent-Length: 6", "Transfer-Encoding: x-unknown",
+])
+def test_framing_that_gunicorn_refuses_is_answered_in_anthropic_shape(aspy, upstream, framing):
+    before = len(upstream.requests)
+    sock = send_raw(aspy.port, head("POST", "/dev-1/v1/messages", "x", framing), b"0\r\n\r\n")
+    status, headers, body = answer(sock)
+    assert status in (400, 501) and headers["content-type"] == "application/json", body[:300]
+    assert json.loads(body)["type"] == "error"
+    assert len(upstream.requests) == before
+
+
 @pytest.mark.parametrize("method", ["TRACE", "PROPFIND"])
 def test_a_method_aspy_does_not_forward_gets_405_in_anthropic_shape(aspy, upstream, method):
     before = len(upstream.requests)
@@ -136,13 +149,15 @@ def test_a_method_aspy_does_not_forward_gets_405_in_anthropic_shape(aspy, upstre
     assert len(upstream.requests) == before
 
 
-@pytest.mark.parametrize("path", ["/dev-1/v1/%0d%0aX-Injected:%20yes", "/dev-1/v1/messages%0a", "/%0d%0a"])
-def test_a_cr_or_lf_in_the_path_is_answered_in_anthropic_shape(aspy, upstream, path):
+@pytest.mark.parametrize("path, status, kind", [
+    ("/dev-1/v1/%0d%0aX-Injected:%20yes", 400, "invalid_request_error"),
+    ("/dev-1/v1/messages%0a", 400, "invalid_request_error"),
+    ("/%0d%0a", 404, "not_found_error"),  # no such client
+])
+def test_a_cr_or_lf_in_the_path_is_answered_in_anthropic_shape(aspy, upstream, path, status, kind):
     before = len(upstream.requests)
     sock = send_raw(aspy.port, head("GET", path, "x", "Connection: close"))
-    status, headers, body = answer(sock)
-    kind = "not_found_error" if path == "/%0d%0a" else "invalid_request_error"
-    assert_anthropic_shape(status, headers, body, 404 if path == "/%0d%0a" else 400, kind)
+    assert_anthropic_shape(*answer(sock), status, kind)
     assert len(upstream.requests) == before
 
 
@@ -206,10 +221,13 @@ def test_an_unexpected_error_on_a_token_path_is_json_and_never_logs_the_token(fa
     assert "unexpected error answering POST /pt_…/v1/files" in text
 
 
-def test_an_error_while_relaying_on_a_token_path_never_logs_the_token(faulty_aspy):
+def test_an_error_while_relaying_on_a_token_path_is_json_and_never_logs_the_token(faulty_aspy):
     url, log = faulty_aspy
-    requests.post(f"{url}/{TOKEN}/v1/files", data=b"x", headers={
+    # The fault comes before the response's first byte: gunicorn answers it, as aspy would.
+    r = requests.post(f"{url}/{TOKEN}/v1/files", data=b"x", headers={
         "x-fake-status": "200", "x-fake-body": "{}", "x-fake-content-type": "application/x-break"})
+    assert r.status_code == 500 and r.headers["content-type"] == "application/json"
+    assert r.json()["error"]["type"] == "api_error"
     eventually(lambda: "planted fault relaying" in log.read_text())
     text = log.read_text()
     assert TOKEN not in text and TOKEN[3:] not in text
@@ -242,14 +260,15 @@ FIELDS_OF = {"/api/search": ["keyword", "role", "time_range", "client", "user", 
 QUERIES = st.dictionaries(st.sampled_from(FIELDS), TEXT, max_size=3).map(
     lambda q: "&".join(f"{k}={quote(v.encode('utf-8', 'surrogatepass'), safe='')}" for k, v in q.items()))
 # Mostly the API token, so that most examples get past authorization.
-AUTHORIZATION = st.sampled_from([f"Bearer {API_TOKEN}"] * 8 + [f"Bearer {TOKEN}", None, "Bearer pt_wrong", "Basic \xe9"])
+AUTHORIZATION = st.sampled_from([f"Bearer {API_TOKEN}"] * 8
+                                + [f"Bearer {TOKEN}", None, "Bearer pt_wrong", "Basic \xe9"])
 
 
 def bodies(path: str) -> st.SearchStrategy[bytes]:
     """Any bytes, any JSON, or the endpoint's valid body with one field set to anything."""
     valid_but = st.tuples(st.sampled_from(FIELDS_OF.get(path, FIELDS)), JSON).map(
         lambda field: json.dumps(VALID_BODIES.get(path, {}) | dict([field])).encode())
-    # Listed twice: half of the bodies are valid but for a field or two.
+    # Listed twice: half of the bodies are valid but for one field.
     return st.one_of(st.binary(max_size=200), JSON.map(lambda v: json.dumps(v).encode()), valid_but, valid_but)
 
 
@@ -313,7 +332,8 @@ def test_the_api_refuses_wrong_types_and_unstorable_text_with_400(api_client, pa
 @pytest.mark.parametrize("path", ["/api/stats", "/api/sessions", "/api/events", "/api/context"])
 def test_a_nul_in_a_filter_gets_400_never_a_store_error(api_client, path, query):
     # PostgreSQL refuses NUL in text: the store was blamed (503) for the caller's input.
-    r = api_client.get(path, headers={"Authorization": f"Bearer {API_TOKEN}"}, environ_overrides={"QUERY_STRING": query})
+    r = api_client.get(path, headers={"Authorization": f"Bearer {API_TOKEN}"},
+                       environ_overrides={"QUERY_STRING": query})
     assert r.status_code == 400 and r.json["error"]["type"] == "invalid_request_error", r.data[:300]
 
 

@@ -93,15 +93,23 @@ def test_gunicorn_with_the_shipped_conf_and_wsgi_serves(upstream, tmp_path):
 
 
 @pytest.fixture
-def behind_nginx(upstream, tmp_path):
+def aspy_behind_nginx(upstream, tmp_path):
+    """aspy under gunicorn, with a client that has a proxy token, for nginx to stand in front of."""
+    aspy = AspyProcess(tmp_path, standard_config(upstream.url, f'[clients.tok]\nname = "Token client"\n'
+                                                               f'provider = "fake"\nproxy_token = "{TOKEN}"\n')).start()
+    yield aspy
+    aspy.stop()
+
+
+@pytest.fixture
+def behind_nginx(aspy_behind_nginx, tmp_path):
     """aspy under gunicorn, with the real nginx and the shipped site in front."""
     nginx = shutil.which("nginx") or "/usr/sbin/nginx"
     if not os.path.exists(nginx):
         if os.environ.get("CI"):
             pytest.fail("nginx is not installed; .ci/run installs it")
         pytest.skip("nginx is not installed (apt-get install nginx)")
-    aspy = AspyProcess(tmp_path, standard_config(upstream.url, f'[clients.tok]\nname = "Token client"\n'
-                                                               f'provider = "fake"\nproxy_token = "{TOKEN}"\n')).start()
+    aspy = aspy_behind_nginx
     port = free_port()
     site = SITE.read_text()
     assert "server 127.0.0.1:8080;" in site and "listen 80;" in site
@@ -134,7 +142,6 @@ http {{
     yield url
     proc.send_signal(signal.SIGQUIT)
     proc.wait(10)
-    aspy.stop()
 
 
 def test_a_stream_arrives_event_by_event_through_nginx(behind_nginx):
@@ -172,3 +179,16 @@ def test_nginx_logs_never_carry_a_proxy_token(behind_nginx, tmp_path):
     assert '"POST /pt_.../v1/messages?beta=true HTTP/1.1" 200' in logs["aspy.access.log"]
     for name, text in logs.items():
         assert TOKEN not in text and TOKEN[3:] not in text, name
+
+
+def test_a_body_over_nginx_limit_gets_413_in_anthropic_shape(behind_nginx):
+    r = requests.post(f"{behind_nginx}/dev-1/v1/files", headers={"content-length": str(34 * 1024 * 1024)})
+    assert r.status_code == 413 and r.headers["content-type"] == "application/json"
+    assert r.json()["error"]["type"] == "request_too_large" and "32 MiB" in r.json()["error"]["message"]
+
+
+def test_aspy_unreachable_behind_nginx_gets_502_in_anthropic_shape(behind_nginx, aspy_behind_nginx):
+    aspy_behind_nginx.stop()
+    r = requests.post(f"{behind_nginx}/dev-1/v1/messages", json=MESSAGE)
+    assert r.status_code == 502 and r.headers["content-type"] == "application/json"
+    assert r.json()["error"]["type"] == "upstream_error"

@@ -24,7 +24,11 @@ class RedactTokens(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         """Rewrite the record without tokens; never drop it."""
-        message = record.getMessage()
+        try:
+            message = record.getMessage()
+        except Exception:
+            # A malformed logging call: the handler reports it, as it would without this filter.
+            return True
         redacted = redact(message)
         if redacted != message:
             record.msg, record.args = redacted, None

@@ -22,6 +22,7 @@ def create_app(config: Config | None = None, test_config: dict | None = None) ->
 
     from . import api, health, proxy
     from .config import load_config
+    from .errors import answer_exception
     from .models import load_models
     from .recorder import Recorder
     from .sessions import Sessions
@@ -49,6 +50,8 @@ def create_app(config: Config | None = None, test_config: dict | None = None) ->
     app.register_blueprint(health.bp)
     app.register_blueprint(api.bp)
     app.register_blueprint(proxy.bp)
+    # Whatever goes wrong, the client gets JSON in Anthropic's shape (405, 404, a broken body, a bug).
+    app.register_error_handler(Exception, answer_exception)
     return app
 
 
@@ -58,10 +61,15 @@ def log_exchange(exchange: Exchange) -> None:
 
 
 def _setup_logging() -> None:
-    """Send aspy's own log lines to stderr unless something else already set them up."""
+    """Send aspy's own log lines to stderr unless something else already set them up; never a proxy token."""
+    from .logs import REDACT_TOKENS
+
     logger = logging.getLogger("aspy")
+    # On the logger for the lines Flask logs as the app ("aspy"), on the handler for aspy.* below it.
+    logger.addFilter(REDACT_TOKENS)
     if not logger.handlers:
         handler = logging.StreamHandler()
+        handler.addFilter(REDACT_TOKENS)
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
         logger.addHandler(handler)
         # ASPY_LOG_LEVEL=DEBUG adds one structured line per exchange.

@@ -96,10 +96,25 @@ def sweep() -> None:
         current_app.logger.warning("could not end expired sessions: %s", exc)
 
 
+def text_value(value: Any, name: str) -> str:
+    """Return a text parameter, or raise 400: a string that a store can hold (no NUL, no lone surrogate)."""
+    if not isinstance(value, str):
+        raise bad_request(f"{name} must be a string")
+    try:
+        # JSON's "\\ud800" escapes make strings that no UTF-8 store can take.
+        value.encode()
+    except UnicodeEncodeError:
+        raise bad_request(f"{name} must be text without lone surrogates") from None
+    if "\x00" in value:
+        raise bad_request(f"{name} must be text without NUL characters")
+    return value
+
+
 def scope(args: dict[str, Any] | None = None) -> Scope:
     """Build the scope a request asks for from ``client``, ``user`` and ``session``."""
     args = request.args if args is None else args
-    client, user, session = args.get("client"), args.get("user"), args.get("session")
+    client, user, session = (None if args.get(name) is None else text_value(args.get(name), name)
+                             for name in ("client", "user", "session"))
     if g.only_client:
         if client not in (None, g.only_client):
             raise AspyError(403, "permission_error", "This token can only read its own client's data")
@@ -257,7 +272,10 @@ def clients():
 
 def json_body() -> dict[str, Any]:
     """Return the request's JSON object, or raise 400."""
-    body = request.get_json(silent=True)
+    try:
+        body = request.get_json(silent=True)
+    except RecursionError:
+        raise bad_request("the body is nested too deeply") from None
     if not isinstance(body, dict):
         raise bad_request("the body must be a JSON object")
     return body
@@ -272,7 +290,7 @@ def text_field(body: dict, name: str, required: bool = False, longest: int = 256
         return None
     if not isinstance(value, str) or not value.strip() or len(value) > longest:
         raise bad_request(f"{name} must be a non-empty string of at most {longest} characters")
-    return value
+    return text_value(value, name)
 
 
 @bp.post("/session/start")

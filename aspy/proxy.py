@@ -22,10 +22,11 @@ from flask import Blueprint, Response, current_app, request
 from requests.adapters import HTTPAdapter
 from requests.structures import CaseInsensitiveDict
 from requests.utils import requote_uri
+from werkzeug.routing import PathConverter
 from werkzeug.wsgi import ClosingIterator
 
 from .config import Config
-from .errors import AspyError, error_body, error_response
+from .errors import BROKEN_BODY, AspyError, error_body, error_response
 from .observe import Exchange, observer_for
 from .routing import resolve, user_hash
 
@@ -116,34 +117,65 @@ def send_upstream(method: str, url: str, headers: dict[str, str], body: bytes,
 
 
 def read_body(environ: dict) -> bytes:
-    """Read the request body, declared or chunked; refuse one over 32 MiB with 413."""
+    """Read the whole request body, sized or chunked; refuse one that is too large or incomplete.
+
+    Nothing is forwarded unless all of it arrived: a body shorter than its Content-Length, or a
+    chunked body that broke off, is the client going away, and gets 400. A transfer-coding other
+    than chunked (``gzip, chunked``) would reach the upstream still encoded: it gets 400 too.
+    """
     too_large = AspyError(413, "request_too_large",
                           f"Request body is larger than the proxy's limit of {MAX_BODY} bytes (32 MiB)")
-    stream = environ["wsgi.input"]
-    declared = environ.get("CONTENT_LENGTH")
-    if declared:
-        try:
-            length = int(declared)
-        except ValueError:
-            raise AspyError(400, "invalid_request_error", "Content-Length is not a number") from None
+    codings = [c.strip().lower() for c in environ.get("HTTP_TRANSFER_ENCODING", "").split(",") if c.strip()]
+    if codings and codings != ["chunked"]:
+        raise AspyError(400, "invalid_request_error",
+                        f"Transfer-Encoding {environ['HTTP_TRANSFER_ENCODING']!r} is not accepted: "
+                        "send the body as it is, with Content-Length or chunked")
+    length = None
+    if not codings:
+        declared = environ.get("CONTENT_LENGTH")
+        if not declared:
+            return b""
+        if not (declared.isascii() and declared.isdigit()):
+            raise AspyError(400, "invalid_request_error", "Content-Length is not a number of bytes")
+        length = int(declared)
         if length > MAX_BODY:
             raise too_large
-        return stream.read(length) if length else b""
-    if "chunked" not in environ.get("HTTP_TRANSFER_ENCODING", "").lower():
-        return b""
+    stream = environ["wsgi.input"]
     parts, size = [], 0
-    while True:
-        part = stream.read(READ_CHUNK)
-        if not part:
-            return b"".join(parts)
-        size += len(part)
-        if size > MAX_BODY:
-            raise too_large
-        parts.append(part)
+    try:
+        # A read may return less than asked before the end: read until the length, or the end.
+        while length is None or size < length:
+            part = stream.read(READ_CHUNK if length is None else length - size)
+            if not part:
+                break
+            size += len(part)
+            if size > MAX_BODY:
+                raise too_large
+            parts.append(part)
+    except BROKEN_BODY:
+        raise AspyError(400, "invalid_request_error",
+                        f"The request body broke off after {size} bytes; nothing was forwarded") from None
+    if length is not None and size < length:
+        raise AspyError(400, "invalid_request_error",
+                        f"The request body ended after {size} of its declared {length} bytes; "
+                        "nothing was forwarded")
+    return b"".join(parts)
+
+
+class AnyPath(PathConverter):
+    """A path of any characters: one with a CR or LF in it reaches check_path (400), not a bare 404."""
+
+    regex = "(?s:[^/].*?)"
+
+
+@bp.record_once
+def _add_any_path(state) -> None:
+    """Teach the app's URL map the ``anypath`` converter before the routes below are added."""
+    state.app.url_map.converters["anypath"] = AnyPath
 
 
 @bp.route("/", defaults={"_path": ""}, methods=["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"])
-@bp.route("/<path:_path>", methods=["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"])
+@bp.route("/<anypath:_path>", methods=["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"])
 def forward(_path: str) -> Response:
     """Forward one request to its provider and stream the answer back."""
     config: Config = current_app.config["ASPY"]
@@ -153,7 +185,6 @@ def forward(_path: str) -> Response:
     raw_path = raw_uri.split("?", 1)[0]
     try:
         route = resolve(config, raw_path, environ.get("QUERY_STRING", ""))
-        body = read_body(environ)
     except AspyError as exc:
         return error_response(exc.status, exc.kind, exc.message)
 
@@ -166,9 +197,14 @@ def forward(_path: str) -> Response:
         client=route.client.id if route.client else None, provider=route.provider.id,
         user=user_hash(environ.get("HTTP_X_API_KEY"), environ.get("HTTP_AUTHORIZATION")),
         headers={h: headers[h] for h in OBSERVED_HEADERS if h in headers},
-        body=body, content_type=environ.get("CONTENT_TYPE", ""),
+        content_type=environ.get("CONTENT_TYPE", ""),
     )
     record = current_app.extensions["aspy.record"]
+    try:
+        exchange.body = body = read_body(environ)
+    except AspyError as exc:
+        # The request reached aspy, so it is recorded, as failed; nothing went upstream.
+        return _failed(exchange, record, exc.status, exc.kind, exc.message)
     timeout = (config.server.connect_timeout, config.server.upstream_timeout)
     try:
         upstream = send_upstream(request.method, route.url, headers, body, timeout)
@@ -297,7 +333,7 @@ def _finish(exchange: Exchange, record: Callable[[Exchange], None]) -> None:
 
 def _failed(exchange: Exchange, record: Callable[[Exchange], None], status: int, kind: str,
             message: str) -> Response:
-    """Answer an upstream failure in Anthropic's shape, and record it."""
+    """Answer a failure in Anthropic's shape (the upstream's, or the request's own), and record it."""
     exchange.status = status
     exchange.failure = message
     exchange.complete = True

@@ -6,8 +6,10 @@ import logging
 from typing import Any
 
 from gunicorn.app.base import BaseApplication
+from gunicorn.glogging import Logger
 
 from .config import Config, ConfigError, Server, load_config
+from .logs import REDACT_TOKENS
 
 log = logging.getLogger(__name__)
 
@@ -34,12 +36,24 @@ def warn_if_exposed(server: Server) -> None:
         logging.getLogger("gunicorn.error").warning("!" * 20 + " " + message)
 
 
+class RedactingLogger(Logger):
+    """gunicorn's logger, with proxy tokens cut out of its error lines and its access log (if on)."""
+
+    def setup(self, cfg) -> None:
+        """Set gunicorn's loggers up as usual, then filter them; runs again on each reload."""
+        super().setup(cfg)
+        for logger in (self.error_log, self.access_log):
+            # "Error handling request POST /pt_.../v1/messages" would carry the token otherwise.
+            logger.addFilter(REDACT_TOKENS)
+
+
 def gunicorn_settings(server: Server) -> dict[str, Any]:
     """Return gunicorn's settings for a ``[server]`` table."""
     return {
         "bind": [server.listen],
         "workers": server.workers,
-        "worker_class": "gevent",
+        # gunicorn's gevent worker, with its own error pages in Anthropic's shape (aspy/worker.py).
+        "worker_class": "aspy.worker.AspyWorker",
         "worker_connections": 1000,
         # The gevent worker heartbeats from its own greenlet, so long streams never trip this.
         "timeout": 30,
@@ -51,6 +65,8 @@ def gunicorn_settings(server: Server) -> dict[str, Any]:
         "proc_name": "aspy",
         "errorlog": "-",
         "loglevel": "info",
+        # No access log by default (nginx keeps one); when one is turned on, it is redacted too.
+        "logger_class": RedactingLogger,
         # gunicorn 23+ opens a control socket in ~/.gunicorn; aspy needs none, and several
         # instances on one host would fight over it.
         "control_socket_disable": True,

@@ -46,6 +46,6 @@ def parse_time_range(value: Any, now: float) -> tuple[float | None, float | None
         "today": (midnight.timestamp(), None),
         "yesterday": ((midnight - timedelta(days=1)).timestamp(), midnight.timestamp()),
     }
-    if value not in ranges:
+    if not isinstance(value, str) or value not in ranges:
         raise TimeRangeError(f"time_range must be one of {', '.join(NAMED)} or {{\"since\", \"until\"}}")
     return ranges[value]

@@ -13,11 +13,13 @@ import pytest
 import requests
 
 from conftest import ROOT, AspyProcess, free_port, standard_config, wait_for_health
+from test_sessions_api import eventually
 from aspy.serving import LONGEST_STREAM
 
 UNIT = ROOT / "systemd" / "aspy.service"
 SITE = ROOT / "conf" / "nginx" / "aspy.conf"
 MESSAGE = {"model": "claude-sonnet-4-5-20250929", "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}]}
+TOKEN = "pt_DeployTestToken0123456789abcdefXY"
 
 
 def unit_settings() -> dict[str, list[str]]:
@@ -69,7 +71,7 @@ def test_gunicorn_conf_takes_server_settings_without_loading_the_app(tmp_path):
                          env={**os.environ, "ASPY_CONFIG": str(config)}).stdout
     settings = json.loads(out)
     assert settings["bind"] == ["127.0.0.1:9123"] and settings["workers"] == 3
-    assert settings["worker_class"] == "gevent" and settings["preload_app"] is False
+    assert settings["worker_class"] == "aspy.worker.AspyWorker" and settings["preload_app"] is False
     assert settings["graceful_timeout"] > LONGEST_STREAM and settings["wsgi_app"] == "wsgi:app"
     assert settings["loaded"] == []
 
@@ -91,19 +93,29 @@ def test_gunicorn_with_the_shipped_conf_and_wsgi_serves(upstream, tmp_path):
 
 
 @pytest.fixture
-def behind_nginx(upstream, tmp_path):
+def aspy_behind_nginx(upstream, tmp_path):
+    """aspy under gunicorn, with a client that has a proxy token, for nginx to stand in front of."""
+    aspy = AspyProcess(tmp_path, standard_config(upstream.url, f'[clients.tok]\nname = "Token client"\n'
+                                                               f'provider = "fake"\nproxy_token = "{TOKEN}"\n')).start()
+    yield aspy
+    aspy.stop()
+
+
+@pytest.fixture
+def behind_nginx(aspy_behind_nginx, tmp_path):
     """aspy under gunicorn, with the real nginx and the shipped site in front."""
     nginx = shutil.which("nginx") or "/usr/sbin/nginx"
     if not os.path.exists(nginx):
         if os.environ.get("CI"):
             pytest.fail("nginx is not installed; .ci/run installs it")
         pytest.skip("nginx is not installed (apt-get install nginx)")
-    aspy = AspyProcess(tmp_path, standard_config(upstream.url)).start()
+    aspy = aspy_behind_nginx
     port = free_port()
     site = SITE.read_text()
     assert "server 127.0.0.1:8080;" in site and "listen 80;" in site
     (tmp_path / "aspy.conf").write_text(site.replace("server 127.0.0.1:8080;", f"server 127.0.0.1:{aspy.port};")
-                                        .replace("listen 80;", f"listen 127.0.0.1:{port};"))
+                                        .replace("listen 80;", f"listen 127.0.0.1:{port};")
+                                        .replace("/var/log/nginx/", f"{tmp_path}/"))
     temp = {name: tmp_path / name for name in ("body", "proxy", "fastcgi", "uwsgi", "scgi")}
     (tmp_path / "nginx.conf").write_text(f"""
 user root;
@@ -113,7 +125,8 @@ pid {tmp_path}/nginx.pid;
 error_log {tmp_path}/nginx-error.log;
 events {{ worker_connections 256; }}
 http {{
-    access_log off;
+    # As Debian's nginx.conf has it: every site logs here unless it says otherwise.
+    access_log {tmp_path}/access.log;
     client_body_temp_path {temp['body']};
     proxy_temp_path {temp['proxy']};
     fastcgi_temp_path {temp['fastcgi']};
@@ -129,7 +142,6 @@ http {{
     yield url
     proc.send_signal(signal.SIGQUIT)
     proc.wait(10)
-    aspy.stop()
 
 
 def test_a_stream_arrives_event_by_event_through_nginx(behind_nginx):
@@ -154,3 +166,29 @@ def test_a_30_mib_body_goes_through_nginx(behind_nginx, upstream):
 def test_an_oversized_body_gets_aspys_own_413_through_nginx(behind_nginx):
     r = requests.post(f"{behind_nginx}/dev-1/v1/files", data=b"x" * (32 * 1024 * 1024 + 1))
     assert r.status_code == 413 and r.json()["error"]["type"] == "request_too_large"
+
+
+def test_nginx_logs_never_carry_a_proxy_token(behind_nginx, tmp_path):
+    assert requests.post(f"{behind_nginx}/{TOKEN}/v1/messages?beta=true", json=MESSAGE).status_code == 200
+    # nginx refuses this one itself, and logs it as an error naming the request line.
+    too_large = requests.post(f"{behind_nginx}/{TOKEN}/v1/files", headers={"content-length": str(34 * 1024 * 1024)})
+    assert too_large.status_code == 413
+    # nginx logs a request when it has finished with it, which for the refused body is a moment later.
+    logs = eventually(lambda: (found := {p.name: p.read_text(errors="replace") for p in tmp_path.glob("*.log")})
+                      and '"POST /pt_.../v1/files HTTP/1.1" 413' in found.get("aspy.access.log", "") and found)
+    assert '"POST /pt_.../v1/messages?beta=true HTTP/1.1" 200' in logs["aspy.access.log"]
+    for name, text in logs.items():
+        assert TOKEN not in text and TOKEN[3:] not in text, name
+
+
+def test_a_body_over_nginx_limit_gets_413_in_anthropic_shape(behind_nginx):
+    r = requests.post(f"{behind_nginx}/dev-1/v1/files", headers={"content-length": str(34 * 1024 * 1024)})
+    assert r.status_code == 413 and r.headers["content-type"] == "application/json"
+    assert r.json()["error"]["type"] == "request_too_large" and "32 MiB" in r.json()["error"]["message"]
+
+
+def test_aspy_unreachable_behind_nginx_gets_502_in_anthropic_shape(behind_nginx, aspy_behind_nginx):
+    aspy_behind_nginx.stop()
+    r = requests.post(f"{behind_nginx}/dev-1/v1/messages", json=MESSAGE)
+    assert r.status_code == 502 and r.headers["content-type"] == "application/json"
+    assert r.json()["error"]["type"] == "upstream_error"

@@ -179,10 +179,10 @@ def post_worker_init(worker):
             raise RuntimeError("planted fault forwarding " + environ["RAW_URI"])
         return forward_headers(environ, drop_credentials)
 
-    def broken_observer_for(content_type):
+    def broken_observer_for(content_type, *rest):
         if content_type == "application/x-break":
             raise RuntimeError("planted fault relaying")
-        return observer_for(content_type)
+        return observer_for(content_type, *rest)
 
     aspy.proxy.forward_headers = broken_forward_headers
     aspy.proxy.observer_for = broken_observer_for

@@ -47,6 +47,8 @@ def create_app(config: Config | None = None, test_config: dict | None = None) ->
         recorder(exchange)
 
     app.extensions["aspy.record"] = record
+    # The writer starts with the worker: it keeps the store up to date even before any traffic.
+    recorder.start()
     app.register_blueprint(health.bp)
     app.register_blueprint(api.bp)
     app.register_blueprint(proxy.bp)

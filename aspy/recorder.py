@@ -26,6 +26,8 @@ log = logging.getLogger(__name__)
 
 BATCH = 500
 MAX_PENDING = 10_000
+# Seconds between two upkeeps of the store (ending stale sessions, trimming, retention).
+UPKEEP_EVERY = 5.0
 # Retries of a failing store back off from 1 s to 30 s.
 RETRY_AFTER = 1.0
 MAX_RETRY_AFTER = 30.0
@@ -47,6 +49,9 @@ class Recorder:
         self.dropped = 0
         self.last_error: str | None = None
         self.retry_after = RETRY_AFTER
+        # The first upkeep runs as soon as the writer starts: it prices history the table has learned.
+        self.next_upkeep = 0.0
+        self._now = tools("time", "monotonic")
         self._pid: int | None = None
         self._lock = threading.Lock()
         # The writer and the exit hook must never apply the same batch twice.
@@ -55,10 +60,13 @@ class Recorder:
     def __call__(self, exchange: Exchange) -> None:
         """Queue an exchange; start the writer in this process if it is not running."""
         if self._pid != os.getpid():
-            self._start()
+            self.start()
         self.queue.put(exchange)
 
-    def _start(self) -> None:
+    def start(self) -> None:
+        """Start this process's writer (once): it records, and keeps the store up to date even when idle."""
+        if self._pid == os.getpid():
+            return
         with self._lock:
             if self._pid == os.getpid():
                 return
@@ -68,14 +76,29 @@ class Recorder:
 
     def _run(self) -> None:
         while True:
+            # Wake for traffic, to retry what a failed try kept, and for the upkeep, traffic or not.
+            wake = self.next_upkeep - self._now()
+            if self.pending:
+                wake = min(wake, self.retry_after)
             try:
-                # With records kept from a failed try, wake up to retry even if no traffic comes.
-                self.pending.append(self.queue.get(timeout=self.retry_after if self.pending else None))
+                self.pending.append(self.queue.get(timeout=max(wake, 0.001)))
             except queue.Empty:
                 pass
             # Write at once: an API answer must show a turn within 50 ms of its end. Under load,
             # what queues while a transaction runs forms the next batch by itself.
             self.flush()
+            if self._now() >= self.next_upkeep:
+                self.upkeep()
+
+    def upkeep(self) -> None:
+        """Run the store's upkeep now (expiry, trimming, retention, pricing history); a failure waits for the next."""
+        self.next_upkeep = self._now() + UPKEEP_EVERY
+        try:
+            self.sessions.upkeep()
+        except StoreError as exc:
+            log.warning("store upkeep failed, tried again in %g s: %s", UPKEEP_EVERY, exc)
+        except Exception:
+            log.exception("store upkeep failed, tried again in %g s", UPKEEP_EVERY)
 
     def flush(self) -> None:
         """Write everything queued now; on failure keep it for the next try."""

@@ -34,8 +34,6 @@ OLD_USER_ID = re.compile(r"user_[0-9a-f]+_account_[0-9a-f-]*_session_([0-9a-f-]{
 # A rate_limit event is emitted on 429, or when a remaining count falls under this share of its limit.
 RATE_LIMIT_LOW = 0.1
 PREVIEW_CHARS = 200
-# Seconds between ending stale sessions, trimming event buffers and applying the retention.
-UPKEEP_EVERY = 5.0
 
 
 def warning_level(pct: float) -> str:
@@ -157,7 +155,6 @@ class Sessions:
         self.told_unpriced: set[str] = set()
         # The history recorded without a price is priced once per process, by its first upkeep.
         self.repriced = False
-        self.next_upkeep = 0.0
 
     def identity(self, client_id: str | None, user: str) -> Identity:
         """Return the identity of traffic, applying the migration shim to legacy users."""
@@ -167,10 +164,7 @@ class Sessions:
 
     def record(self, exchanges: list[Exchange]) -> None:
         """Apply a batch of exchanges in one transaction."""
-        now = time.time()
         with self.store.transaction() as tx:
-            if now >= self.next_upkeep:
-                self._upkeep(tx, now)
             batch = Batch()
             for exchange in exchanges:
                 if not is_messages_call(exchange.method, exchange.path):
@@ -187,16 +181,17 @@ class Sessions:
             tx.add_messages(batch.messages)
         self.touched.update(batch.sessions)
 
-    def _upkeep(self, tx: Transaction, now: float) -> None:
+    def upkeep(self) -> None:
         """End idle-too-long sessions, trim event buffers, apply the retention; once, price unpriced history."""
-        if not self.repriced:
-            self.reprice(tx)
-            self.repriced = True
-        self._expire(tx, now)
-        tx.prune(sorted(self.touched), self.config.sessions.events_per_session,
-                 now - self.config.store.retention_days * 86400)
+        now = time.time()
+        with self.store.transaction() as tx:
+            if not self.repriced:
+                self.reprice(tx)
+            self._expire(tx, now)
+            tx.prune(sorted(self.touched), self.config.sessions.events_per_session,
+                     now - self.config.store.retention_days * 86400)
+        self.repriced = True
         self.touched.clear()
-        self.next_upkeep = now + UPKEEP_EVERY
 
     def expire(self) -> None:
         """End and archive sessions that saw no traffic for ``end_after``."""

@@ -76,7 +76,7 @@ def test_each_session_keeps_only_its_last_events(tmp_path):
     sessions.record([exchange() for _ in range(4)])
     sessions.record([exchange("other")])
     assert len(sessions.store.events(Scope(session="s1"), [], None, 500)) > 5
-    sessions.next_upkeep = 0  # the trim runs every few seconds; make it run now
+    sessions.upkeep()  # the writer runs it every few seconds; run it now
     sessions.record([exchange("other")])
     kept = sessions.store.events(Scope(session="s1"), [], None, 500)
     assert len(kept) == 5
@@ -89,8 +89,8 @@ def test_events_and_text_older_than_the_retention_are_removed(tmp_path):
     sessions = book(tmp_path)
     old = time.time() - 2 * 86400
     sessions.record([exchange("old", at=old)])
-    sessions.next_upkeep = 0
     sessions.record([exchange("new")])
+    sessions.upkeep()
     assert sessions.store.events(Scope(session="old"), [], None, 50) == []
     assert sessions.store.events(Scope(session="new"), [], None, 50)
     assert sessions.store.get_session("old").requests == 1
@@ -109,7 +109,7 @@ def test_a_tool_result_without_a_known_call_is_ignored(tmp_path):
 def test_traffic_after_end_after_opens_a_new_session_even_before_the_upkeep(tmp_path):
     sessions = book(tmp_path, idle_after="1s", end_after="2s")
     sessions.record([exchange(at=time.time() - 10)])
-    sessions.next_upkeep = time.time() + 60  # the upkeep has not run since
+    # The upkeep has not run since.
     sessions.record([exchange()])
     found = sessions.store.sessions(Scope(session="s1"), None, 0, 10)
     assert len(found) == 2 and [s.requests for s in found] == [1, 1]

@@ -19,6 +19,9 @@ What it does is chosen by request headers, which aspy forwards untouched:
 - ``x-fake-tool-once: NAME[,NAME...]``: call these tools in turn where the request offers them,
   the n-th once n tool results came back, then answer with text (so a real agent loop ends).
 - ``x-fake-text: TEXT``: the text of a generated answer.
+- ``x-fake-delta-usage: JSON``: more usage fields in a stream's ``message_delta``.
+- ``x-fake-refusal: before|after``: a stream refused before any output (no content) or after some,
+  with stop reason ``refusal``.
 - A request with a structured output format (Claude Code's session title) gets a small JSON
   title and ``TITLE_USAGE``, whatever the headers ask of the other answers.
 
@@ -80,7 +83,8 @@ def message(model: str, text: str, usage: dict, tool: str | None = None, tool_id
 
 
 def stream_events(model: str, text_parts: list[str], usage: dict, tool: str | None = None,
-                  tool_id: str = "toolu_fake_1", tool_input: dict | None = None) -> list[bytes]:
+                  tool_id: str = "toolu_fake_1", tool_input: dict | None = None, delta_usage: dict | None = None,
+                  stop_reason: str | None = None) -> list[bytes]:
     """Return the events of a streamed Message, one text delta per part (a tool's input in two)."""
     raw_input = json.dumps({"command": "ls"} if tool_input is None else tool_input)
     start_usage = {k: v for k, v in usage.items() if k != "output_tokens"} | {"output_tokens": 1}
@@ -88,13 +92,14 @@ def stream_events(model: str, text_parts: list[str], usage: dict, tool: str | No
         sse("message_start", {"type": "message_start", "message": {
             "id": "msg_fake", "type": "message", "role": "assistant", "model": model, "content": [],
             "stop_reason": None, "stop_sequence": None, "usage": start_usage}}),
-        sse("content_block_start", {"type": "content_block_start", "index": 0,
-                                    "content_block": {"type": "text", "text": ""}}),
     ]
-    for part in text_parts:
-        events.append(sse("content_block_delta", {"type": "content_block_delta", "index": 0,
-                                                  "delta": {"type": "text_delta", "text": part}}))
-    events.append(sse("content_block_stop", {"type": "content_block_stop", "index": 0}))
+    if text_parts:
+        events.append(sse("content_block_start", {"type": "content_block_start", "index": 0,
+                                                  "content_block": {"type": "text", "text": ""}}))
+        for part in text_parts:
+            events.append(sse("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                                      "delta": {"type": "text_delta", "text": part}}))
+        events.append(sse("content_block_stop", {"type": "content_block_stop", "index": 0}))
     if tool:
         events += [
             sse("content_block_start", {"type": "content_block_start", "index": 1, "content_block": {
@@ -107,8 +112,9 @@ def stream_events(model: str, text_parts: list[str], usage: dict, tool: str | No
         ]
     events += [
         sse("message_delta", {"type": "message_delta",
-                              "delta": {"stop_reason": "tool_use" if tool else "end_turn", "stop_sequence": None},
-                              "usage": {"output_tokens": usage.get("output_tokens", 0)}}),
+                              "delta": {"stop_reason": stop_reason or ("tool_use" if tool else "end_turn"),
+                                        "stop_sequence": None},
+                              "usage": {"output_tokens": usage.get("output_tokens", 0)} | (delta_usage or {})}),
         sse("message_stop", {"type": "message_stop"}),
     ]
     return events
@@ -242,7 +248,9 @@ class FakeUpstream:
         elif request.get("stream"):
             count = int(h.get("x-fake-events", 3))
             parts = [text] if "x-fake-text" in h else [f"part {i} " for i in range(count)]
-            events = stream_events(model, parts, usage, tool, tool_id, tool_input)
+            refusal = h.get("x-fake-refusal")
+            events = stream_events(model, [] if refusal == "before" else parts, usage, tool, tool_id, tool_input,
+                                   json.loads(h.get("x-fake-delta-usage", "{}")), "refusal" if refusal else None)
         else:
             body = json.dumps(message(model, text, usage, tool, tool_id, tool_input)).encode()
             return await self._send(writer, 200, "application/json", [body], h, extra=extra, reader=reader)

@@ -10,13 +10,18 @@ if TYPE_CHECKING:
     from flask import Flask
 
     from .config import Config
+    from .models import ModelTable
     from .observe import Exchange
 
 __version__ = "0.1.0"
 
 
-def create_app(config: Config | None = None, test_config: dict | None = None) -> Flask:
-    """Create the WSGI app: the proxy, the API and the health check."""
+def create_app(config: Config | None = None, test_config: dict | None = None,
+               models: ModelTable | None = None) -> Flask:
+    """Create the WSGI app: the proxy, the API and the health check.
+
+    ``models`` is the model table read with the config (by default, read now from beside it).
+    """
     # Imported here so that gunicorn's master, and gevent before it patches, load nothing heavy.
     from flask import Flask
 
@@ -35,7 +40,9 @@ def create_app(config: Config | None = None, test_config: dict | None = None) ->
     _setup_logging()
     # Opening the store touches nothing yet: a store that fails never stops the proxy.
     store = open_store(config.store.url)
-    sessions = Sessions(config, store, load_models(config.path.parent if config.path else None))
+    if models is None:
+        models = load_models(config.path.parent if config.path else None)
+    sessions = Sessions(config, store, models)
     recorder = Recorder(sessions)
     app.extensions.update({"aspy.store": store, "aspy.sessions": sessions, "aspy.recorder": recorder})
 

@@ -8,7 +8,7 @@ import sys
 from datetime import datetime
 from pathlib import Path
 
-from .config import Config, ConfigError, config_path, load_config
+from .config import MAX_WORKERS, Config, ConfigError, config_path, load_config, split_listen
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -77,18 +77,28 @@ def serve_command(config: Config, args: argparse.Namespace) -> int:
     from .models import load_models
     from .serving import AspyServer
 
+    problems = []
     try:
         # Every mistake is reported before serving starts, the model table's too.
-        load_models(config.path.parent if config.path else None)
+        models = load_models(config.path.parent if config.path else None)
     except ConfigError as exc:
-        print(f"aspy: {exc}", file=sys.stderr)
-        return 2
+        problems += exc.problems
     overrides = {}
-    if args.listen:
-        overrides["bind"] = [args.listen]
-    if args.workers:
+    if args.listen is not None:
+        try:
+            split_listen(args.listen)
+            overrides["bind"] = [args.listen]
+        except ValueError as exc:
+            problems.append(f"--listen: {exc}")
+    if args.workers is not None:
+        if not 1 <= args.workers <= MAX_WORKERS:
+            problems.append(f"--workers: expected a whole number of worker processes from 1 to {MAX_WORKERS}, "
+                            f"got {args.workers}")
         overrides["workers"] = args.workers
-    AspyServer(config, overrides).run()
+    if problems:
+        print(f"aspy: {ConfigError(problems)}", file=sys.stderr)
+        return 2
+    AspyServer(config, models, overrides).run()
     return 0
 
 
@@ -99,7 +109,8 @@ def check_command(config: Config, args: argparse.Namespace) -> int:
 
     where = config.path or f"{config_path(args.config)} (not found: defaults, legacy mode)"
     print(f"config: {where}")
-    print(f"listen: {config.server.listen}, workers: {config.server.workers}")
+    print(f"listen: {config.server.listen}, workers: {config.server.workers} "
+          f"({config.server.worker_connections} connections each)")
     print(f"providers: {', '.join(f'{p.id} ({p.base_url})' for p in config.providers.values())}")
     for provider in config.providers.values():
         if provider.api_key_env and not os.environ.get(provider.api_key_env):

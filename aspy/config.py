@@ -7,8 +7,14 @@ legacy mode to Anthropic. Every mistake is collected and reported in one
 """
 from __future__ import annotations
 
+import importlib.util
+import ipaddress
+import json
+import math
 import os
 import re
+import subprocess
+import sys
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +30,16 @@ PROXY_TOKEN = re.compile(r"pt_[A-Za-z0-9_-]{16,128}")
 RESERVED_SEGMENTS = frozenset({"api", "v1", "health", "metrics", "dashboard"})
 DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?")
 DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
+# Longer than any timeout or session gap anyone means; a socket cannot even wait ~290 years.
+MAX_DURATION = 365 * 86400
+MAX_WORKERS = 256
+DEFAULT_WORKER_CONNECTIONS = 1000
+# Each connection holds at least one file descriptor, and the shipped unit allows 65,536.
+MAX_WORKER_CONNECTIONS = 65536
+MAX_RETENTION_DAYS = 36500
+MAX_EVENTS_PER_SESSION = 1_000_000
+HOST_LABEL = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)")
+SSL_MODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
 
 
 class ConfigError(Exception):
@@ -63,6 +79,8 @@ class Server:
     host: str = "127.0.0.1"
     port: int = 8080
     workers: int = 2
+    # Connections each gevent worker serves at once (gunicorn's worker_connections).
+    worker_connections: int = DEFAULT_WORKER_CONNECTIONS
     api_token: str | None = field(default=None, repr=False)
     # Seconds to wait for upstream headers, and between two reads of its body.
     upstream_timeout: float = 600.0
@@ -147,7 +165,11 @@ def default_store_url() -> str:
 def load_config(path: str | os.PathLike | None = None) -> Config:
     """Find, read and check the configuration; raise ConfigError on any mistake."""
     found = config_path(path)
-    if not found.exists():
+    try:
+        exists = found.exists()
+    except OSError as exc:
+        raise ConfigError([f"{found}: cannot read: {exc}"]) from None
+    if not exists:
         if path or os.environ.get("ASPY_CONFIG"):
             raise ConfigError([f"{found}: file not found"])
         return parse_config({}, None)
@@ -157,6 +179,8 @@ def load_config(path: str | os.PathLike | None = None) -> Config:
         raise ConfigError([f"{found}: cannot read: {exc}"]) from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError([f"{found}: not valid TOML: {exc}"]) from None
+    except RecursionError:
+        raise ConfigError([f"{found}: not valid TOML: arrays or tables nested too deeply"]) from None
     return parse_config(data, found)
 
 
@@ -168,30 +192,199 @@ def parse_config(data: dict[str, Any], path: Path | None) -> Config:
 
 def parse_duration(value: Any) -> float | None:
     """Return seconds for ``"5m"``, ``"30s"``, ``"1h"``, ``"250ms"`` or a number; None if invalid."""
+    seconds = None
     if isinstance(value, bool):
         return None
     if isinstance(value, (int, float)):
-        return float(value) if value >= 0 else None
-    if isinstance(value, str):
+        try:
+            seconds = float(value)
+        except OverflowError:
+            return None
+    elif isinstance(value, str):
         match = DURATION.fullmatch(value.strip())
         if match:
-            return float(match.group(1)) * DURATION_UNITS[match.group(2)]
+            seconds = float(match.group(1)) * DURATION_UNITS[match.group(2)]
+    if seconds is None or not math.isfinite(seconds) or seconds < 0:
+        return None
+    return seconds
+
+
+def host_problem(host: str) -> str | None:
+    """Say why a host is neither an IP address nor a DNS name, or return None."""
+    try:
+        ipaddress.ip_address(host)
+        return None
+    except ValueError:
+        pass
+    try:
+        ascii_host = host.encode("idna").decode("ascii")
+    except UnicodeError:
+        return f"expected a host name or an IP address, got {host!r}"
+    # One trailing dot is a fully qualified name.
+    labels = ascii_host.removesuffix(".").split(".")
+    if len(ascii_host) > 253 or not all(HOST_LABEL.fullmatch(label) for label in labels):
+        return f"expected a host name or an IP address, got {host!r}"
+    if labels[-1].isdigit():
+        # No top-level domain is a number: this is a mistyped IPv4 address such as 300.1.2.3.
+        return f"expected a valid IPv4 address, got {host!r}"
     return None
+
+
+def split_listen(listen: str) -> tuple[str, int]:
+    """Split ``host:port`` (an IPv6 host in brackets); raise ValueError saying what is wrong."""
+    example = f'expected "host:port" such as "{DEFAULT_LISTEN}" or "[::1]:8080", got {listen!r}'
+    host, colon, port = listen.rpartition(":")
+    if not colon or not host:
+        raise ValueError(example)
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(f"expected an IPv6 address in the brackets, got {listen!r}") from None
+    elif ":" in host:
+        raise ValueError(f'expected an IPv6 address in brackets, such as "[::1]:8080", got {listen!r}')
+    else:
+        problem = host_problem(host)
+        if problem:
+            raise ValueError(f"{problem} in {listen!r}")
+    if not (port.isascii() and port.isdigit() and 0 < int(port) < 65536):
+        raise ValueError(f"expected a port from 1 to 65535 in {listen!r}")
+    return host, int(port)
+
+
+def unprintable(text: str, space_too: bool = True) -> bool:
+    """Tell whether text holds a control character (CR, LF, tab, NUL...), or with space_too, any space."""
+    return any(not c.isprintable() or (space_too and c.isspace()) for c in text)
 
 
 def url_problem(url: Any) -> str | None:
     """Say what is wrong with an upstream base URL, or return None if it is usable."""
     if not isinstance(url, str):
         return "expected a string URL such as \"https://api.anthropic.com\""
-    parts = urlsplit(url)
+    if unprintable(url):
+        return f"expected a URL without spaces or control characters (CR, LF, tab), got {url!r}"
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return f"expected a valid URL (an IPv6 host in brackets: http://[::1]:8080), got {url!r}"
     if parts.scheme not in ("http", "https") or not parts.hostname:
         return f"expected an http:// or https:// URL with a host, got {url!r}"
-    if parts.query or parts.fragment or "@" in parts.netloc or "\\" in url:
+    if "?" in url or "#" in url or "@" in parts.netloc or "\\" in url:
         return f"expected a plain base URL without credentials, query or fragment, got {url!r}"
+    problem = host_problem(parts.hostname)
+    if problem:
+        return f"{problem} in {url!r}"
     try:
-        _ = parts.port  # raises for a port that is not a number in range
+        port = parts.port
     except ValueError:
-        return f"expected a valid port in {url!r}"
+        port = 0
+    if port == 0:
+        return f"expected a port from 1 to 65535 in {url!r}"
+    return None
+
+
+def store_url_problem(url: str) -> str | None:
+    """Say what is wrong with a ``[store] url``, or return None if it can be opened."""
+    forms = '"sqlite:////absolute/path.db", "sqlite:///~/path.db" or "postgresql://..."'
+    if url.startswith("sqlite:///"):
+        if unprintable(url, space_too=False):
+            return f"expected a path without control characters (CR, LF, tab, NUL), got {url!r}"
+        path = url[len("sqlite:///"):]
+        if not path:
+            return f"expected a file path after sqlite:///, such as {forms}"
+        try:
+            full = Path(path).expanduser()
+        except RuntimeError:
+            return f"cannot find the home directory that ~ stands for in {url!r}"
+        if not full.is_absolute():
+            return (f"expected an absolute path, such as \"sqlite:////var/lib/aspy/aspy.db\" (four slashes) or "
+                    f"\"sqlite:///~/aspy.db\"; {url!r} would depend on the directory aspy starts in")
+        try:
+            directory = path.endswith("/") or full.is_dir()
+        except OSError:
+            directory = False
+        if directory:
+            return f"expected the path of a file, not of a directory, got {url!r}"
+        return None
+    if url.startswith(("postgresql://", "postgres://")):
+        if unprintable(url):
+            return ("expected a URL without spaces or control characters (CR, LF, tab; write a space "
+                    f"as %20), got {_redacted(url, url)!r}")
+        return postgres_url_problem(url)
+    return f"expected {forms}, got {_redacted(url, url)!r}"
+
+
+def _password(url: str) -> str:
+    """Return the password written in a URL, as written, or ''."""
+    netloc = url.partition("://")[2].partition("/")[0]
+    return netloc.rpartition("@")[0].partition(":")[2]
+
+
+def _redacted(text: str, url: str) -> str:
+    """Return text with the URL's password replaced by ***."""
+    password = _password(url)
+    return text.replace(password, "***") if password else text
+
+
+# libpq, through psycopg, is the judge of a PostgreSQL URL. It is asked in a child process:
+# imported here, psycopg would load in gunicorn's master before the gevent workers patch the
+# standard library, and would then wait for the database without yielding to other requests.
+# The URL goes through stdin, never argv, which other users can read.
+_CONNINFO = """
+import json, sys
+try:
+    import psycopg_pool
+    from psycopg.conninfo import conninfo_to_dict
+except ImportError as exc:
+    print(json.dumps({"missing": str(exc)}))
+    sys.exit()
+try:
+    info = conninfo_to_dict(sys.stdin.read())
+except Exception as exc:
+    print(json.dumps({"error": str(exc).strip()}))
+    sys.exit()
+info.pop("password", None)
+print(json.dumps({"info": {key: str(value) for key, value in info.items()}}))
+"""
+PG_EXTRA = "pip install 'aspy[postgres]'"
+
+
+def postgres_url_problem(url: str) -> str | None:
+    """Ask libpq whether it understands a PostgreSQL URL; say what is wrong, or return None.
+
+    Without psycopg no PostgreSQL store can open, so that is a mistake too. If the question
+    cannot be asked at all (no interpreter to run), the URL passes: opening it will tell.
+    """
+    if importlib.util.find_spec("psycopg") is None or importlib.util.find_spec("psycopg_pool") is None:
+        return f"a PostgreSQL store needs psycopg and psycopg_pool: {PG_EXTRA}"
+    if not sys.executable:
+        return None
+    try:
+        done = subprocess.run([sys.executable, "-c", _CONNINFO], input=url, capture_output=True, text=True,
+                              timeout=60)
+        answer = json.loads(done.stdout)
+    except (OSError, subprocess.SubprocessError, ValueError):
+        return None
+    if "missing" in answer:
+        return f"a PostgreSQL store needs psycopg and psycopg_pool, which do not load here ({answer['missing']}): " \
+               f"{PG_EXTRA}"
+    if "error" in answer:
+        return f"libpq cannot read this URL: {_redacted(answer['error'], url)}"
+    info = answer.get("info", {})
+    hosts = info.get("host", "").split(",")
+    ports = info.get("port", "").split(",")
+    for host in hosts:
+        problem = host and not host.startswith("/") and host_problem(host)
+        if problem:
+            return problem
+    for port in ports:
+        if port and not (port.isascii() and port.isdigit() and 0 < int(port) < 65536):
+            return f"expected a port from 1 to 65535, got {port!r}"
+    if len(ports) > 1 and len(ports) != len(hosts):
+        return f"expected one port, or one for each of the {len(hosts)} hosts, got {len(ports)}"
+    if "sslmode" in info and info["sslmode"] not in SSL_MODES:
+        return f"expected sslmode to be one of: {', '.join(SSL_MODES)}, got {info['sslmode']!r}"
     return None
 
 
@@ -232,13 +425,22 @@ class _Checker:
             return default
         return value
 
+    def whole(self, table: str, data: dict, key: str, default: int, low: int, high: int, unit: str) -> int:
+        """Return a whole number from low to high, noting a wrong type or one out of range."""
+        value = self.typed(table, data, key, int, default, f"a whole number of {unit}")
+        if not low <= value <= high:
+            self.problem(table, key, f"expected a whole number of {unit} from {low} to {high:,}, got {value}")
+            return default
+        return value
+
     def duration(self, table: str, data: dict, key: str, default: float) -> float:
-        """Return a duration in seconds, noting a malformed one."""
+        """Return a duration in seconds above zero, noting a malformed, zero or absurd one."""
         if key not in data:
             return default
         seconds = parse_duration(data[key])
-        if seconds is None:
-            self.problem(table, key, f'expected a duration such as "30s", "5m" or "1h", got {data[key]!r}')
+        if seconds is None or not 0 < seconds <= MAX_DURATION:
+            self.problem(table, key, 'expected a duration above zero and up to 365 days, such as "30s", "5m" '
+                                     f'or "1h", got {data[key]!r}')
             return default
         return seconds
 
@@ -255,6 +457,7 @@ class _Checker:
         providers = self.providers(data)
         legacy = self.legacy(data, providers)
         clients = self.clients(data, providers)
+        self.api_token_is_own(server, clients)
         if self.problems:
             raise ConfigError(self.problems)
         return Config(
@@ -265,29 +468,35 @@ class _Checker:
 
     def server(self, data: dict) -> Server:
         """Check ``[server]``."""
-        t = self.table(data, "server", {"listen", "workers", "api_token", "upstream_timeout",
-                                        "connect_timeout"})
+        t = self.table(data, "server", {"listen", "workers", "worker_connections", "api_token",
+                                        "upstream_timeout", "connect_timeout"})
         listen = self.typed("server", t, "listen", str, DEFAULT_LISTEN, 'a string "host:port"')
-        host, port = self.listen(listen)
-        workers = self.typed("server", t, "workers", int, 2, "a whole number of worker processes")
-        if workers < 1:
-            self.problem("server", "workers", f"expected at least 1, got {workers}")
+        try:
+            host, port = split_listen(listen)
+        except ValueError as exc:
+            self.problem("server", "listen", str(exc))
+            host, port = "127.0.0.1", 8080
+        workers = self.whole("server", t, "workers", 2, 1, MAX_WORKERS, "worker processes")
+        connections = self.whole("server", t, "worker_connections", DEFAULT_WORKER_CONNECTIONS, 1,
+                                 MAX_WORKER_CONNECTIONS, "connections per worker")
         token = self.typed("server", t, "api_token", str, None, "a string")
         if token is not None and len(token) < 16:
             self.problem("server", "api_token", "expected at least 16 characters")
+        elif token is not None and not (token.isascii() and token.isprintable() and token == token.strip()):
+            # Clients send it in an Authorization header: nothing else could ever match it.
+            self.problem("server", "api_token", "expected printable ASCII characters, without spaces at either end")
         return Server(
-            host=host, port=port, workers=workers, api_token=token,
+            host=host, port=port, workers=workers, worker_connections=connections, api_token=token,
             upstream_timeout=self.duration("server", t, "upstream_timeout", 600.0),
             connect_timeout=self.duration("server", t, "connect_timeout", 10.0),
         )
 
-    def listen(self, listen: str) -> tuple[str, int]:
-        """Split ``host:port``, noting a malformed address."""
-        match = re.fullmatch(r"\[?([^\[\]]*?)\]?:(\d{1,5})", listen)
-        if not match or not match.group(1) or not 0 < int(match.group(2)) < 65536:
-            self.problem("server", "listen", f'expected "host:port" such as "{DEFAULT_LISTEN}", got {listen!r}')
-            return "127.0.0.1", 8080
-        return match.group(1), int(match.group(2))
+    def api_token_is_own(self, server: Server, clients: dict[str, Client]) -> None:
+        """Note an API token that is also a client's proxy token (that client would see everyone's data)."""
+        for client in clients.values():
+            if server.api_token is not None and client.proxy_token == server.api_token:
+                self.problem("server", "api_token", f"expected a token of its own, not clients.{client.id}'s "
+                                                    "proxy_token (that client could then read every client's data)")
 
     def store(self, data: dict) -> Store:
         """Check ``[store]``."""
@@ -295,11 +504,11 @@ class _Checker:
         url = self.typed("store", t, "url", str, None, "a string URL")
         if url is None:
             url = default_store_url()
-        elif not url.startswith(("sqlite:///", "postgresql://", "postgres://")):
-            self.problem("store", "url", f'expected "sqlite:///PATH" or "postgresql://...", got {url!r}')
-        days = self.typed("store", t, "retention_days", int, 90, "a whole number of days")
-        if days < 1:
-            self.problem("store", "retention_days", f"expected at least 1, got {days}")
+        else:
+            problem = store_url_problem(url)
+            if problem:
+                self.problem("store", "url", problem)
+        days = self.whole("store", t, "retention_days", 90, 1, MAX_RETENTION_DAYS, "days")
         return Store(url=url, retention_days=days)
 
     def sessions(self, data: dict) -> Sessions:
@@ -309,9 +518,7 @@ class _Checker:
         end = self.duration("sessions", t, "end_after", 3600.0)
         if end < idle:
             self.problem("sessions", "end_after", "expected a duration no shorter than idle_after")
-        events = self.typed("sessions", t, "events_per_session", int, 500, "a whole number")
-        if events < 1:
-            self.problem("sessions", "events_per_session", f"expected at least 1, got {events}")
+        events = self.whole("sessions", t, "events_per_session", 500, 1, MAX_EVENTS_PER_SESSION, "events")
         return Sessions(idle_after=idle, end_after=end, events_per_session=events)
 
     def providers(self, data: dict) -> dict[str, Provider]:
@@ -362,6 +569,7 @@ class _Checker:
             return {}
         clients: dict[str, Client] = {}
         token_owner: dict[str, str] = {}
+        hash_owner: dict[str, str] = {}
         known = {"name", "provider", "tags", "proxy_token", "legacy_user_hashes"}
         for cid, t in tables.items():
             name = f"clients.{cid}"
@@ -384,6 +592,11 @@ class _Checker:
             tags = self.string_list(name, t, "tags", re.compile(r".{1,64}"), "short strings")
             hashes = self.string_list(name, t, "legacy_user_hashes", re.compile(r"[0-9a-f]{16}"),
                                       "16 lowercase hex characters each")
+            for user in hashes:
+                if user in hash_owner:
+                    self.problem(name, "legacy_user_hashes", f"{user} is taken over by clients.{hash_owner[user]} "
+                                                             "already; expected each hash in one client only")
+                hash_owner.setdefault(user, cid)
             token = self.typed(name, t, "proxy_token", str, None, "a string")
             if token is not None:
                 if not PROXY_TOKEN.fullmatch(token):

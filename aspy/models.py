@@ -8,6 +8,7 @@ as another one.
 """
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from importlib import resources
@@ -159,11 +160,18 @@ def load_models(config_dir: Path | None = None) -> ModelTable:
     packaged = resources.files("aspy").joinpath("models.yaml").read_text(encoding="utf-8")
     data = _parse(yaml.safe_load(packaged), "aspy/models.yaml")
     user_file = config_dir / "models.yaml" if config_dir else None
-    if user_file and user_file.exists():
+    try:
+        found = bool(user_file and user_file.exists())
+        text = user_file.read_text(encoding="utf-8") if found else ""
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError([f"{user_file}: cannot read: {exc}"]) from None
+    if found:
         try:
-            user = yaml.safe_load(user_file.read_text(encoding="utf-8")) or {}
-        except (OSError, yaml.YAMLError) as exc:
+            user = yaml.safe_load(text) or {}
+        except yaml.YAMLError as exc:
             raise ConfigError([f"{user_file}: not valid YAML: {exc}"]) from None
+        except RecursionError:
+            raise ConfigError([f"{user_file}: not valid YAML: nested too deeply"]) from None
         override = _parse(user, str(user_file), partial=True)
         data["models"].update(override["models"])
         data["aliases"].update(override["aliases"])
@@ -209,7 +217,8 @@ def _parse(doc: Any, where: str, partial: bool = False) -> dict[str, Any]:
         long_above = long_rates = fast = None
         if "long_context" in entry:
             long = entry["long_context"]
-            if not isinstance(long, dict) or not isinstance(long.get("above"), int):
+            above = long.get("above") if isinstance(long, dict) else None
+            if not isinstance(above, int) or isinstance(above, bool) or above < 0:
                 problems.append(f"{spot}: long_context: expected {{above: TOKENS, input: ..., ...}}")
             else:
                 long_above, long_rates = long["above"], _rates(long, f"{spot}.long_context", problems)
@@ -229,8 +238,12 @@ def _parse(doc: Any, where: str, partial: bool = False) -> dict[str, Any]:
         out["models"][key] = Model(key, rates, window, long_above, long_rates, fast, entry.get("geo_us") is True,
                                    beta_window if isinstance(beta_window, int) else None,
                                    str(entry.get("source", "")), str(entry.get("taken", "")))
-        for alias in entry.get("aliases", []):
-            out["aliases"][family(str(alias))] = key
+        aliases = entry.get("aliases", [])
+        if not isinstance(aliases, list) or not all(isinstance(a, str) for a in aliases):
+            problems.append(f"{spot}: aliases: expected a list of model ids, got {aliases!r}")
+            continue
+        for alias in aliases:
+            out["aliases"][family(alias)] = key
     if problems:
         raise ConfigError(problems)
     return out
@@ -246,4 +259,4 @@ def _rates(entry: dict, spot: str, problems: list[str]) -> Rates | None:
 
 def _is_price(value: Any) -> bool:
     """Tell whether a value is a usable price."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < math.inf

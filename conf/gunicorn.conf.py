@@ -2,10 +2,10 @@
 
 The values come from ``[server]`` in config.toml (found through ``$ASPY_CONFIG``), by the
 same function ``aspy serve`` uses. Only aspy's config reader is imported here, never the
-app: each gevent worker must patch the standard library before the app loads.
+app: each gevent worker must patch the standard library before the app loads. A config with
+mistakes stops the start with the message; on a reload (HUP) the running configuration stays.
 """
-from aspy.config import load_config
-from aspy.serving import gunicorn_settings
+from aspy.serving import gunicorn_conf_settings
 
-globals().update(gunicorn_settings(load_config().server))
+globals().update(gunicorn_conf_settings())
 wsgi_app = "wsgi:app"

@@ -287,7 +287,7 @@ def api_client(store_kind, tmp_path_factory):
         "clients": {"dev-1": {"name": "Dev", "provider": "fake"},
                     "tok": {"name": "Token client", "provider": "fake", "proxy_token": TOKEN}},
     }, None)
-    yield create_app(config).test_client()
+    yield create_app(config, {"TESTING": True}).test_client()
     if store_kind == "postgresql":
         postgres_database(database, create=False)
 

@@ -1,4 +1,4 @@
-"""The ``aspy`` command: serve, check, migrate, token."""
+"""The ``aspy`` command: serve, check, models, migrate, token, top, mcp."""
 from __future__ import annotations
 
 import argparse
@@ -22,6 +22,9 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--listen", metavar="HOST:PORT", help="override [server] listen")
     serve.add_argument("--workers", type=int, help="override [server] workers")
     commands.add_parser("check", parents=[common], help="validate the configuration and the store")
+    models = commands.add_parser("models", parents=[common],
+                                 help="the model table in force, its sources, and models seen that it cannot price")
+    models.add_argument("--json", action="store_true", help="print JSON instead of a table")
     migrate = commands.add_parser("migrate", parents=[common],
                                   help="move legacy API-key hashes to named clients (shows the plan unless --apply)")
     migrate.add_argument("--apply", action="store_true", help="carry the plan out")
@@ -50,7 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"aspy: {exc}", file=sys.stderr)
         return 2
-    handlers = {"serve": serve_command, "check": check_command, "migrate": migrate_command, "token": token_command}
+    handlers = {"serve": serve_command, "check": check_command, "migrate": migrate_command, "token": token_command,
+                "models": models_command}
     return handlers[args.command](config, args)
 
 
@@ -141,7 +145,73 @@ def check_command(config: Config, args: argparse.Namespace) -> int:
         return 3
     else:
         print(f"store: {info['kind']} {where}: reachable, schema version {version} (current)")
+        _warn_unpriced(table, open_store(config.store.url))
     print("ok")
+    return 0
+
+
+def _unpriced(table, store) -> list[str]:
+    """Return the models seen in traffic that the table in force still cannot price."""
+    return [model for model in store.unpriced_models() if table.find(model) is None]
+
+
+def _warn_unpriced(table, store) -> None:
+    """Tell which models seen in traffic have no price (their cost counts as 0)."""
+    from .store import StoreError
+
+    try:
+        missing = _unpriced(table, store)
+    except StoreError as exc:
+        print(f"aspy: store: {exc}", file=sys.stderr)
+        return
+    if missing:
+        print(f"aspy: warning: no price for {', '.join(missing)}: their cost counts as 0 until models.yaml "
+              "has them (aspy models)", file=sys.stderr)
+
+
+def models_command(config: Config, args: argparse.Namespace) -> int:
+    """Print the model table in force, its sources, and the models seen in traffic that it cannot price."""
+    import json
+    from dataclasses import asdict
+
+    from .models import load_models
+    from .store import StoreError, open_store
+
+    try:
+        table = load_models(config.path.parent if config.path else None)
+    except ConfigError as exc:
+        print(f"aspy: {exc}", file=sys.stderr)
+        return 2
+    try:
+        store = open_store(config.store.url)
+        info = store.inspect()
+        seen = _unpriced(table, store) if info["schema_version"] == info["expected_version"] else []
+    except StoreError as exc:
+        print(f"aspy: store: {exc} (models seen in traffic are not listed)", file=sys.stderr)
+        seen = []
+    if args.json:
+        print(json.dumps({"source": table.source, "taken": table.taken, "models": [
+            {"id": m.id, "aliases": sorted(a for a, k in table.aliases.items() if k == m.id),
+             "rates": asdict(m.rates), "context_window": m.context_window,
+             "fast": asdict(m.fast) if m.fast else None, "geo_us": m.geo_us,
+             "long_context": {"above": m.long_above, **asdict(m.long_rates)} if m.long_rates else None,
+             "source": m.source, "taken": m.taken} for m in table.models.values()],
+            "unpriced_models_seen": seen}, indent=1))
+        return 0
+    print("USD per million tokens: input, output, cache writes (5m, 1h), cache read; window in tokens")
+    print(f"{'model':<24}{'in':>7}{'out':>7}{'w5m':>7}{'w1h':>7}{'read':>7}{'window':>10}  notes")
+    for m in table.models.values():
+        notes = [f"fast {m.fast.input:g}/{m.fast.output:g}"] if m.fast else []
+        notes += ["us 1.1x"] if m.geo_us else []
+        notes += [f">{m.long_above // 1000}K {m.long_rates.input:g}/{m.long_rates.output:g}"] if m.long_rates \
+            and m.long_above is not None else []
+        r = m.rates
+        print(f"{m.id:<24}{r.input:>7g}{r.output:>7g}{r.cache_write_5m:>7g}{r.cache_write_1h:>7g}"
+              f"{r.cache_read:>7g}{m.context_window:>10}  {', '.join(notes)}")
+    print(f"\nsources (table taken {table.taken}):")
+    for m in table.models.values():
+        print(f"  {m.id} ({m.taken or '?'}): {m.source or table.source}")
+    print("\nseen in traffic, not priced: " + (", ".join(seen) if seen else "none"))
     return 0
 
 

@@ -87,6 +87,9 @@ def render(snapshot: Snapshot, api_url: str, client: str | None, problem: str | 
             ("Tools ", "bold"), f"{tools['total_calls']} ({tools['failed_calls']} failed)   ",
             ("Sessions ", "bold"), f"{stats['sessions']['active']} active, {stats['sessions']['idle']} idle, "
                                    f"{stats['sessions']['ended']} ended"))
+        if cost["unpriced_models"]:
+            parts.append(Text(f"No price for {', '.join(cost['unpriced_models'])}: their cost counts as 0 "
+                              "(add them to models.yaml; aspy models lists the table)", style="bold yellow"))
     clients = Table(title="Clients", expand=True, title_justify="left")
     for column in ("client", "name", "provider", "live sessions", "last seen"):
         clients.add_column(column)
@@ -101,7 +104,8 @@ def render(snapshot: Snapshot, api_url: str, client: str | None, problem: str | 
         sessions.add_row(s["client_name"] or s["client"] or f"key {s['user']}", (s["claude_session_id"] or s["id"])[:13],
                          Text(s["status"], style="green" if s["status"] == "active" else "yellow"),
                          s["context"]["model"] or "-", str(st["requests"]["total"]), f"{st['tokens']['input']:,}/{st['tokens']['output']:,}",
-                         money(st["cost"]["total_usd"]), gauge(s["context"]))
+                         money(st["cost"]["total_usd"]) + ("+?" if st["cost"]["unpriced_models"] else ""),
+                         gauge(s["context"]))
     feed = Table(title="Recent events", expand=True, title_justify="left")
     for column in ("time", "client", "event", "detail"):
         feed.add_column(column)

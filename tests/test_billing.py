@@ -6,6 +6,9 @@ page), never from aspy's model table; docs/pricing.md cites the same sources.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import uuid
 
 import pytest
@@ -227,8 +230,21 @@ def test_the_unpriced_history_is_priced_once_the_table_learns_the_model(start_as
     config = standard_config(upstream.url, CLIENT)
     server = start_aspy(config)
     session = send(server, "claude-in-house-9", {"input_tokens": 1_000, "output_tokens": 100})
+    send(server, "claude-in-house-9", {"input_tokens": 10, "output_tokens": 1})
     found = stats(server, session)
     assert found["cost"]["total_usd"] == 0 and found["cost"]["unpriced_models"] == ["claude-in-house-9"]
+    # Wherever cost is shown, the user is told: the event, the log (once), aspy check and aspy models.
+    [event] = requests.get(f"{server.url}/api/events", params={"session": session, "type": "response"}).json()["events"]
+    assert event["cost_usd"] == 0 and event["unpriced_models"] == ["claude-in-house-9"]
+    told = [line for line in server.log_text().splitlines() if "no price for model 'claude-in-house-9'" in line]
+    assert 1 <= len(told) <= 2  # once per worker process, never per request
+    env = {**server.env, "PATH": os.environ["PATH"]}
+    check = subprocess.run([sys.executable, "-m", "aspy", "check", "--config", str(server.config)], env=env,
+                           capture_output=True, text=True, timeout=60)
+    assert "no price for claude-in-house-9" in check.stderr
+    listed = subprocess.run([sys.executable, "-m", "aspy", "models", "--config", str(server.config), "--json"],
+                            env=env, capture_output=True, text=True, timeout=60)
+    assert json.loads(listed.stdout)["unpriced_models_seen"] == ["claude-in-house-9"]
     server.stop()
     # The table learns the model: a models.yaml beside config.toml. No traffic is sent again.
     (tmp_path / "models.yaml").write_text(
@@ -238,3 +254,19 @@ def test_the_unpriced_history_is_priced_once_the_table_learns_the_model(start_as
     found = eventually(lambda: (s := stats(server, session))["cost"]["total_usd"] > 0 and s)
     assert found["cost"]["total_usd"] == pytest.approx(price((7, 21), 1_000, 100), abs=1e-9)
     assert found["cost"]["unpriced_models"] == []
+    listed = subprocess.run([sys.executable, "-m", "aspy", "models", "--config", str(server.config), "--json"],
+                            env=env, capture_output=True, text=True, timeout=60)
+    assert json.loads(listed.stdout)["unpriced_models_seen"] == []
+
+
+def test_aspy_top_says_which_models_have_no_price():
+    from rich.console import Console
+
+    from aspy.top import Snapshot, render
+    stats = {"requests": {"total": 1, "failed": 0}, "tools": {"total_calls": 0, "failed_calls": 0},
+             "tokens": {"input": 5, "output": 1, "cache_read": 0, "cache_write_5m": 0, "cache_write_1h": 0},
+             "cost": {"total_usd": 0.0, "savings_usd": 0.0, "by_model": {}, "unpriced_models": ["claude-new-1"]},
+             "sessions": {"active": 1, "idle": 0, "ended": 0}}
+    console = Console(record=True, width=120)
+    console.print(render(Snapshot(stats=stats, clients=[], sessions=[], events=[], at=0), "http://x", None, None))
+    assert "No price for claude-new-1" in console.export_text()

@@ -150,3 +150,37 @@ def test_a_bad_user_models_yaml_is_reported_with_file_model_and_key(tmp_path):
     text = "\n".join(caught.value.problems)
     assert f"{tmp_path / 'models.yaml'}: models.claude-x: input: expected a price" in text
     assert "cache_read: expected a price" in text
+
+
+def sdk_model_ids() -> set[str]:
+    """Return every model id the installed anthropic SDK names (its Model literal, and deprecations since 2025)."""
+    import typing
+
+    import anthropic.types.model
+    from anthropic.resources.messages.messages import DEPRECATED_MODELS
+
+    ids: set[str] = set()
+
+    def walk(kind) -> None:
+        for arg in typing.get_args(kind):
+            if isinstance(arg, str):
+                ids.add(arg)
+            else:
+                walk(arg)
+
+    walk(anthropic.types.model.Model)
+    # Models retired before 2025 (Claude 1 and 2, Instant) are out of any bill aspy will see.
+    ids.update(m for m in DEPRECATED_MODELS if not m.startswith(("claude-1", "claude-2", "claude-instant")))
+    return ids
+
+
+def test_the_table_prices_every_model_the_installed_sdk_names(table):
+    # A new SDK release that names a model the table lacks fails here, in CI, not on an invoice.
+    missing = sorted(m for m in sdk_model_ids() if table.find(m) is None)
+    assert missing == [], f"add these to aspy/models.yaml with their source: {missing}"
+    assert len(sdk_model_ids()) >= 20
+
+
+def test_every_row_of_the_table_has_a_source_and_a_date(table):
+    for model in table.models.values():
+        assert model.source and model.taken, model.id

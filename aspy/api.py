@@ -18,7 +18,7 @@ from .config import Config
 from .errors import AspyError, error_response
 from .observe import Usage
 from .sessions import Sessions, status_of, warning_level
-from .store import ACTIVE, ENDED, EVENT_TYPES, IDLE, LIVE, ModelUsage, Scope, Session, Store, StoreError
+from .store import ACTIVE, ENDED, EVENT_TYPES, IDLE, LIVE, Horizon, ModelUsage, Scope, Session, Store, StoreError
 from .timerange import TimeRangeError, parse_instant, parse_time_range
 
 bp = Blueprint("api", __name__, url_prefix="/api")
@@ -88,14 +88,6 @@ def authorize() -> None:
                     "This API needs Authorization: Bearer <api_token> (or a client's proxy token)")
 
 
-def sweep() -> None:
-    """End sessions past ``end_after`` before answering, so statuses are current; never fails a read."""
-    try:
-        sessions().expire()
-    except StoreError as exc:
-        current_app.logger.warning("could not end expired sessions: %s", exc)
-
-
 def text_value(value: Any, name: str) -> str:
     """Return a text parameter, or raise 400: a string that a store can hold (no NUL, no lone surrogate)."""
     if not isinstance(value, str):
@@ -145,9 +137,10 @@ def limit_arg(default: int, maximum: int = MAX_LIMIT) -> int:
     return value
 
 
-def idle_before() -> float:
-    """Return the moment before which an open session counts as idle."""
-    return time.time() - config().sessions.idle_after
+def horizon() -> Horizon:
+    """Return when an open session counts as idle and as ended, now: reads derive statuses, never write them."""
+    now = time.time()
+    return Horizon(idle_before=now - config().sessions.idle_after, ended_before=now - config().sessions.end_after)
 
 
 def tokens_json(usage: Usage) -> dict[str, int]:
@@ -177,11 +170,16 @@ def context_json(s: Session | None, client: str | None = None) -> dict[str, Any]
 
 def session_json(s: Session) -> dict[str, Any]:
     """Return a session with its statistics."""
+    rules = config().sessions
+    status = status_of(s, time.time(), rules.idle_after, rules.end_after)
+    # Past end_after it has ended, even before the writer's upkeep marks it so.
+    ended, reason = (s.ended, s.end_reason) if s.status == ENDED or status != ENDED else \
+        (s.last_activity + rules.end_after, "timeout")
     return {
         "id": s.id, "claude_session_id": s.claude_session_id, "source": s.source, "client": s.client,
         "client_name": s.client_name, "user": s.user, "provider": s.provider,
-        "status": status_of(s, time.time(), config().sessions.idle_after), "started": iso(s.started),
-        "last_activity": iso(s.last_activity), "ended": iso(s.ended), "end_reason": s.end_reason,
+        "status": status, "started": iso(s.started),
+        "last_activity": iso(s.last_activity), "ended": iso(ended), "end_reason": reason,
         "stats": {
             "requests": {"total": s.requests, "failed": s.failed},
             "tokens": tokens_json(s.usage),
@@ -205,8 +203,7 @@ def event_json(event) -> dict[str, Any]:
 @bp.get("/stats")
 def stats():
     """Answer aggregate figures, for everything or a scope."""
-    sweep()
-    totals = store().totals(scope(), idle_before())
+    totals = store().totals(scope(), horizon())
     return jsonify({
         "requests": {"total": totals.requests, "failed": totals.failed},
         "tokens": tokens_json(totals.usage),
@@ -229,7 +226,6 @@ def events():
         since_ts = parse_instant(since, "since") if since is not None else None
     except TimeRangeError as exc:
         raise bad_request(str(exc)) from None
-    sweep()
     found = store().events(scope(), kinds, since_ts, limit_arg(50))
     return jsonify({"events": [event_json(e) for e in found]})
 
@@ -237,14 +233,13 @@ def events():
 @bp.get("/context")
 def context():
     """Answer the context gauge: one object when filtered, else one per live session."""
-    sweep()
     wanted = scope()
     if not any(name in request.args for name in ("client", "user", "session")):
-        live = store().sessions(wanted, LIVE, idle_before(), MAX_LIMIT)
+        live = store().sessions(wanted, LIVE, horizon(), MAX_LIMIT)
         return jsonify({"contexts": [context_json(s) for s in live]})
     if wanted.session is not None:
         return jsonify(context_json(store().get_session(wanted.session)))
-    live = store().sessions(wanted, LIVE, idle_before(), 1)
+    live = store().sessions(wanted, LIVE, horizon(), 1)
     return jsonify(context_json(live[0] if live else None, wanted.client))
 
 
@@ -254,15 +249,14 @@ def list_sessions():
     status = request.args.get("status")
     if status not in (None, ACTIVE, IDLE, ENDED):
         raise bad_request("status must be active, idle or ended")
-    sweep()
-    found = store().sessions(scope(), status, idle_before(), limit_arg(50))
+    found = store().sessions(scope(), status, horizon(), limit_arg(50))
     return jsonify({"sessions": [session_json(s) for s in found]})
 
 
 @bp.get("/clients")
 def clients():
     """Answer the configured clients with their live session count and last activity."""
-    activity = store().client_activity()
+    activity = store().client_activity(horizon())
     shown = [c for c in config().clients.values() if g.only_client in (None, c.id)]
     return jsonify({"clients": [
         {"id": c.id, "name": c.name, "provider": c.provider, "tags": list(c.tags),

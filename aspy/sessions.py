@@ -47,9 +47,9 @@ def warning_level(pct: float) -> str:
     return "normal"
 
 
-def status_of(session: Session, now: float, idle_after: float) -> str:
-    """Return a session's status: ended as stored, else active or idle by its last activity."""
-    if session.status == ENDED:
+def status_of(session: Session, now: float, idle_after: float, end_after: float) -> str:
+    """Return a session's status: ended as stored or past end_after, else active or idle by its last activity."""
+    if session.status == ENDED or now - session.last_activity > end_after:
         return ENDED
     return IDLE if now - session.last_activity > idle_after else ACTIVE
 

@@ -12,6 +12,7 @@ import pytest
 import requests
 
 from aspy.observe import Exchange, Observation, is_messages_call, read_request
+from aspy.store import Horizon, Scope
 from conftest import API_KEY, standard_config
 from test_clients import claude_cli
 from test_sessions import book
@@ -110,7 +111,7 @@ def test_the_session_title_counts_but_leaves_the_gauge_and_is_not_a_compaction(t
     title.headers["x-claude-code-session-id"] = main.headers["x-claude-code-session-id"]
     sessions.record([main])
     sessions.record([title])
-    [session] = sessions.store.sessions(sessions_scope(), None, 0, 5)
+    [session] = sessions.store.sessions(sessions_scope(), None, Horizon(0, 0), 5)
     assert session.requests == 2 and session.usage.input_tokens == 1_425 + 554
     assert session.context_tokens == 21_425 and session.compactions == 0
     prompts = [m for m in search_all(sessions, "title")]
@@ -118,7 +119,6 @@ def test_the_session_title_counts_but_leaves_the_gauge_and_is_not_a_compaction(t
 
 
 def sessions_scope():
-    from aspy.store import Scope
     return Scope()
 
 

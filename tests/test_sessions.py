@@ -10,7 +10,7 @@ from aspy.config import parse_config
 from aspy.models import load_models
 from aspy.observe import Exchange, Observation, RequestFacts, Usage
 from aspy.sessions import Sessions, session_key, warning_level
-from aspy.store import Scope, open_store
+from aspy.store import Horizon, Scope, open_store
 
 
 def book(tmp_path, **sessions) -> Sessions:
@@ -57,7 +57,7 @@ def test_a_compaction_is_a_drop_below_70_percent_from_above_10000(tmp_path, befo
     sessions = book(tmp_path)
     sessions.record([exchange(input_tokens=before)])
     sessions.record([exchange(input_tokens=after)])
-    [s] = sessions.store.sessions(Scope(), None, 0, 5)
+    [s] = sessions.store.sessions(Scope(), None, Horizon(0, 0), 5)
     assert s.compactions == (1 if compacted else 0) and s.context_tokens == after
     events = sessions.store.events(Scope(), ["context_compact"], None, 5)
     assert len(events) == (1 if compacted else 0)
@@ -66,7 +66,7 @@ def test_a_compaction_is_a_drop_below_70_percent_from_above_10000(tmp_path, befo
 def test_subagent_requests_count_but_leave_the_gauge(tmp_path):
     sessions = book(tmp_path)
     sessions.record([exchange(input_tokens=50_000), exchange(input_tokens=500, agent="sub-1")])
-    [s] = sessions.store.sessions(Scope(), None, 0, 5)
+    [s] = sessions.store.sessions(Scope(), None, Horizon(0, 0), 5)
     assert s.requests == 2 and s.usage.input_tokens == 50_500
     assert s.context_tokens == 50_000 and s.compactions == 0
 
@@ -81,7 +81,7 @@ def test_each_session_keeps_only_its_last_events(tmp_path):
     kept = sessions.store.events(Scope(session="s1"), [], None, 500)
     assert len(kept) == 5
     assert kept[0].type == "response"  # the newest survive
-    [s] = sessions.store.sessions(Scope(session="s1"), None, 0, 5)
+    [s] = sessions.store.sessions(Scope(session="s1"), None, Horizon(0, 0), 5)
     assert s.requests == 4  # statistics are never trimmed
 
 
@@ -101,7 +101,7 @@ def test_a_tool_result_without_a_known_call_is_ignored(tmp_path):
     ex = exchange()
     ex.request.tool_results = [("toolu_unknown", True)]
     sessions.record([ex])
-    [s] = sessions.store.sessions(Scope(), None, 0, 5)
+    [s] = sessions.store.sessions(Scope(), None, Horizon(0, 0), 5)
     assert s.tool_failed == 0
     assert sessions.store.events(Scope(), ["tool_result"], None, 5) == []
 
@@ -111,5 +111,5 @@ def test_traffic_after_end_after_opens_a_new_session_even_before_the_upkeep(tmp_
     sessions.record([exchange(at=time.time() - 10)])
     # The upkeep has not run since.
     sessions.record([exchange()])
-    found = sessions.store.sessions(Scope(session="s1"), None, 0, 10)
+    found = sessions.store.sessions(Scope(session="s1"), None, Horizon(0, 0), 10)
     assert len(found) == 2 and [s.requests for s in found] == [1, 1]

@@ -114,6 +114,14 @@ class Hit:
 
 
 @dataclass(frozen=True)
+class Horizon:
+    """When an open session counts as idle, and as ended: statuses are read from time, never written by reads."""
+
+    idle_before: float
+    ended_before: float
+
+
+@dataclass(frozen=True)
 class Scope:
     """Which sessions a question is about; empty means all.
 
@@ -249,11 +257,11 @@ class Store(ABC):
         """Return a session by id or Claude session id, with its per-model and per-tool figures."""
 
     @abstractmethod
-    def sessions(self, scope: Scope, status: str | None, idle_before: float, limit: int) -> list[Session]:
+    def sessions(self, scope: Scope, status: str | None, horizon: Horizon, limit: int) -> list[Session]:
         """Return sessions, newest activity first, with their per-model and per-tool figures."""
 
     @abstractmethod
-    def totals(self, scope: Scope, idle_before: float) -> Totals:
+    def totals(self, scope: Scope, horizon: Horizon) -> Totals:
         """Sum the figures of every session in a scope."""
 
     @abstractmethod
@@ -270,7 +278,7 @@ class Store(ABC):
         """Return the models seen in traffic that the table could not price."""
 
     @abstractmethod
-    def client_activity(self) -> dict[str, tuple[int, float | None]]:
+    def client_activity(self, horizon: Horizon) -> dict[str, tuple[int, float | None]]:
         """Return, per client, (sessions not ended, last activity)."""
 
     @abstractmethod

@@ -11,7 +11,7 @@ import time
 from typing import Any, Iterable
 
 from ..observe import Usage
-from . import (ACTIVE, ENDED, IDLE, LIVE, Event, LegacyUser, ModelUsage, Scope, Session, Store, Totals,
+from . import (ACTIVE, ENDED, IDLE, LIVE, Event, Horizon, LegacyUser, ModelUsage, Scope, Session, Store, Totals,
                Transaction)
 
 SESSION_COLUMNS = (
@@ -91,16 +91,16 @@ def message_filters(since: float | None, until: float | None, scope: Scope, role
     return where, params
 
 
-def status_clause(status: str | None, idle_before: float) -> tuple[str, list[Any]]:
-    """Return a WHERE fragment for a derived status."""
+def status_clause(status: str | None, horizon: Horizon) -> tuple[str, list[Any]]:
+    """Return a WHERE fragment for a status derived from time (the writer marks ended sessions later)."""
     if status == ENDED:
-        return f"status = '{ENDED}'", []
+        return f"(status = '{ENDED}' OR last_activity < ?)", [horizon.ended_before]
     if status == IDLE:
-        return f"{OPEN} AND last_activity < ?", [idle_before]
+        return f"{OPEN} AND last_activity < ? AND last_activity >= ?", [horizon.idle_before, horizon.ended_before]
     if status == ACTIVE:
-        return f"{OPEN} AND last_activity >= ?", [idle_before]
+        return f"{OPEN} AND last_activity >= ? AND last_activity >= ?", [horizon.idle_before, horizon.ended_before]
     if status == LIVE:
-        return OPEN, []
+        return f"{OPEN} AND last_activity >= ?", [horizon.ended_before]
     return "1 = 1", []
 
 
@@ -274,22 +274,21 @@ class SqlStore(Store):
                           "ORDER BY last_activity DESC LIMIT 1", (key, key))
         return self._with_details([row_session(rows[0])])[0] if rows else None
 
-    def sessions(self, scope, status, idle_before, limit):
+    def sessions(self, scope, status, horizon, limit):
         where, params = scope_clause(scope)
-        status_sql, status_params = status_clause(status, idle_before)
+        status_sql, status_params = status_clause(status, horizon)
         rows = self.query(f"{SESSION_SELECT} WHERE {where} AND {status_sql} "
                           "ORDER BY last_activity DESC LIMIT ?", [*params, *status_params, limit])
         return self._with_details([row_session(r) for r in rows])
 
-    def totals(self, scope, idle_before):
+    def totals(self, scope, horizon):
         where, params = scope_clause(scope)
         sums = ", ".join(f"COALESCE(SUM({c}), 0)" for c in
                          ("requests", "failed", *USAGE_COLUMNS, "cost_usd", "savings_usd", "tool_calls", "tool_failed"))
-        counts = (f"COALESCE(SUM(CASE WHEN {OPEN} AND last_activity >= ? THEN 1 ELSE 0 END), 0), "
-                  f"COALESCE(SUM(CASE WHEN {OPEN} AND last_activity < ? THEN 1 ELSE 0 END), 0), "
-                  f"COALESCE(SUM(CASE WHEN status = '{ENDED}' THEN 1 ELSE 0 END), 0)")
+        clauses = [status_clause(status, horizon) for status in (ACTIVE, IDLE, ENDED)]
+        counts = ", ".join(f"COALESCE(SUM(CASE WHEN {clause} THEN 1 ELSE 0 END), 0)" for clause, _ in clauses)
         row = self.query(f"SELECT {sums}, {counts} FROM sessions WHERE {where}",
-                         [idle_before, idle_before, *params])[0]
+                         [*(p for _, ps in clauses for p in ps), *params])[0]
         requests, failed, *rest = row
         usage, (cost, savings, tools, tools_failed, active, idle, ended) = Usage(*rest[:6]), rest[6:]
         totals = Totals(requests=requests, failed=failed, usage=usage, cost_usd=cost, savings_usd=savings,
@@ -342,9 +341,10 @@ class SqlStore(Store):
         return [row[0] for row in self.query("SELECT DISTINCT model FROM session_models WHERE priced = 0 "
                                              "ORDER BY model")]
 
-    def client_activity(self):
-        rows = self.query(f"SELECT client_id, SUM(CASE WHEN {OPEN} THEN 1 ELSE 0 END), "
-                          "MAX(last_activity) FROM sessions WHERE client_id IS NOT NULL GROUP BY client_id")
+    def client_activity(self, horizon):
+        live, live_params = status_clause(LIVE, horizon)
+        rows = self.query(f"SELECT client_id, SUM(CASE WHEN {live} THEN 1 ELSE 0 END), "
+                          "MAX(last_activity) FROM sessions WHERE client_id IS NOT NULL GROUP BY client_id", live_params)
         activity = {client: (live, last) for client, live, last in rows}
         for client, last in self.query("SELECT client_id, MAX(last_seen) FROM traffic WHERE client_id <> '' "
                                        "GROUP BY client_id"):

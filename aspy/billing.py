@@ -72,21 +72,31 @@ def samplings(usage: dict, model: str | None, *, ttl: str = FIVE_MINUTES, batch:
         band_prompt = first_prompt if first_prompt is not None and whole.prompt_tokens > first_prompt else None
         parts = [Sampling(model, whole, fast=fast, geo_us=geo_us, batch=batch, band_prompt=band_prompt)]
     else:
+        # Steps that name no model ran on the model that served the turn: after a fallback, not the
+        # model message_start named (the one asked for).
+        serving = next((it["model"] for it in iterations if it.get("type") == FALLBACK
+                        and isinstance(it.get("model"), str)), model)
         parts = []
         for it in iterations:
             kind = it.get("type") if isinstance(it.get("type"), str) else MESSAGE
             named = it.get("model") if isinstance(it.get("model"), str) else None
             # The advisor is another model: fast mode is the executor's, not its.
-            parts.append(Sampling(named or model, tokens(it, ttl), kind=kind, fast=fast and kind != ADVISOR,
+            parts.append(Sampling(named or serving, tokens(it, ttl), kind=kind, fast=fast and kind != ADVISOR,
                                   geo_us=geo_us, batch=batch))
         parts = _declined_hops(parts)
-        # Web searches are reported once, for the whole response.
+        # Web searches are reported once, for the whole response: they go with the first billed step.
         searches = tokens(usage).web_search_requests
-        parts = [replace(parts[0], usage=replace(parts[0].usage, web_search_requests=searches))] + \
-            [replace(p, usage=replace(p.usage, web_search_requests=0)) for p in parts[1:]]
+        first = answering(parts)
+        parts = [replace(p, usage=replace(p.usage, web_search_requests=searches if i == first else 0))
+                 for i, p in enumerate(parts)]
     if refused_before_output:
         parts = [replace(p, billed=False) for p in parts]
     return parts
+
+
+def answering(parts: list[Sampling]) -> int:
+    """Return the index of the sampling whose model a response counts for: the first billed one."""
+    return next((i for i, p in enumerate(parts) if p.billed), 0)
 
 
 def _declined_hops(parts: list[Sampling]) -> list[Sampling]:

@@ -24,8 +24,9 @@ log = logging.getLogger(__name__)
 MAX_JSON_BODY = 32 * 1024 * 1024
 # Cache lifetimes a request can ask for (cache_control.ttl).
 FIVE_MINUTES, ONE_HOUR = "5m", "1h"
-# A batch results download is observed up to this many results; past it, counted only.
-MAX_BATCH_RESULTS = 10_000
+# A Message Batch holds at most 100,000 requests; a results download is observed up to that many
+# (about 60 MB at most, for the largest batch), past it counted only.
+MAX_BATCH_RESULTS = 100_000
 # One stream event (or line) larger than this stops the observation of its exchange.
 MAX_EVENT = 4 * 1024 * 1024
 # Assistant text, thinking and each tool input are kept up to this size (for search and events).
@@ -168,7 +169,8 @@ def read_message(message: dict, obs: Observation) -> None:
             obs.tool_uses.append(ToolUse(_text(block.get("id")) or "", _text(block.get("name")) or "",
                                          block.get("input", {}), server=kind == "server_tool_use"))
     obs.text = "".join(texts)
-    obs.produced_output = bool(content)
+    obs.produced_output = any(_dict(b).get("type") != "fallback" for b in content) if isinstance(content, list) \
+        else bool(content)
     if isinstance(message.get("usage"), dict):
         obs.usage = message["usage"]
 
@@ -304,8 +306,9 @@ class SseObserver:
                     block[1].append(piece)
                 block[3] += len(piece)
         elif kind == "content_block_start":
-            obs.produced_output = True
             block = _dict(payload.get("content_block"))
+            # A fallback block marks a handoff between models, not output.
+            obs.produced_output = obs.produced_output or block.get("type") != "fallback"
             self.blocks[_key(payload.get("index"))] = [block.get("type"), [], block, 0]
         elif kind == "content_block_stop":
             self._close_block(_key(payload.get("index")))
@@ -429,8 +432,10 @@ class BatchResultsObserver:
         message = _dict(result.get("message"))
         if result.get("type") == "succeeded" and isinstance(message.get("usage"), dict):
             content = message.get("content")
+            produced = any(_dict(b).get("type") != "fallback" for b in content) if isinstance(content, list) \
+                else bool(content)
             self.obs.batch_results.append(BatchResult(_text(message.get("model")), message["usage"],
-                                                      _text(message.get("stop_reason")), bool(content)))
+                                                      _text(message.get("stop_reason")), produced))
 
     def finish(self) -> Observation:
         """Read a last line left without its newline."""

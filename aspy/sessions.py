@@ -17,7 +17,7 @@ from typing import Any
 
 from .config import Client, Config
 from .models import Cost, ModelTable
-from .billing import bill, context_of
+from .billing import answering, bill, context_of
 from .observe import Exchange, Usage, clean_text, is_messages_call
 from .routing import ANONYMOUS
 from .store import ACTIVE, ENDED, IDLE, Event, Message, ModelUsage, Session, Store, Transaction
@@ -153,8 +153,6 @@ class Sessions:
         # Sessions written since the last upkeep, whose event buffers may need trimming.
         self.touched: set[str] = set()
         self.told_unpriced: set[str] = set()
-        # The history recorded without a price is priced once per process, by its first upkeep.
-        self.repriced = False
 
     def identity(self, client_id: str | None, user: str) -> Identity:
         """Return the identity of traffic, applying the migration shim to legacy users."""
@@ -182,15 +180,15 @@ class Sessions:
         self.touched.update(batch.sessions)
 
     def upkeep(self) -> None:
-        """End idle-too-long sessions, trim event buffers, apply the retention; once, price unpriced history."""
+        """End idle-too-long sessions, trim event buffers, apply the retention, price history the table now knows."""
         now = time.time()
         with self.store.transaction() as tx:
-            if not self.repriced:
-                self.reprice(tx)
+            # Every upkeep: a share can turn unpriced again when a worker still on the old table
+            # records into it during a reload.
+            self.reprice(tx)
             self._expire(tx, now)
             tx.prune(sorted(self.touched), self.config.sessions.events_per_session,
                      now - self.config.store.retention_days * 86400)
-        self.repriced = True
         self.touched.clear()
 
     def expire(self) -> None:
@@ -301,6 +299,7 @@ class Sessions:
         parts = bill(ex)
         if obs.batch_results and not self._first_billing(tx, ex):
             parts = []
+        counted = answering(parts)
         for i, part in enumerate(parts):
             cost = self.models.price(part)
             cost_usd += cost.usd
@@ -310,8 +309,8 @@ class Sessions:
             name = part.model or "unknown"
             if not cost.priced:
                 unpriced.add(name)
-            # A response counts once, in the share of the model that answered it (its first sampling).
-            batch.add_model(s.id, name, part.usage, cost, requests=int(i == 0))
+            # A response counts once, in the share of the model that answered it.
+            batch.add_model(s.id, name, part.usage, cost, requests=int(i == counted))
         s.usage = s.usage + usage
         self._tell_unpriced(unpriced)
         if ex.ttfb_ms is not None:
@@ -368,7 +367,8 @@ class Sessions:
     def reprice(self, tx: Transaction) -> int:
         """Price the shares recorded while the table did not know their model; return how many."""
         priced = 0
-        for session_id, model, klass, usage in tx.unpriced_shares():
+        known = [model for model in tx.unpriced_models() if self.models.find(model)]
+        for session_id, model, klass, usage in tx.unpriced_shares(known):
             cost = self.models.reprice(model, klass, usage)
             if cost is not None:
                 tx.price_share(session_id, model, klass, cost.usd, cost.savings_usd)

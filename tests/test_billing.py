@@ -14,6 +14,7 @@ import uuid
 import pytest
 import requests
 
+from aspy.store import Horizon, Scope
 from conftest import API_KEY, standard_config
 from test_sessions_api import eventually
 
@@ -270,3 +271,61 @@ def test_aspy_top_says_which_models_have_no_price():
     console = Console(record=True, width=120)
     console.print(render(Snapshot(stats=stats, clients=[], sessions=[], events=[], at=0), "http://x", None, None))
     assert "No price for claude-new-1" in console.export_text()
+
+
+# The same rules in-process, where a case needs a table swapped or a shape the fake cannot send.
+
+def test_a_share_priced_in_part_is_repriced_exactly_once(tmp_path):
+    from aspy.models import load_models
+    from test_sessions import book, exchange
+
+    (tmp_path / "models.yaml").write_text(
+        "models:\n  claude-in-house-8: {input: 2, output: 4, cache_write_5m: 2.5, cache_write_1h: 4, "
+        "cache_read: 0.2, context_window: 100000, source: test, taken: '2026-11-22'}\n")
+    old = book(tmp_path)
+    unpriced = exchange(input_tokens=1_000)
+    unpriced.observation.model = "claude-in-house-8"
+    old.record([unpriced])
+    # A worker on the new table records into the same share before any upkeep has run.
+    new = book(tmp_path)
+    new.models = load_models(tmp_path)
+    priced = exchange(input_tokens=3_000)
+    priced.observation.model = "claude-in-house-8"
+    new.record([priced])
+    new.upkeep()
+    new.upkeep()
+    [session] = new.store.sessions(Scope(), None, Horizon(0, 0), 5)
+    assert session.cost_usd == pytest.approx(price((2, 4), 4_000, 2), abs=1e-12)
+    assert session.by_model["claude-in-house-8"].priced
+
+
+def test_a_served_fallback_counts_for_the_serving_model_with_its_searches():
+    from aspy.billing import answering, samplings
+    usage = {"input_tokens": 412, "output_tokens": 264, "server_tool_use": {"web_search_requests": 3},
+             "iterations": [{"type": "message", "model": "claude-fable-5", "input_tokens": 535, "output_tokens": 0},
+                            {"type": "fallback_message", "model": "claude-opus-4-8", "input_tokens": 412,
+                             "output_tokens": 264}]}
+    parts = samplings(usage, "claude-fable-5")
+    served = parts[answering(parts)]
+    assert served.model == "claude-opus-4-8" and served.billed and served.usage.web_search_requests == 3
+    assert not parts[0].billed and parts[0].usage.web_search_requests == 0
+
+
+def test_steps_that_name_no_model_ran_on_the_serving_model():
+    from aspy.billing import samplings
+    # Streaming: message_start named the model asked for; the steps after the handoff name none.
+    usage = {"iterations": [{"type": "message", "model": "claude-fable-5", "input_tokens": 535, "output_tokens": 0},
+                            {"type": "message", "input_tokens": 400, "output_tokens": 50},
+                            {"type": "fallback_message", "model": "claude-opus-4-8", "input_tokens": 412,
+                             "output_tokens": 264}]}
+    assert [p.model for p in samplings(usage, "claude-fable-5")] == ["claude-fable-5", "claude-opus-4-8",
+                                                                     "claude-opus-4-8"]
+
+
+def test_a_chain_where_every_model_declines_is_not_billed():
+    from aspy.observe import JsonObserver
+    observer = JsonObserver()
+    observer.feed(json.dumps({"type": "message", "model": "claude-opus-4-8", "stop_reason": "refusal", "content": [
+        {"type": "fallback", "from": {"model": "claude-fable-5"}, "to": {"model": "claude-opus-4-8"}}],
+        "usage": {"input_tokens": 412, "output_tokens": 0}}).encode())
+    assert not observer.finish().produced_output

@@ -197,8 +197,12 @@ class Transaction(ABC):
         """Note that a Message Batch's results were billed; return False if they were before."""
 
     @abstractmethod
-    def unpriced_shares(self) -> list[tuple[str, str, str, Usage]]:
-        """Return (session id, model, price class, tokens) of every share recorded without a price."""
+    def unpriced_models(self) -> list[str]:
+        """Return the models of shares recorded without a price."""
+
+    @abstractmethod
+    def unpriced_shares(self, models: list[str]) -> list[tuple[str, str, str, Usage]]:
+        """Return (session id, model, price class, tokens) of the shares of these models recorded without a price."""
 
     @abstractmethod
     def price_share(self, session_id: str, model: str, price_class: str, cost_usd: float, savings_usd: float) -> None:

@@ -149,7 +149,9 @@ class SqlTransaction(Transaction):
         self.execute(
             f"INSERT INTO session_models (session_id, model, price_class, requests, {', '.join(USAGE_COLUMNS)}, "
             "cost_usd, savings_usd, priced) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
-            f"ON CONFLICT (session_id, model, price_class) DO UPDATE SET {adds}",
+            # A share stays unpriced while any of it is: the repricing then prices it whole.
+            f"ON CONFLICT (session_id, model, price_class) DO UPDATE SET {adds}, priced = CASE "
+            "WHEN excluded.priced < session_models.priced THEN excluded.priced ELSE session_models.priced END",
             (session_id, model, price_class, responses, *usage.astuple(), cost_usd, savings_usd,
              1 if priced else 0))
 
@@ -158,17 +160,26 @@ class SqlTransaction(Transaction):
                            "ON CONFLICT (batch_id) DO NOTHING RETURNING batch_id", (batch_id, at)).fetchone()
         return row is not None
 
-    def unpriced_shares(self):
+    def unpriced_models(self):
+        return [row[0] for row in self.execute("SELECT DISTINCT model FROM session_models WHERE priced = 0").fetchall()]
+
+    def unpriced_shares(self, models):
+        if not models:
+            return []
+        marks = ", ".join("?" for _ in models)
         rows = self.execute(f"SELECT session_id, model, price_class, {', '.join(USAGE_COLUMNS)} FROM session_models "
-                            "WHERE priced = 0").fetchall()
+                            f"WHERE priced = 0 AND model IN ({marks})", models).fetchall()
         return [(sid, model, klass, Usage(*counts)) for sid, model, klass, *counts in rows]
 
     def price_share(self, session_id, model, price_class, cost_usd, savings_usd):
+        key = (session_id, model, price_class)
+        # Part of a share may have been priced when it was recorded: the session gains only the rest.
+        old_cost, old_savings = self.execute("SELECT cost_usd, savings_usd FROM session_models "
+                                             "WHERE session_id = ? AND model = ? AND price_class = ?", key).fetchone()
         self.execute("UPDATE session_models SET cost_usd = ?, savings_usd = ?, priced = 1 "
-                     "WHERE session_id = ? AND model = ? AND price_class = ?",
-                     (cost_usd, savings_usd, session_id, model, price_class))
+                     "WHERE session_id = ? AND model = ? AND price_class = ?", (cost_usd, savings_usd, *key))
         self.execute("UPDATE sessions SET cost_usd = cost_usd + ?, savings_usd = savings_usd + ? WHERE id = ?",
-                     (cost_usd, savings_usd, session_id))
+                     (cost_usd - old_cost, savings_usd - old_savings, session_id))
 
     def add_tool_counts(self, session_id, tool, calls, failed):
         self.execute(

@@ -29,6 +29,7 @@ def create_app(config: Config | None = None, test_config: dict | None = None,
     from .config import load_config
     from .errors import answer_exception
     from .models import load_models
+    from .journal import Journal, default_folder
     from .recorder import Recorder
     from .sessions import Sessions
     from .store import open_store
@@ -43,7 +44,8 @@ def create_app(config: Config | None = None, test_config: dict | None = None,
     if models is None:
         models = load_models(config.path.parent if config.path else None)
     sessions = Sessions(config, store, models)
-    recorder = Recorder(sessions)
+    # Tests in-process keep no journal; a served worker keeps one under $XDG_STATE_HOME.
+    recorder = Recorder(sessions, None if app.testing else Journal(default_folder()))
     app.extensions.update({"aspy.store": store, "aspy.sessions": sessions, "aspy.recorder": recorder})
 
     exchange_log = logging.getLogger("aspy.exchange")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -605,6 +606,10 @@ class Exchange:
     observer: Any = field(default=None, repr=False)
     observation: Observation = field(default_factory=Observation)
     request: RequestFacts = field(default_factory=RequestFacts)
+    # Unique, so that an exchange given back by the journal is never recorded twice.
+    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    # Given back by the journal of a worker that stopped: the store may have it already.
+    replayed: bool = False
 
     def read_body(self) -> None:
         """Read the request's facts from its body, then let the body go (queued records stay small)."""

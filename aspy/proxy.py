@@ -205,6 +205,9 @@ def forward(_path: str) -> Response:
     except AspyError as exc:
         # The request reached aspy, so it is recorded, as failed; nothing went upstream.
         return _failed(exchange, record, exc.status, exc.kind, exc.message)
+    # From here the request reaches the provider: the journal notes it, so that it is recorded
+    # (as failed) even if this worker dies before the answer ends.
+    current_app.extensions["aspy.recorder"].opened(exchange)
     timeout = (config.server.connect_timeout, config.server.upstream_timeout)
     try:
         upstream = send_upstream(request.method, route.url, headers, body, timeout)

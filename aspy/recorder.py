@@ -7,7 +7,10 @@ exchanges per transaction (those that queued during the last one), and the clien
 waits for the store. For SQLite under gevent the writer is a real OS thread: SQLite blocks in C, and
 there it leaves the gevent hub free to serve requests. For PostgreSQL, whose driver waits
 cooperatively, it is a greenlet. A failing store is logged and counted; its records are
-kept for the next try, up to ``MAX_PENDING``, and the proxy never notices.
+kept for the next try, in memory up to ``MAX_PENDING`` and beyond that in the journal
+(:mod:`aspy.journal`), which also gives back what a worker killed or stopped left unwritten.
+A record the store refuses as it is (a data error, not an outage) is written again with only
+its figures, so one poisoned exchange never holds back the others.
 """
 from __future__ import annotations
 
@@ -16,9 +19,11 @@ import logging
 import os
 import queue
 import threading
+from dataclasses import replace
 
+from .journal import Journal
 from .native import gevent_patched, native
-from .observe import Exchange
+from .observe import Exchange, Observation, RequestFacts, clean_text
 from .sessions import Sessions
 from .store import StoreError
 
@@ -36,8 +41,11 @@ MAX_RETRY_AFTER = 30.0
 class Recorder:
     """Queue exchanges and write them in batches from a background thread."""
 
-    def __init__(self, sessions: Sessions):
+    def __init__(self, sessions: Sessions, journal: Journal | None = None):
         self.sessions = sessions
+        self.journal = journal
+        # Exchanges let go from memory during a long outage, still in the journal.
+        self.spilled = False
         self.in_os_thread = gevent_patched() and getattr(sessions.store, "kind", "") == "sqlite"
         # What the writer waits with: the standard library's own in an OS thread, else gevent's.
         tools = native if self.in_os_thread else lambda module, name: getattr(__import__(module), name)
@@ -58,10 +66,17 @@ class Recorder:
         self._flushing = tools("threading", "Lock")()
 
     def __call__(self, exchange: Exchange) -> None:
-        """Queue an exchange; start the writer in this process if it is not running."""
+        """Keep a finished exchange in the journal and queue it; start the writer in this process if need be."""
         if self._pid != os.getpid():
             self.start()
+        if self.journal is not None:
+            self.journal.finished(exchange)
         self.queue.put(exchange)
+
+    def opened(self, exchange: Exchange) -> None:
+        """Note in the journal that a stream began, so a worker killed during it still has it recorded."""
+        if self.journal is not None:
+            self.journal.opened(exchange)
 
     def start(self) -> None:
         """Start this process's writer (once): it records, and keeps the store up to date even when idle."""
@@ -75,6 +90,9 @@ class Recorder:
             atexit.register(self.flush)
 
     def _run(self) -> None:
+        # First what stopped workers left in their journals: recorded before anything newer.
+        if self.journal is not None:
+            self.pending.extend(self.journal.claim())
         while True:
             # Wake for traffic, to retry what a failed try kept, and for the upkeep, traffic or not.
             wake = self.next_upkeep - self._now()
@@ -107,6 +125,10 @@ class Recorder:
 
     def _flush(self) -> None:
         while True:
+            if self.spilled and not self.pending:
+                # The store is back: what was let go from memory during the outage is in the journal.
+                self.pending.extend(self.journal.unstored() if self.journal else [])
+                self.spilled = False
             try:
                 while len(self.pending) < BATCH:
                     self.pending.append(self.queue.get_nowait())
@@ -117,31 +139,62 @@ class Recorder:
             batch = self.pending[:BATCH]
             try:
                 self.sessions.record(batch)
-            except StoreError as exc:
-                self._failed(exc)
+                written = len(batch)
+            except Exception as exc:
+                written = self._record_each(batch, exc)
+            if written:
+                del self.pending[:written]
+                if self.journal is not None:
+                    self.journal.stored([e.id for e in batch[:written]])
+            if written < len(batch):
                 self.retry_after = min(self.retry_after * 2, MAX_RETRY_AFTER)
                 return
-            except Exception:  # a record the sessions code cannot apply must not block the rest
-                log.exception("recording a batch failed; recording its exchanges one by one")
-                self._record_each(batch)
             self.retry_after = RETRY_AFTER
-            del self.pending[:len(batch)]
 
-    def _record_each(self, batch: list[Exchange]) -> None:
-        """Record exchanges one at a time, dropping (and logging) any that cannot be applied."""
-        for exchange in batch:
+    def _record_each(self, batch: list[Exchange], error: Exception) -> int:
+        """Record a failed batch one exchange at a time; return how many were written before the store failed.
+
+        Tells data errors from outages: an exchange the store refuses as it is (an odd type, a
+        value out of range) is recorded again with only what can be read of it. Only when even
+        that fails is the store itself failing: the rest is kept, in order, for the next try.
+        """
+        for done, exchange in enumerate(batch):
             try:
                 self.sessions.record([exchange])
-            except Exception:
-                self.dropped += 1
-                log.exception("dropped an exchange that could not be recorded: %s", exchange.summary())
+                continue
+            except Exception as exc:
+                error = exc
+            try:
+                self.sessions.record([unreadable(exchange, error)])
+                log.error("recorded an exchange without its content, which the store refused (%s): %s",
+                          error, exchange.summary())
+            except Exception as exc:
+                self._failed(exc)
+                return done
+        return len(batch)
 
-    def _failed(self, exc: StoreError) -> None:
+    def _failed(self, exc: Exception) -> None:
         self.failures += 1
-        self.last_error = str(exc)
-        log.error("recording %d exchanges failed (kept for retry): %s", len(self.pending), exc)
+        self.last_error = str(exc) if isinstance(exc, StoreError) else f"{type(exc).__name__}: {exc}"
+        log.error("recording %d exchanges failed (kept for retry): %s", len(self.pending), self.last_error)
         if len(self.pending) > MAX_PENDING:
             lost = len(self.pending) - MAX_PENDING
             del self.pending[:lost]
-            self.dropped += lost
-            log.error("store unavailable: dropped the %d oldest unrecorded exchanges", lost)
+            if self.journal is not None and not self.journal.broken:
+                # Still in the journal: read back once the store answers again.
+                self.spilled = True
+                log.warning("store unavailable: %d exchanges wait in the journal only", lost)
+            else:
+                self.dropped += lost
+                log.error("store unavailable: dropped the %d oldest unrecorded exchanges", lost)
+
+
+def unreadable(exchange: Exchange, error: Exception) -> Exchange:
+    """Return an exchange the store refused, with only what is sure to be storable: figures, no content."""
+    kept = replace(exchange, observer=None, headers={k: clean_text(v) for k, v in exchange.headers.items()},
+                   rate_limits={}, request=RequestFacts(model=exchange.request.model, stream=exchange.request.stream))
+    obs = exchange.observation
+    kept.observation = Observation(model=obs.model, stop_reason=obs.stop_reason, usage=obs.usage,
+                                   start_usage=obs.start_usage, produced_output=obs.produced_output,
+                                   parse_error=f"the store refused its content: {type(error).__name__}")
+    return kept

@@ -164,7 +164,13 @@ class Sessions:
         """Apply a batch of exchanges in one transaction."""
         with self.store.transaction() as tx:
             batch = Batch()
+            # A journal gives back what a stopped worker held: the store may have part of it already.
+            replayed = [e.id for e in exchanges if e.replayed]
+            known = tx.already_recorded(replayed) if replayed else set()
+            tx.mark_recorded([e.id for e in exchanges if e.id not in known], time.time())
             for exchange in exchanges:
+                if exchange.id in known:
+                    continue
                 if not is_messages_call(exchange.method, exchange.path):
                     identity = self.identity(exchange.client, exchange.user)
                     batch.add_traffic(identity.client.id if identity.client else None, identity.user,

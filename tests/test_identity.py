@@ -205,12 +205,14 @@ def test_no_secret_reaches_the_store_or_the_logs(team, upstream):
     api(team, "stats", TOKEN)
     requests.post(f"{team.url}/api/search", json={"keyword": "hi"}, headers={"Authorization": f"Bearer {API_TOKEN}"})
     eventually(lambda: stats(team)["requests"]["total"] >= before + 4)
+    # Everything aspy keeps on this host (the SQLite store, the journal), and the PostgreSQL store.
+    state = Path(team.env["XDG_STATE_HOME"]) / "aspy"
+    stored = b"".join(p.read_bytes() for p in state.rglob("*") if p.is_file())
     if team.store_url():
-        stored = subprocess.run(["pg_dump", "--data-only", team.store_url()], capture_output=True, check=True).stdout
-        assert b"COPY public.sessions" in stored
+        dump = subprocess.run(["pg_dump", "--data-only", team.store_url()], capture_output=True, check=True).stdout
+        assert b"COPY public.sessions" in dump
+        stored += dump
     else:
-        state = Path(team.env["XDG_STATE_HOME"]) / "aspy"
-        stored = b"".join(p.read_bytes() for p in state.iterdir())
         assert b"SQLite format 3" in stored
     logged = team.log_text().encode()
     assert b"aspy.exchange" in logged  # the per-exchange lines were written, and are checked too

@@ -193,6 +193,14 @@ class Transaction(ABC):
         """Add responses (one, unless told) to a session's per-model figures in one price class."""
 
     @abstractmethod
+    def already_recorded(self, exchange_ids: list[str]) -> set[str]:
+        """Return which of these exchanges the store has recorded already."""
+
+    @abstractmethod
+    def mark_recorded(self, exchange_ids: list[str], at: float) -> None:
+        """Remember that these exchanges are recorded (for a few days: long enough for any journal)."""
+
+    @abstractmethod
     def first_billing_of_batch(self, batch_id: str, at: float) -> bool:
         """Note that a Message Batch's results were billed; return False if they were before."""
 

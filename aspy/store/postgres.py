@@ -84,6 +84,9 @@ MIGRATIONS: dict[int, list[str]] = {
         "ALTER TABLE session_models ADD PRIMARY KEY (session_id, model, price_class)",
         "CREATE INDEX session_models_unpriced ON session_models (priced)",
         "CREATE TABLE batches (batch_id TEXT PRIMARY KEY, billed_at DOUBLE PRECISION NOT NULL)",
+        # Exchanges recorded lately, so that one given back by a worker's journal is never recorded twice.
+        "CREATE TABLE recorded (exchange_id TEXT PRIMARY KEY, recorded_at DOUBLE PRECISION NOT NULL)",
+        "CREATE INDEX recorded_at ON recorded (recorded_at)",
     ],
 }
 

@@ -24,6 +24,7 @@ SESSION_COLUMNS = (
 USAGE_COLUMNS = ("input_tokens", "output_tokens", "cache_read", "cache_write_5m", "cache_write_1h", "web_searches")
 SESSION_SELECT = "SELECT " + ", ".join(SESSION_COLUMNS) + " FROM sessions"
 OPEN = f"status <> '{ENDED}'"
+RECORDED_DAYS = 2
 
 
 def session_row(s: Session) -> tuple:
@@ -155,6 +156,19 @@ class SqlTransaction(Transaction):
             (session_id, model, price_class, responses, *usage.astuple(), cost_usd, savings_usd,
              1 if priced else 0))
 
+    def already_recorded(self, exchange_ids):
+        if not exchange_ids:
+            return set()
+        marks = ", ".join("?" for _ in exchange_ids)
+        return {row[0] for row in self.execute(f"SELECT exchange_id FROM recorded WHERE exchange_id IN ({marks})",
+                                               exchange_ids).fetchall()}
+
+    def mark_recorded(self, exchange_ids, at):
+        if exchange_ids:
+            self.cur.executemany(self.store.sql("INSERT INTO recorded (exchange_id, recorded_at) VALUES (?, ?) "
+                                                "ON CONFLICT (exchange_id) DO NOTHING"),
+                                 [(eid, at) for eid in exchange_ids])
+
     def first_billing_of_batch(self, batch_id, at):
         row = self.execute("INSERT INTO batches (batch_id, billed_at) VALUES (?, ?) "
                            "ON CONFLICT (batch_id) DO NOTHING RETURNING batch_id", (batch_id, at)).fetchone()
@@ -251,6 +265,8 @@ class SqlTransaction(Transaction):
         self.execute("DELETE FROM events WHERE timestamp < ?", (older_than,))
         self.execute("DELETE FROM messages WHERE timestamp < ?", (older_than,))
         self.execute("DELETE FROM tool_calls WHERE called_at < ?", (older_than,))
+        # Journals are given back within minutes of a restart; two days is a wide margin.
+        self.execute("DELETE FROM recorded WHERE recorded_at < ?", (time.time() - RECORDED_DAYS * 86400,))
 
 
 class SqlStore(Store):

@@ -97,6 +97,9 @@ MIGRATIONS: dict[int, list[str]] = {
         "ALTER TABLE session_models_priced RENAME TO session_models",
         "CREATE INDEX session_models_unpriced ON session_models (priced)",
         "CREATE TABLE batches (batch_id TEXT PRIMARY KEY, billed_at REAL NOT NULL)",
+        # Exchanges recorded lately, so that one given back by a worker's journal is never recorded twice.
+        "CREATE TABLE recorded (exchange_id TEXT PRIMARY KEY, recorded_at REAL NOT NULL)",
+        "CREATE INDEX recorded_at ON recorded (recorded_at)",
     ],
 }
 

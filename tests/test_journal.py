@@ -1,0 +1,147 @@
+"""Nothing lost: the journal gives back what a killed or stopped worker had not written."""
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import requests
+
+from aspy.journal import Journal
+from aspy.observe import Exchange
+from conftest import API_KEY, standard_config
+from test_sessions_api import eventually
+
+MESSAGE = {"model": "claude-sonnet-4-5-20250929", "max_tokens": 8, "stream": True,
+           "messages": [{"role": "user", "content": "hello"}]}
+
+
+def exchange(**extra) -> Exchange:
+    return Exchange(started_at=time.time(), method="POST", path="/v1/messages", client="dev-1",
+                    provider="fake", user="anonymous", headers={}, **extra)
+
+
+def test_a_claimed_journal_gives_back_finished_exchanges_and_unfinished_ones_as_failed(tmp_path):
+    dead = Journal(tmp_path)
+    done, cut = exchange(status=200, complete=True), exchange()
+    dead.opened(done)
+    dead.opened(cut)
+    dead.finished(done)
+    # The dead worker's locks go with its file descriptors.
+    for segment in dead.segments:
+        os.close(segment.fd)
+    heir = Journal(tmp_path)
+    back = {e.id: e for e in heir.claim()}
+    assert set(back) == {done.id, cut.id} and all(e.replayed for e in back.values())
+    assert back[done.id].status == 200 and back[done.id].failure is None
+    assert back[cut.id].failure == "aspy's worker stopped before the exchange ended"
+    heir.stored(list(back))
+    assert list(tmp_path.glob("*.log")) == []
+
+
+def test_a_living_workers_journal_is_never_claimed(tmp_path):
+    alive = Journal(tmp_path)
+    alive.finished(exchange())
+    assert Journal(tmp_path).claim() == []
+
+
+def test_an_exchange_opened_in_one_segment_and_finished_in_the_next_is_given_back_once(tmp_path, monkeypatch):
+    monkeypatch.setattr("aspy.journal.SEGMENT_RECORDS", 1)
+    dead = Journal(tmp_path)
+    long_stream = exchange(status=200, complete=True)
+    dead.opened(long_stream)
+    dead.finished(long_stream)
+    assert len(list(tmp_path.glob("*.log"))) == 2
+    for segment in dead.segments:
+        os.close(segment.fd)
+    [back] = Journal(tmp_path).claim()
+    assert back.id == long_stream.id and back.failure is None
+
+
+def test_a_torn_record_is_skipped_and_the_rest_given_back(tmp_path):
+    dead = Journal(tmp_path)
+    first = exchange(status=200)
+    dead.finished(first)
+    [segment] = dead.segments
+    os.write(segment.fd, b"\x00\x00\x10\x00torn")
+    os.close(segment.fd)
+    assert [e.id for e in Journal(tmp_path).claim()] == [first.id]
+
+
+def test_segments_are_deleted_once_stored(tmp_path, monkeypatch):
+    monkeypatch.setattr("aspy.journal.SEGMENT_RECORDS", 2)
+    journal = Journal(tmp_path)
+    records = [exchange() for _ in range(6)]
+    for record in records:
+        journal.finished(record)
+    journal.stored([r.id for r in records])
+    # Only the segment being written stays.
+    assert len(list(tmp_path.glob("*.log"))) == 1
+
+
+def workers_of(server) -> list[int]:
+    """Return the pids of a gunicorn master's workers."""
+    out = subprocess.run(["pgrep", "-P", str(server.proc.pid)], capture_output=True, text=True).stdout
+    return [int(pid) for pid in out.split()]
+
+
+def test_sigkill_of_a_worker_under_load_loses_no_exchange(start_aspy, upstream):
+    server = start_aspy(standard_config(upstream.url))
+    session = str(uuid.uuid4())
+    before = len(upstream.requests)
+    stop = threading.Event()
+
+    def turn(_):
+        try:
+            r = requests.post(f"{server.url}/dev-1/v1/messages", json=MESSAGE, timeout=30, headers={
+                "x-api-key": API_KEY, "x-claude-code-session-id": session, "x-fake-events": "10",
+                "x-fake-delay": "20"})
+            r.content
+        except requests.RequestException:
+            pass  # the killed worker's clients see their connection cut
+
+    with ThreadPoolExecutor(16) as pool:
+        futures = [pool.submit(turn, i) for i in range(160)]
+        time.sleep(1.0)
+        os.kill(workers_of(server)[0], signal.SIGKILL)
+        for f in futures:
+            f.result()
+    stop.set()
+    reached = sum(1 for r in upstream.requests[before:] if r.target.startswith("/v1/messages"))
+    # Every exchange that reached the upstream is recorded: the killed worker's through its journal.
+    stats = eventually(lambda: (s := requests.get(f"{server.url}/api/stats", params={"session": session}).json())
+                       .get("requests", {}).get("total") == reached and s, timeout=30)
+    assert stats["requests"]["failed"] >= 1  # the streams cut by the kill are recorded as failed
+    assert "a stopped worker left in its journal" in server.log_text()
+
+
+def test_a_restart_during_a_store_outage_loses_nothing(start_aspy, upstream, tmp_path):
+    server = start_aspy(standard_config(upstream.url))
+    session = str(uuid.uuid4())
+    requests.post(f"{server.url}/dev-1/v1/messages", json=MESSAGE, headers={"x-claude-code-session-id": session})
+    eventually(lambda: requests.get(f"{server.url}/api/stats", params={"session": session}).ok)
+    database = tmp_path / "state" / "aspy" / "aspy.db"
+    # Another process holds the database: every write fails while the proxy keeps forwarding.
+    holder = sqlite3.connect(database, isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")
+    for _ in range(20):
+        r = requests.post(f"{server.url}/dev-1/v1/messages", json=MESSAGE,
+                          headers={"x-claude-code-session-id": session})
+        assert r.status_code == 200
+        r.content
+    time.sleep(1.5)
+    server.stop()  # a stop while the store is down: the workers' memory goes, their journals stay
+    holder.execute("ROLLBACK")
+    holder.close()
+    server.start()
+    stats = eventually(lambda: (s := requests.get(f"{server.url}/api/stats", params={"session": session}).json())
+                       ["requests"]["total"] == 21 and s, timeout=30)
+    assert stats["requests"]["failed"] == 0
+    time.sleep(0.5)
+    assert requests.get(f"{server.url}/api/stats", params={"session": session}).json()["requests"]["total"] == 21

@@ -34,6 +34,8 @@ OLD_USER_ID = re.compile(r"user_[0-9a-f]+_account_[0-9a-f-]*_session_([0-9a-f-]{
 # A rate_limit event is emitted on 429, or when a remaining count falls under this share of its limit.
 RATE_LIMIT_LOW = 0.1
 PREVIEW_CHARS = 200
+# A tool_call event keeps the tool's input up to this much JSON (a Write of a large file is not kept whole).
+MAX_TOOL_INPUT = 16 * 1024
 
 
 def warning_level(pct: float) -> str:
@@ -73,6 +75,14 @@ def session_key(exchange: Exchange) -> tuple[str | None, str | None]:
         if match:
             return match.group(1), METADATA
     return None, None
+
+
+def bounded_input(value: Any) -> Any:
+    """Return a tool input as an event keeps it: whole up to 16 KiB of JSON, else the start of it as text."""
+    text = json.dumps(value, separators=(",", ":"), default=str)
+    if len(text) <= MAX_TOOL_INPUT:
+        return value
+    return f"{text[:MAX_TOOL_INPUT]}... ({len(text)} characters in all)"
 
 
 def failed_exchange(exchange: Exchange) -> bool:
@@ -342,7 +352,8 @@ class Sessions:
             batch.add_tool(s.id, tool.name, 1, 0)
             tx.add_tool_call(tool.id, s.id, tool.name, done_at)
             events.append(self._event(s, "tool_call", done_at, tool=tool.name, tool_use_id=tool.id,
-                                      input=tool.input if capture else None, complete=tool.complete))
+                                      input=bounded_input(tool.input) if capture else None,
+                                      complete=tool.complete))
         for error in obs.errors:
             events.append(self._event(s, "error", done_at, status=ex.status, error_type=error.get("type"),
                                       message=str(error.get("message", ""))[:500]))

@@ -113,3 +113,16 @@ def test_traffic_after_end_after_opens_a_new_session_even_before_the_upkeep(tmp_
     sessions.record([exchange()])
     found = sessions.store.sessions(Scope(session="s1"), None, Horizon(0, 0), 10)
     assert len(found) == 2 and [s.requests for s in found] == [1, 1]
+
+
+def test_a_large_tool_input_is_kept_only_in_part_in_its_event(tmp_path):
+    sessions = book(tmp_path)
+    ex = exchange()
+    from aspy.observe import ToolUse
+    ex.observation.tool_uses = [ToolUse("toolu_big", "Write", {"content": "x" * 5_000_000}),
+                                ToolUse("toolu_small", "Read", {"file_path": "/a"})]
+    sessions.record([ex])
+    events = {e.data["tool_use_id"]: e.data["input"] for e in sessions.store.events(Scope(), ["tool_call"], None, 5)}
+    assert events["toolu_small"] == {"file_path": "/a"}
+    assert isinstance(events["toolu_big"], str) and len(events["toolu_big"]) < 17_000
+    assert events["toolu_big"].endswith("(5000015 characters in all)")

@@ -125,4 +125,4 @@ def test_a_large_tool_input_is_kept_only_in_part_in_its_event(tmp_path):
     events = {e.data["tool_use_id"]: e.data["input"] for e in sessions.store.events(Scope(), ["tool_call"], None, 5)}
     assert events["toolu_small"] == {"file_path": "/a"}
     assert isinstance(events["toolu_big"], str) and len(events["toolu_big"]) < 17_000
-    assert events["toolu_big"].endswith("(5000015 characters in all)")
+    assert events["toolu_big"].endswith("(5000014 characters in all)")

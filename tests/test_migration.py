@@ -182,3 +182,26 @@ def test_a_new_log_file_adds_to_sessions_of_an_earlier_import(old, tmp_path):
     assert "1 unreadable (lines 2)" in done.stdout
     assert stats(old, user=SAMPLE_HASH)["requests"]["total"] == 2
     assert len(requests.get(f"{old.url}/api/sessions", params={"user": SAMPLE_HASH}).json()["sessions"]) == 1
+
+
+def test_imported_cache_writes_take_the_lifetime_the_log_says(old, tmp_path):
+    # The log has no 5m/1h split: the session's request asked for 1-hour caching, so its writes are 1h.
+    folder = tmp_path / "logs"
+    folder.mkdir()
+    user, session = "00000000000000aa", "6a0c2d8e-0000-4000-8000-000000000001"
+    lines = [
+        {"user_id": user, "session_id": session, "tracked_at": "2025-12-08T10:00:00Z", "type": "Request",
+         "id": "1-1", "timestamp": "2025-12-08T10:00:00Z", "method": "POST", "path": "/v1/messages", "body_size": 9,
+         "body": {"model": "claude-opus-4-5-20251101", "system": [
+             {"type": "text", "text": "rules", "cache_control": {"type": "ephemeral", "ttl": "1h"}}],
+             "messages": [{"role": "user", "content": "hi"}]}},
+        {"user_id": user, "session_id": session, "tracked_at": "2025-12-08T10:00:02Z", "type": "ApiUsage",
+         "timestamp": "2025-12-08T10:00:02Z", "model": "claude-opus-4-5-20251101", "input_tokens": 10,
+         "output_tokens": 20, "cache_creation_tokens": 3000, "cache_read_tokens": 0},
+    ]
+    (folder / "aspy-20251208-100000-cafe.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    assert migrate(old, "--import-logs", str(folder), "--apply").returncode == 0
+    imported = stats(old, user=user)
+    assert imported["tokens"]["cache_write_1h"] == 3000 and imported["tokens"]["cache_write_5m"] == 0
+    # Opus 4.5: $5 in, $25 out, 1h writes at 2x input ($10).
+    assert imported["cost"]["total_usd"] == pytest.approx((10 * 5 + 20 * 25 + 3000 * 10) / 1e6, abs=1e-9)

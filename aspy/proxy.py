@@ -254,6 +254,7 @@ def _relay(upstream: requests.Response, exchange: Exchange, client: socket.socke
     # Only streams can keep an upstream busy for minutes; other answers end on their own.
     stop_watching = _watch_client(client, hang_up) if exchange.response_type.startswith(STREAM_TYPES) \
         else lambda: None
+    pause = _cooperate()
     try:
         for chunk in _chunks(upstream, exchange.response_type):
             if not chunk:
@@ -261,6 +262,9 @@ def _relay(upstream: requests.Response, exchange: Exchange, client: socket.socke
             yield chunk
             exchange.response_bytes += len(chunk)
             observer.feed(chunk)
+            # A fast upstream (or a gzip body inflating) never blocks a read: let the worker's
+            # other requests run between two chunks.
+            pause()
         exchange.complete = True
     except Exception as exc:
         if gone.is_set():
@@ -280,6 +284,15 @@ def _relay(upstream: requests.Response, exchange: Exchange, client: socket.socke
     finally:
         stop_watching()
         upstream.close()
+
+
+def _cooperate() -> Callable[[], None]:
+    """Return what gives the gevent hub a turn (nothing to do outside gevent)."""
+    if "gevent" not in sys.modules:
+        return lambda: None
+    import gevent
+
+    return lambda: gevent.sleep(0)
 
 
 def _watch_client(client: socket.socket | None, on_hangup: Callable[[], None]) -> Callable[[], None]:

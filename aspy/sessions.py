@@ -339,7 +339,9 @@ class Sessions:
                    "cache_write_1h": usage.cache_write_1h, "web_search_requests": usage.web_search_requests},
             cost_usd=round(cost_usd, 10), unpriced_models=sorted(unpriced) or None,
             ttfb_ms=round(ex.ttfb_ms, 1) if ex.ttfb_ms is not None else None,
-            duration_ms=round(ex.duration_ms, 1), request_id=ex.request_id, agent_id=agent))
+            duration_ms=round(ex.duration_ms, 1), request_id=ex.request_id, agent_id=agent,
+            # Why the answer was only partly read (a bound reached, a broken stream), if it was.
+            observation_error=obs.parse_error))
         capture = self.config.capture_content
         for text in obs.thinking:
             s.thinking_blocks += 1

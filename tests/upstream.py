@@ -22,6 +22,17 @@ What it does is chosen by request headers, which aspy forwards untouched:
 - ``x-fake-delta-usage: JSON``: more usage fields in a stream's ``message_delta``.
 - ``x-fake-refusal: before|after``: a stream refused before any output (no content) or after some,
   with stop reason ``refusal``.
+- ``x-fake-echo: 1``: answer 200 with the request's own body, byte for byte, as the content type
+  ``x-fake-content-type`` says (default ``application/json``): any answer a test can write,
+  JSON or an event stream, arrives as sent.
+- ``x-fake-answer: BASE64``: the same with these bytes (a few KB at most, as a header), so that
+  a well-formed request can get any answer, an event stream with its newlines included.
+- ``x-fake-huge: event|line|gzip-bomb`` with ``x-fake-size: BYTES``: a body too large to observe
+  (:func:`huge_body`): a stream whose one text event carries that many bytes, that many bytes
+  of event stream with no newline at all, or that many zero bytes gzipped into a small body
+  sent with ``content-encoding: gzip``.
+- ``x-fake-chunk: BYTES``: with ``x-fake-echo``, ``x-fake-answer`` or ``x-fake-huge``, send the
+  body in chunks of that size (chunked), else whole with a ``content-length``.
 - A request with a structured output format (Claude Code's session title) gets a small JSON
   title and ``TITLE_USAGE``, whatever the headers ask of the other answers.
 
@@ -31,11 +42,14 @@ whose client went away is noted in ``disconnects``.
 from __future__ import annotations
 
 import asyncio
+import base64
 import gzip
 import json
+import struct
 import sys
 import threading
 import time
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -118,6 +132,46 @@ def stream_events(model: str, text_parts: list[str], usage: dict, tool: str | No
         sse("message_stop", {"type": "message_stop"}),
     ]
     return events
+
+
+def gzip_bomb(size: int, block: int = 1 << 20) -> bytes:
+    """Return a gzip body that inflates to ``size`` zero bytes (about 1 KB per MB), made in a blink.
+
+    Each block is compressed after a full flush, so every one is the same bytes: one is made and repeated.
+    """
+    zero = bytes(block)
+    deflate = zlib.compressobj(9, zlib.DEFLATED, -15)
+    piece = deflate.compress(zero) + deflate.flush(zlib.Z_FULL_FLUSH)
+    blocks, rest = divmod(size, block)
+    crc = 0
+    for _ in range(blocks):
+        crc = zlib.crc32(zero, crc)
+    tail = deflate.compress(bytes(rest)) + deflate.flush()
+    crc = zlib.crc32(bytes(rest), crc)
+    return (b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x02\xff" + piece * blocks + tail
+            + struct.pack("<II", crc, size & 0xFFFFFFFF))
+
+
+_BOMBS: dict[int, bytes] = {}
+
+
+def huge_body(kind: str, size: int) -> bytes:
+    """Return the body ``x-fake-huge`` sends, as it goes on the wire (a gzip bomb still compressed)."""
+    if kind == "event":
+        head = b"".join(stream_events("claude-sonnet-4-5-20250929", [], DEFAULT_USAGE)[:1]) + sse(
+            "content_block_start", {"type": "content_block_start", "index": 0,
+                                    "content_block": {"type": "text", "text": ""}})
+        delta = (b'event: content_block_delta\ndata: {"type": "content_block_delta", "index": 0, '
+                 b'"delta": {"type": "text_delta", "text": "' + b"a" * size + b'"}}\n\n')
+        tail = b"".join(stream_events("claude-sonnet-4-5-20250929", [], DEFAULT_USAGE)[1:])
+        return head + delta + sse("content_block_stop", {"type": "content_block_stop", "index": 0}) + tail
+    if kind == "line":
+        return b"data: " + b"a" * (size - 6)
+    if kind == "gzip-bomb":
+        if size not in _BOMBS:
+            _BOMBS[size] = gzip_bomb(size)
+        return _BOMBS[size]
+    raise ValueError(f"no huge body {kind!r}")
 
 
 def fixture_events(name: str) -> list[bytes]:
@@ -203,6 +257,21 @@ class FakeUpstream:
             raw = (FIXTURES.parent / h["x-fake-file"]).read_bytes()
             return await self._send(writer, 200, content_type, [raw[i:i + 997] for i in range(0, len(raw), 997)], h,
                                     reader=reader)
+        if "x-fake-echo" in h or "x-fake-answer" in h or "x-fake-huge" in h:
+            if "x-fake-echo" in h:
+                raw = seen.body
+            elif "x-fake-answer" in h:
+                raw = base64.b64decode(h["x-fake-answer"])
+            else:
+                raw = huge_body(h["x-fake-huge"], int(h["x-fake-size"]))
+                if "x-fake-content-type" not in h:
+                    content_type = "text/event-stream; charset=utf-8"
+            extra = [("content-encoding", "gzip")] if h.get("x-fake-huge") == "gzip-bomb" else []
+            step = int(h.get("x-fake-chunk", 0)) or len(raw) or 1
+            # Sent as one part unless chunks were asked for, even when it is a single chunk.
+            parts = [raw[i:i + step] for i in range(0, len(raw), step)] or [b""]
+            return await self._send(writer, 200, content_type, parts, h, extra=extra, reader=reader,
+                                    chunked="x-fake-chunk" in h)
         if "x-fake-status" in h:
             status = int(h["x-fake-status"])
             body = h.get("x-fake-body", json.dumps({"type": "error", "error": {
@@ -258,7 +327,7 @@ class FakeUpstream:
                                 extra=extra + [("cache-control", "no-cache")], reader=reader)
 
     async def _send(self, writer, status: int, content_type: str | None, parts: list[bytes], h: dict,
-                    extra: list[tuple[str, str]] = (), reader=None) -> bool:
+                    extra: list[tuple[str, str]] = (), reader=None, chunked: bool = False) -> bool:
         """Send a response part by part; return False when the connection must end."""
         delay = float(h.get("x-fake-delay", 0)) / 1000
         cut_after = int(h["x-fake-break"]) if "x-fake-break" in h else None
@@ -273,7 +342,7 @@ class FakeUpstream:
             parts = [gzip.compress(b"".join(parts))]
             headers.append(("content-encoding", "gzip"))
         close_delimited = bool(h.get("x-fake-close-delimited"))
-        streamed = len(parts) > 1 or close_delimited
+        streamed = len(parts) > 1 or close_delimited or chunked
         if close_delimited:
             headers.append(("connection", "close"))
         elif streamed:
@@ -292,7 +361,12 @@ class FakeUpstream:
                 if index and delay and await self._hung_up(reader, delay):
                     self.disconnects.append(time.time())
                     return False
-                writer.write(b"%x\r\n%s\r\n" % (len(part), part) if streamed and not close_delimited else part)
+                if streamed and not close_delimited:
+                    # An empty chunk would end the body: there is nothing to send.
+                    if part:
+                        writer.write(b"%x\r\n%s\r\n" % (len(part), part))
+                else:
+                    writer.write(part)
                 await writer.drain()
             if streamed and not close_delimited:
                 writer.write(b"0\r\n\r\n")

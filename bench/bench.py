@@ -1,12 +1,15 @@
 """Measure what aspy costs: direct to a fast local upstream vs through aspy, in the same run.
 
-    bench/run [--quick] [--postgres URL]
+    bench/run [--quick] [--only-fresh] [--postgres URL]
 
 Starts the fake upstream (tests/upstream.py) and aspy under gunicorn with the default 2
 gevent workers, on SQLite and (given a server) on PostgreSQL, then measures in the same
 run, direct and through aspy: added latency at one connection (p50, p99), requests per
 second at 50 connections (wrk), and time to first event of streams. Prints a table with
 the difference or ratio to direct for each, then what recording one exchange costs.
+For each store it also measures freshness, the contract "an exchange's figures are in every API
+answer within 50 ms of its response's last byte": the delay from a stream's last byte to the first
+``/api/stats?session=`` poll that shows it (p50, p99, max), idle and while wrk drives 50 connections.
 """
 from __future__ import annotations
 
@@ -32,6 +35,14 @@ BODY = json.dumps({"model": "claude-sonnet-4-6", "max_tokens": 16,
 STREAM_BODY = json.dumps({"model": "claude-sonnet-4-6", "max_tokens": 16, "stream": True,
                           "messages": [{"role": "user", "content": "hi"}]}).encode()
 HEADERS = {"content-type": "application/json", "x-api-key": "sk-ant-bench-key", "anthropic-version": "2023-06-01"}
+# A Claude Code-like turn for freshness: a short stream, so its last byte comes well after its first.
+FRESH_STREAM = {"x-fake-events": "5", "x-fake-delay": "2"}
+# Milliseconds the poller sleeps after an answer that does not show the exchange yet. Each poll is
+# a request to the same workers that record, so polling back to back would crowd what it measures;
+# 1 ms keeps the resolution at about one poll's round trip.
+POLL_MS = 1.0
+# Seconds after which an exchange that never shows is counted as missing (an infinite delay).
+FRESH_GIVE_UP = 10.0
 
 
 def free_port() -> int:
@@ -97,17 +108,96 @@ def first_events(port: int, prefix: str, count: int) -> list[float]:
     return times
 
 
-def wrk_rps(url: str, seconds: int, connections: int = 50) -> float:
-    """Return requests per second from wrk at the given concurrency."""
+def wrk_start(url: str, seconds: int, connections: int = 50) -> tuple[subprocess.Popen, Path]:
+    """Start wrk posting non-streaming requests at the given concurrency; return it and its script."""
     script = Path(tempfile.mkstemp(suffix=".lua")[1])
     headers = "".join(f'wrk.headers["{k}"] = "{v}"\n' for k, v in HEADERS.items())
     script.write_text(f'wrk.method = "POST"\nwrk.body = {json.dumps(BODY.decode())}\n{headers}')
-    out = subprocess.run(["wrk", "-t2", f"-c{connections}", f"-d{seconds}s", "-s", str(script), url],
-                         capture_output=True, text=True, check=True).stdout
+    proc = subprocess.Popen(["wrk", "-t2", f"-c{connections}", f"-d{seconds}s", "-s", str(script), url],
+                            stdout=subprocess.PIPE, text=True)
+    return proc, script
+
+
+def wrk_result(proc: subprocess.Popen, script: Path) -> float:
+    """Wait for wrk (it reports on SIGINT as at its end) and return its requests per second."""
+    out = proc.communicate()[0]
     script.unlink()
-    if "Non-2xx" in out:
-        sys.exit(f"wrk saw errors:\n{out}")
+    if proc.returncode != 0 or "Non-2xx" in out:
+        sys.exit(f"wrk failed or saw errors:\n{out}")
     return float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+
+
+def wrk_rps(url: str, seconds: int, connections: int = 50) -> float:
+    """Return requests per second from wrk at the given concurrency."""
+    return wrk_result(*wrk_start(url, seconds, connections))
+
+
+def fresh_delays(port: int, prefix: str, count: int, tag: str) -> dict[str, list[float]]:
+    """Time from streams' last byte to the first API poll that shows them (its answer, its sending), in ms."""
+    # Two keep-alive connections: the turn's, and the poller's, which is ready the moment the turn ends.
+    proxy = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    api = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    delays: dict[str, list[float]] = {"answer": [], "sent": [], "trip": []}
+    for i in range(count):
+        # A new session key each time: the first poll answering requests.total == 1 is this exchange.
+        key = f"bench-fresh-{tag}-{os.getpid()}-{i}"
+        proxy.request("POST", prefix + "/v1/messages", STREAM_BODY,
+                      HEADERS | FRESH_STREAM | {"x-claude-code-session-id": key})
+        response = proxy.getresponse()
+        response.read()
+        ended = time.perf_counter()
+        if response.status != 200:
+            sys.exit(f"unexpected status {response.status}")
+        while True:
+            sent = time.perf_counter()
+            api.request("GET", f"/api/stats?session={key}")
+            answer = api.getresponse()
+            body = answer.read()
+            answered = time.perf_counter()
+            delays["trip"].append((answered - sent) * 1000)
+            if answer.status == 200:
+                total = json.loads(body)["requests"]["total"]
+                if total != 1:
+                    sys.exit(f"session {key} shows {total} requests, expected 1")
+                # Both ends of the poll: the store may have written the exchange while the poll waited
+                # for a worker, so to the answer is when a client sees it, and to the sending bounds
+                # how soon after the last byte an API request shows it.
+                delays["answer"].append((answered - ended) * 1000)
+                delays["sent"].append((sent - ended) * 1000)
+                break
+            if answer.status != 404:  # an unknown session is a 404 until its first exchange is written
+                sys.exit(f"/api/stats answered {answer.status}: {body[:200]!r}")
+            if answered - ended > FRESH_GIVE_UP:
+                delays["answer"].append(float("inf"))
+                delays["sent"].append(float("inf"))
+                break
+            time.sleep(POLL_MS / 1000)
+        if delays["sent"][-1] == float("inf"):
+            break  # a store this far behind stays behind: more samples would only take minutes
+    proxy.close()
+    api.close()
+    return delays
+
+
+def freshness(port: int, prefix: str, count: int) -> dict[str, float]:
+    """Measure freshness idle, then under wrk's load at 50 connections; return percentiles in ms."""
+    figures: dict[str, float] = {}
+    idle = fresh_delays(port, prefix, count, "idle")
+    proc, script = wrk_start(f"http://127.0.0.1:{port}{prefix}/v1/messages", 3600)
+    try:
+        time.sleep(1)  # let wrk open its connections and the workers settle into the load
+        loaded = fresh_delays(port, prefix, count, "load")
+    finally:
+        proc.send_signal(signal.SIGINT)
+    figures["load_rps"] = wrk_result(proc, script)
+    for name, delays in (("idle", idle), ("load", loaded)):
+        figures[f"fresh_{name}_trip"] = statistics.median(delays["trip"])
+        figures[f"fresh_{name}_count"] = len(delays["answer"])
+        for end in ("answer", "sent"):
+            figures |= {f"fresh_{name}_{end}_p50": percentile(delays[end], 50),
+                        f"fresh_{name}_{end}_p99": percentile(delays[end], 99),
+                        f"fresh_{name}_{end}_max": max(delays[end])}
+    return figures
 
 
 def recording_cost(store_url: str, batch: int, count: int) -> float:
@@ -163,12 +253,14 @@ def main() -> None:
     """Run the whole bench and print the table."""
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="fewer requests, shorter wrk runs")
+    parser.add_argument("--only-fresh", action="store_true", help="only the freshness figures (quicker)")
     parser.add_argument("--postgres", metavar="URL", default=os.environ.get("ASPY_TEST_POSTGRES_URL"),
                         help="a PostgreSQL server to also bench aspy on (default: $ASPY_TEST_POSTGRES_URL)")
     args = parser.parse_args()
     if not shutil.which("wrk"):
         sys.exit("wrk is needed for the concurrency figures: apt-get install wrk")
     count, seconds = (500, 3) if args.quick else (3000, 10)
+    fresh_count = 40 if args.quick else 200
     tmp = Path(tempfile.mkdtemp(prefix="aspy-bench-"))
     up_port = free_port()
     upstream = subprocess.Popen([sys.executable, str(ROOT / "tests" / "upstream.py"), str(up_port)],
@@ -179,7 +271,7 @@ def main() -> None:
         wait_for(up_port, "/ping")
         if args.postgres:
             stores["PostgreSQL"] = f'[store]\nurl = "{postgres_database(args.postgres, scratch, True)}"\n'
-        results = {"direct": measure(up_port, "", count, seconds)}
+        results = {"direct": {} if args.only_fresh else measure(up_port, "", count, seconds)}
         for name, store in stores.items():
             port = free_port()
             config = tmp / f"{name}.toml"
@@ -188,14 +280,26 @@ def main() -> None:
             env = os.environ | {"XDG_STATE_HOME": str(tmp / name)}
             proc = subprocess.Popen(
                 [sys.executable, "-m", "aspy", "serve", "--config", str(config), "--listen", f"127.0.0.1:{port}"],
-                stdout=(tmp / f"{name}.log").open("w"), stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+                stdout=(tmp / f"{name}.log").open("w"), stderr=subprocess.STDOUT, env=env, cwd=ROOT,
+                start_new_session=True)
             try:
                 wait_for(port, proc=proc)
-                results[f"aspy, {name}"] = measure(port, "/bench", count, seconds)
+                results[f"aspy, {name}"] = {} if args.only_fresh else measure(port, "/bench", count, seconds)
+                results[f"aspy, {name}"] |= freshness(port, "/bench", fresh_count)
             finally:
                 proc.send_signal(signal.SIGINT)
-                proc.wait(15)
-        report(results)
+                try:
+                    proc.wait(15)
+                except subprocess.TimeoutExpired:
+                    # A worker still writing a backlog at exit would outlive the scratch database: stop
+                    # its whole process group, which it started in, before that database is dropped.
+                    print(f"aspy on {name} did not stop within 15 s, killed (see {tmp / f'{name}.log'})",
+                          file=sys.stderr)
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
+        report(results, fresh_count)
+        if args.only_fresh:
+            return
         print("\nrecording cost per exchange (in-process, after the response, off the client's path):")
         for name, store in stores.items():
             url = f"sqlite:///{tmp / 'recording.db'}" if not store else store.split('"')[1]
@@ -208,24 +312,53 @@ def main() -> None:
             postgres_database(args.postgres, scratch, False)
 
 
-def report(results: dict[str, dict[str, float]]) -> None:
+def report(results: dict[str, dict[str, float]], fresh_count: int) -> None:
     """Print one row per measure, one column per server, with ratios to direct."""
     direct = results["direct"]
     names = list(results)
-    print(f"\n{'measure':<34}" + "".join(f"{n:>20}" for n in names))
+    print(f"\n{'measure':<46}" + "".join(f"{n:>24}" for n in names))
     rows = [("latency p50, 1 connection (ms)", "p50", "+"), ("latency p99, 1 connection (ms)", "p99", "+"),
             ("requests/s, 50 connections", "rps", "x"), ("time to first event, median (ms)", "ttfe", "+")]
     for label, key, kind in rows:
+        if key not in direct:  # --only-fresh
+            continue
         cells = []
         for name in names:
             value = results[name][key]
             if name == "direct":
-                cells.append(f"{value:>20.2f}")
+                cells.append(f"{value:>24.2f}")
             elif kind == "+":
-                cells.append(f"{f'{value:.2f} (+{value - direct[key]:.2f})':>20}")
+                cells.append(f"{f'{value:.2f} (+{value - direct[key]:.2f})':>24}")
             else:
-                cells.append(f"{f'{value:.0f} (x{value / direct[key]:.3f})':>20}")
-        print(f"{label:<34}" + "".join(cells))
+                cells.append(f"{f'{value:.0f} (x{value / direct[key]:.3f})':>24}")
+        print(f"{label:<46}" + "".join(cells))
+    # Freshness is aspy's alone: the direct column has nothing to show.
+    for label, key in (("fresh in API after last byte, idle (ms)", "idle"),
+                       ("fresh in API after last byte, under load (ms)", "load")):
+        cells = [f"{'-':>24}" if name == "direct" else f"{fresh_cell(results[name], key, 'answer'):>24}"
+                 for name in names]
+        print(f"{label:<46}" + "".join(cells))
+    print(f"\nfresh in API: p50 / p99 / max over {fresh_count} streamed turns ({FRESH_STREAM['x-fake-events']} "
+          f"events {FRESH_STREAM['x-fake-delay']} ms apart), each with a new session key, from the client's\n"
+          f"read of the last byte to the answer of the first GET /api/stats?session= that shows it (contract: "
+          f"50 ms). Polled on its own\nkeep-alive connection through the same workers, {POLL_MS:g} ms after "
+          f"each answer that does not; under load, wrk drives 50 connections of\nnon-streaming requests "
+          f"through aspy meanwhile. A poll's round trip is part of each figure; timed to that poll's sending, "
+          f"they are:")
+    for name in names[1:]:
+        figures = results[name]
+        print(f"  {name:<18} idle {fresh_cell(figures, 'idle', 'sent')} (a poll's round trip, median: "
+              f"{figures['fresh_idle_trip']:.1f}), under load {fresh_cell(figures, 'load', 'sent')} "
+              f"({figures['fresh_load_trip']:.1f}; wrk: {figures['load_rps']:.0f} requests/s)")
+        for state in ("idle", "load"):
+            if figures[f"fresh_{state}_count"] < fresh_count:
+                print(f"  {'':<18} {state}: stopped after {figures[f'fresh_{state}_count']:.0f} samples, "
+                      f"the last never showed within {FRESH_GIVE_UP:g} s")
+
+
+def fresh_cell(figures: dict[str, float], state: str, end: str) -> str:
+    """Format one freshness figure as p50 / p99 / max."""
+    return " / ".join(f"{figures[f'fresh_{state}_{end}_{p}']:.1f}" for p in ("p50", "p99", "max"))
 
 
 if __name__ == "__main__":

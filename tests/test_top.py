@@ -46,6 +46,8 @@ class Terminal:
         # A terminal of a known size, whatever the environment the tests run in says.
         env = {"TERM": "xterm-256color", "COLUMNS": "170", "LINES": "60", **env}
         exports = " ".join(f"{k}={v}" for k, v in env.items())
+        # A session killed just before takes its tmux server down with it: wait until it is gone.
+        self.ended()
         self.tmux("new-session", "-d", "-s", "top", "-x", "170", "-y", "60", f"env -u COLUMNS -u LINES {exports} {command}")
 
     def screen(self) -> str:
@@ -55,7 +57,8 @@ class Terminal:
         """Wait for the command to exit (tmux then closes the session)."""
         deadline = time.time() + timeout
         while time.time() < deadline:
-            if subprocess.run(["tmux", "-L", self.socket, "has-session", "-t", "top"], capture_output=True).returncode:
+            if subprocess.run(["tmux", "-L", self.socket, "has-session", "-t", "top"], capture_output=True).returncode \
+                    and subprocess.run(["tmux", "-L", self.socket, "list-sessions"], capture_output=True).returncode:
                 return True
             time.sleep(0.2)
         return False

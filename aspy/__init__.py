@@ -26,10 +26,11 @@ def create_app(config: Config | None = None, test_config: dict | None = None,
     from flask import Flask
 
     from . import api, health, proxy
-    from .config import load_config
+    from .config import load_config, state_dir
     from .errors import answer_exception
     from .models import load_models
     from .journal import Journal, default_folder
+    from .status import WorkerStatus
     from .recorder import Recorder
     from .sessions import Sessions
     from .store import open_store
@@ -45,7 +46,8 @@ def create_app(config: Config | None = None, test_config: dict | None = None,
         models = load_models(config.path.parent if config.path else None)
     sessions = Sessions(config, store, models)
     # Tests in-process keep no journal; a served worker keeps one under $XDG_STATE_HOME.
-    recorder = Recorder(sessions, None if app.testing else Journal(default_folder()))
+    recorder = Recorder(sessions, None if app.testing else Journal(default_folder()),
+                        None if app.testing else WorkerStatus(state_dir() / "workers"))
     app.extensions.update({"aspy.store": store, "aspy.sessions": sessions, "aspy.recorder": recorder})
 
     exchange_log = logging.getLogger("aspy.exchange")

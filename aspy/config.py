@@ -156,10 +156,14 @@ def config_path(explicit: str | os.PathLike | None = None) -> Path:
     return Path(base) / "aspy" / "config.toml"
 
 
+def state_dir() -> Path:
+    """Return where aspy keeps its local state: ``$XDG_STATE_HOME/aspy``."""
+    return Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state") / "aspy"
+
+
 def default_store_url() -> str:
     """Return the embedded store's default location under ``$XDG_STATE_HOME``."""
-    base = os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state"
-    return f"sqlite:///{Path(base) / 'aspy' / 'aspy.db'}"
+    return f"sqlite:///{state_dir() / 'aspy.db'}"
 
 
 def load_config(path: str | os.PathLike | None = None) -> Config:

@@ -4,6 +4,8 @@ from __future__ import annotations
 from flask import Blueprint, current_app, jsonify
 
 from . import __version__
+from .config import state_dir
+from .status import host_status
 from .store import StoreError
 
 bp = Blueprint("health", __name__)
@@ -11,12 +13,20 @@ bp = Blueprint("health", __name__)
 
 @bp.get("/health")
 def health():
-    """Answer liveness, store reachability, and this worker's recording failures."""
+    """Answer liveness, store reachability, and recording failures of this worker and of the whole host."""
     recorder = current_app.extensions["aspy.recorder"]
     answer = {"status": "ok", "version": __version__,
               "recording": {"failures": recorder.failures, "dropped": recorder.dropped,
                             "pending": len(recorder.pending) + recorder.queue.qsize(),
                             "last_error": recorder.last_error}}
+    # Every worker of this host, whichever one answers: writes failing anywhere make the host degraded.
+    workers = host_status(state_dir() / "workers") if recorder.status is not None else []
+    failing = [w for w in workers if w["failing"]] + ([] if workers or not recorder.failing else [{}])
+    answer["host"] = {"workers": len(workers), "failing_workers": len(failing),
+                      "pending": sum(w["pending"] for w in workers),
+                      "last_error": next((w["last_error"] for w in failing if w.get("last_error")), None)}
+    if failing:
+        answer["status"] = "degraded"
     try:
         answer["store"] = {"reachable": True, **current_app.extensions["aspy.store"].check()}
     except StoreError as exc:

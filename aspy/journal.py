@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .config import state_dir
 from .native import native
 from .observe import Exchange
 
@@ -36,8 +37,7 @@ OPENED, FINISHED = "opened", "finished"
 
 def default_folder() -> Path:
     """Return the journal's folder under ``$XDG_STATE_HOME``."""
-    base = os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state"
-    return Path(base) / "aspy" / "journal"
+    return state_dir() / "journal"
 
 
 class Segment:

@@ -25,6 +25,7 @@ from .journal import Journal
 from .native import gevent_patched, native
 from .observe import Exchange, Observation, RequestFacts, clean_text
 from .sessions import Sessions
+from .status import WorkerStatus
 from .store import StoreError
 
 log = logging.getLogger(__name__)
@@ -41,9 +42,12 @@ MAX_RETRY_AFTER = 30.0
 class Recorder:
     """Queue exchanges and write them in batches from a background thread."""
 
-    def __init__(self, sessions: Sessions, journal: Journal | None = None):
+    def __init__(self, sessions: Sessions, journal: Journal | None = None, status: WorkerStatus | None = None):
         self.sessions = sessions
         self.journal = journal
+        # This worker's recording status, for the /health of whichever worker is asked.
+        self.status = status
+        self.failing = False
         # Exchanges let go from memory during a long outage, still in the journal.
         self.spilled = False
         self.in_os_thread = gevent_patched() and getattr(sessions.store, "kind", "") == "sqlite"
@@ -122,6 +126,9 @@ class Recorder:
         """Write everything queued now; on failure keep it for the next try."""
         with self._flushing:
             self._flush()
+        if self.status is not None:
+            self.status.note(self.failing, len(self.pending) + self.queue.qsize(), self.failures, self.dropped,
+                             self.last_error)
 
     def _flush(self) -> None:
         while True:
@@ -150,6 +157,7 @@ class Recorder:
                 self.retry_after = min(self.retry_after * 2, MAX_RETRY_AFTER)
                 return
             self.retry_after = RETRY_AFTER
+            self.failing, self.last_error = False, None
 
     def _record_each(self, batch: list[Exchange], error: Exception) -> int:
         """Record a failed batch one exchange at a time; return how many were written before the store failed.
@@ -174,6 +182,7 @@ class Recorder:
         return len(batch)
 
     def _failed(self, exc: Exception) -> None:
+        self.failing = True
         self.failures += 1
         self.last_error = str(exc) if isinstance(exc, StoreError) else f"{type(exc).__name__}: {exc}"
         log.error("recording %d exchanges failed (kept for retry): %s", len(self.pending), self.last_error)

@@ -145,3 +145,25 @@ def test_a_restart_during_a_store_outage_loses_nothing(start_aspy, upstream, tmp
     assert stats["requests"]["failed"] == 0
     time.sleep(0.5)
     assert requests.get(f"{server.url}/api/stats", params={"session": session}).json()["requests"]["total"] == 21
+
+
+def test_health_speaks_for_the_whole_host_while_writes_fail_and_clears_after(start_aspy, upstream, tmp_path):
+    server = start_aspy(standard_config(upstream.url))
+    requests.post(f"{server.url}/dev-1/v1/messages", json=MESSAGE).content
+    eventually(lambda: requests.get(f"{server.url}/api/stats").json()["requests"]["total"] == 1)
+    holder = sqlite3.connect(tmp_path / "state" / "aspy" / "aspy.db", isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")
+    try:
+        for _ in range(6):
+            requests.post(f"{server.url}/dev-1/v1/messages", json=MESSAGE).content
+        # Whichever worker answers (one of them may never have tried to write), the host is degraded.
+        eventually(lambda: requests.get(f"{server.url}/health").json()["host"]["failing_workers"] >= 1, timeout=20)
+        answers = [requests.get(f"{server.url}/health").json() for _ in range(12)]
+        assert all(a["status"] == "degraded" and a["host"]["workers"] == 2 for a in answers)
+        assert all(a["host"]["pending"] >= 1 and a["host"]["last_error"] for a in answers)
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    healthy = eventually(lambda: (h := requests.get(f"{server.url}/health").json())["status"] == "ok" and h, timeout=40)
+    assert healthy["host"] == {"workers": 2, "failing_workers": 0, "pending": 0, "last_error": None}
+    assert eventually(lambda: requests.get(f"{server.url}/api/stats").json()["requests"]["total"] == 7)

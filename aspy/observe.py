@@ -150,6 +150,13 @@ class Observation:
     unfinished: bool = False
 
 
+def produced_output(content: Any) -> bool:
+    """Tell whether a message's content holds output (a fallback block marks a handoff, not output)."""
+    if isinstance(content, list):
+        return any(_dict(block).get("type") != "fallback" for block in content)
+    return bool(content)
+
+
 def read_message(message: dict, obs: Observation) -> None:
     """Fill an observation from a whole (non-streaming) Message object, reading only what has the right type."""
     obs.message_id = _text(message.get("id"))
@@ -170,8 +177,7 @@ def read_message(message: dict, obs: Observation) -> None:
             obs.tool_uses.append(ToolUse(_text(block.get("id")) or "", _text(block.get("name")) or "",
                                          block.get("input", {}), server=kind == "server_tool_use"))
     obs.text = "".join(texts)
-    obs.produced_output = any(_dict(b).get("type") != "fallback" for b in content) if isinstance(content, list) \
-        else bool(content)
+    obs.produced_output = produced_output(content)
     if isinstance(message.get("usage"), dict):
         obs.usage = message["usage"]
 
@@ -433,10 +439,8 @@ class BatchResultsObserver:
         message = _dict(result.get("message"))
         if result.get("type") == "succeeded" and isinstance(message.get("usage"), dict):
             content = message.get("content")
-            produced = any(_dict(b).get("type") != "fallback" for b in content) if isinstance(content, list) \
-                else bool(content)
             self.obs.batch_results.append(BatchResult(_text(message.get("model")), message["usage"],
-                                                      _text(message.get("stop_reason")), produced))
+                                                      _text(message.get("stop_reason")), produced_output(content)))
 
     def finish(self) -> Observation:
         """Read a last line left without its newline."""

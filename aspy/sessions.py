@@ -1,9 +1,12 @@
 """What exchanges mean: sessions, exact accounting, tool calls, context use and events.
 
 A batch of exchange records is applied in one store transaction: each exchange finds (or
-opens) its session by the key order of SPEC 5, adds its tokens and cost, correlates tool
-results with the tool calls they answer, moves the context gauge, and emits its events.
-Sessions with no traffic for ``end_after`` are ended and archived on the way.
+opens) its session by the key order of SPEC 5, adds its tokens and cost (each billed
+sampling priced by the model table), correlates tool results with the tool calls they
+answer, moves the context gauge (main thread only), and emits its events; requests that are
+not Messages calls only count as their client's traffic. The writer's upkeep ends sessions
+with no traffic for ``end_after``, trims event buffers, applies the retention and prices
+history the table has learned.
 """
 from __future__ import annotations
 
@@ -15,9 +18,9 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+from .billing import answering, bill, context_of
 from .config import Client, Config
 from .models import Cost, ModelTable
-from .billing import answering, bill, context_of
 from .observe import Exchange, Usage, clean_text, is_messages_call
 from .routing import ANONYMOUS
 from .store import ACTIVE, ENDED, IDLE, Event, Message, ModelUsage, Session, Store, Transaction
@@ -25,9 +28,9 @@ from .store import ACTIVE, ENDED, IDLE, Event, Message, ModelUsage, Session, Sto
 log = logging.getLogger(__name__)
 
 COMPACTION_FLOOR = 10_000
+COMPACTION_DROP = 0.7
 # Which thread of a Claude Code session a request belongs to.
 MAIN, SUBAGENT, SIDE = "main", "subagent", "side"
-COMPACTION_DROP = 0.7
 # Sources of a session's key, in the order they are tried.
 CLAUDE_CODE, HEADER, METADATA, REGISTERED, IMPLICIT = "claude_code", "header", "metadata", "registered", "implicit"
 OLD_USER_ID = re.compile(r"user_[0-9a-f]+_account_[0-9a-f-]*_session_([0-9a-f-]{36})")
@@ -206,11 +209,6 @@ class Sessions:
             tx.prune(sorted(self.touched), self.config.sessions.events_per_session,
                      now - self.config.store.retention_days * 86400)
         self.touched.clear()
-
-    def expire(self) -> None:
-        """End and archive sessions that saw no traffic for ``end_after``."""
-        with self.store.transaction() as tx:
-            self._expire(tx, time.time())
 
     def _expire(self, tx: Transaction, now: float) -> None:
         end_after = self.config.sessions.end_after

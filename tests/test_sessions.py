@@ -8,7 +8,7 @@ import pytest
 
 from aspy.config import parse_config
 from aspy.models import load_models
-from aspy.observe import Exchange, Observation, RequestFacts, Usage
+from aspy.observe import Exchange, Observation, RequestFacts
 from aspy.sessions import Sessions, session_key, warning_level
 from aspy.store import Horizon, Scope, open_store
 

@@ -4,9 +4,10 @@ The proxy hands each finished exchange to :class:`Recorder`, which only queues i
 background writer takes whatever has queued up and applies it in one store transaction at
 once, so an idle proxy shows a turn within milliseconds, a busy worker writes many
 exchanges per transaction (those that queued during the last one), and the client never
-waits for the store. For SQLite under gevent the writer is a real OS thread: SQLite blocks in C, and
-there it leaves the gevent hub free to serve requests. For PostgreSQL, whose driver waits
-cooperatively, it is a greenlet. A failing store is logged and counted; its records are
+waits for the store. Under gevent the writer is a real OS thread, for both stores: SQLite
+blocks in C, and there it leaves the gevent hub free to serve requests; and a writer
+greenlet would wait behind every busy request of its worker (PostgreSQL's, measured, then
+fell behind for good under load). A failing store is logged and counted; its records are
 kept for the next try, in memory up to ``MAX_PENDING`` and beyond that in the journal
 (:mod:`aspy.journal`), which also gives back what a worker killed or stopped left unwritten.
 A record the store refuses as it is (a data error, not an outage) is written again with only
@@ -50,7 +51,9 @@ class Recorder:
         self.failing = False
         # Exchanges let go from memory during a long outage, still in the journal.
         self.spilled = False
-        self.in_os_thread = gevent_patched() and getattr(sessions.store, "kind", "") == "sqlite"
+        # Under gevent the writer is an OS thread: SQLite blocks in C, and a writer greenlet would
+        # wait behind every busy request of the worker (measured: PostgreSQL then fell behind for good).
+        self.in_os_thread = gevent_patched() and hasattr(sessions.store, "kind")
         # What the writer waits with: the standard library's own in an OS thread, else gevent's.
         tools = native if self.in_os_thread else lambda module, name: getattr(__import__(module), name)
         self.queue: queue.SimpleQueue[Exchange] = tools("queue", "SimpleQueue")()
@@ -94,6 +97,8 @@ class Recorder:
             atexit.register(self.flush)
 
     def _run(self) -> None:
+        if self.in_os_thread and hasattr(self.sessions.store, "writer_thread"):
+            self.sessions.store.writer_thread()
         # First what stopped workers left in their journals: recorded before anything newer.
         if self.journal is not None:
             self.pending.extend(self.journal.claim())

@@ -18,6 +18,7 @@ import psycopg
 from psycopg.adapt import Loader
 from psycopg_pool import ConnectionPool, PoolTimeout
 
+from ..native import native
 from . import Hit, StoreError
 from .sql import SqlStore, SqlTransaction, message_filters
 
@@ -113,6 +114,16 @@ class PostgresStore(SqlStore):
         self._pool: ConnectionPool | None = None
         self._pid: int | None = None
         self._lock = threading.Lock()
+        # The recorder's writer, when it is an OS thread beside gevent's hub, has a connection of its own.
+        self._thread = native("threading", "local")()
+
+    def writer_thread(self) -> None:
+        """Give the calling OS thread a connection of its own for its transactions, outside the pool.
+
+        Under gevent the pool's connections belong to the worker's hub, where a writer greenlet
+        waits behind every busy request; in an OS thread it gets its turn from the GIL instead.
+        """
+        self._thread.own = True
 
     def sql(self, statement: str) -> str:
         return statement.replace("?", "%s")
@@ -162,13 +173,38 @@ class PostgresStore(SqlStore):
 
     @contextmanager
     def transaction(self) -> Iterator[SqlTransaction]:
-        pool = self._open()
         try:
-            with pool.connection() as conn, conn.transaction():
+            with self._connection() as conn, conn.transaction():
                 conn.execute("SELECT pg_advisory_xact_lock(%s)", (WRITE_LOCK,))
                 yield SqlTransaction(self, conn.cursor())
         except (psycopg.Error, PoolTimeout) as exc:
+            self._drop_own()
             raise StoreError(f"writing to the PostgreSQL store {self._where()} failed: {exc}") from None
+
+    @contextmanager
+    def _connection(self) -> Iterator[psycopg.Connection]:
+        """Lend a connection: the writer thread's own (the pool belongs to the hub), or one of the pool's."""
+        if not getattr(self._thread, "own", False):
+            with self._open().connection() as conn:
+                yield conn
+            return
+        conn = getattr(self._thread, "conn", None)
+        if conn is None or conn.closed:
+            conn = psycopg.connect(self.url, autocommit=True, connect_timeout=5)
+            _configure(conn)
+            self._migrate(conn)
+            self._thread.conn = conn
+        yield conn
+
+    def _drop_own(self) -> None:
+        """Close the writer thread's connection after a failure: the next transaction opens a fresh one."""
+        conn = getattr(self._thread, "conn", None)
+        if conn is not None:
+            self._thread.conn = None
+            try:
+                conn.close()
+            except psycopg.Error:
+                pass
 
     def query(self, statement: str, params: Iterable[Any] = ()) -> list[tuple]:
         pool = self._open()

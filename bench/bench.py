@@ -200,18 +200,11 @@ def freshness(port: int, prefix: str, count: int) -> dict[str, float]:
     return figures
 
 
-def recording_cost(store_url: str, batch: int, count: int) -> float:
-    """Return microseconds of store work per exchange, recording in batches of this size."""
+def bench_exchanges(count: int) -> list:
+    """Return recorded-like exchanges of a real tool-use stream, in ten sessions."""
     sys.path.insert(0, str(ROOT))
-    from aspy.config import parse_config
-    from aspy.models import load_models
     from aspy.observe import Exchange, SseObserver
-    from aspy.sessions import Sessions
-    from aspy.store import open_store
 
-    config = parse_config({"store": {"url": store_url},
-                           "clients": {"bench": {"name": "Bench", "provider": "anthropic"}}}, None)
-    sessions = Sessions(config, open_store(config.store.url), load_models())
     stream = ROOT / "tests" / "fixtures" / "real" / "sse" / "sdkpy_snapshot_555fb399_0_tool_use_haiku45.sse"
 
     def exchange(n: int) -> Exchange:
@@ -225,10 +218,37 @@ def recording_cost(store_url: str, batch: int, count: int) -> float:
         ex.read_body()
         return ex
 
-    exchanges = [exchange(n) for n in range(count)]
+    return [exchange(n) for n in range(count)]
+
+
+def recording_cost(store_url: str, batch: int, count: int) -> float:
+    """Return microseconds of store work per exchange, recording in batches of this size."""
+    from aspy.config import parse_config
+    from aspy.models import load_models
+    from aspy.sessions import Sessions
+    from aspy.store import open_store
+
+    config = parse_config({"store": {"url": store_url},
+                           "clients": {"bench": {"name": "Bench", "provider": "anthropic"}}}, None)
+    sessions = Sessions(config, open_store(config.store.url), load_models())
+    exchanges = bench_exchanges(count)
     started = time.perf_counter()
     for start in range(0, count, batch):
         sessions.record(exchanges[start:start + batch])
+    return (time.perf_counter() - started) / count * 1e6
+
+
+def journal_cost(folder: Path, count: int) -> float:
+    """Return microseconds per exchange of keeping it in the journal: its opened and finished records, then stored."""
+    from aspy.journal import Journal
+
+    journal = Journal(folder)
+    exchanges = bench_exchanges(count)
+    started = time.perf_counter()
+    for exchange in exchanges:
+        journal.opened(exchange)
+        journal.finished(exchange)
+    journal.stored([e.id for e in exchanges])
     return (time.perf_counter() - started) / count * 1e6
 
 
@@ -305,6 +325,8 @@ def main() -> None:
             url = f"sqlite:///{tmp / 'recording.db'}" if not store else store.split('"')[1]
             for batch in (1, 50):
                 print(f"  {name:<10} batches of {batch:>3}: {recording_cost(url, batch, count // 3):8.1f} us")
+        print(f"  journal (both stores; on the worker, before and after the exchange): "
+              f"{journal_cost(tmp / 'journal', count // 3):.1f} us")
     finally:
         upstream.send_signal(signal.SIGINT)
         upstream.wait(10)

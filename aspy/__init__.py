@@ -42,6 +42,9 @@ def create_app(config: Config | None = None, test_config: dict | None = None,
     _setup_logging()
     # Opening the store touches nothing yet: a store that fails never stops the proxy.
     store = open_store(config.store.url)
+    if hasattr(store, "serve_here"):
+        # create_app runs in the thread that serves requests: reads made there go to other threads.
+        store.serve_here()
     if models is None:
         models = load_models(config.path.parent if config.path else None)
     sessions = Sessions(config, store, models)

@@ -13,7 +13,10 @@ import hashlib
 import http.client
 import json
 import os
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -24,7 +27,7 @@ import requests
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import API_KEY, AspyProcess, standard_config
+from conftest import API_KEY, ROOT, AspyProcess, free_port, standard_config, wait_for_health
 from test_sessions_api import api, eventually, stats_when
 from upstream import huge_body
 
@@ -612,3 +615,59 @@ def test_any_json_answer_reaches_the_client_untouched_and_is_counted_once(steady
     if chunk:
         headers["x-fake-chunk"] = str(chunk)
     relayed_and_counted(steady, upstream, "any-answer", body_of(request_with()), headers, answer=answer)
+
+
+# Reads never stall the proxy: a slow API query (planted: every read of events takes 2 s, as on a
+# large store) delays its own answer only, never the worker's other requests.
+SLOW_READS_CONF = f"""
+exec(open({str(ROOT / "conf" / "gunicorn.conf.py")!r}).read())
+workers = 1
+
+
+def post_worker_init(worker):
+    import time as _time
+
+    from aspy.native import native
+    from aspy.store.sqlite import SqliteStore
+
+    query = SqliteStore._query
+
+    def slow_query(self, statement, params):
+        if "FROM events" in statement:
+            native("time", "sleep")(2.0)  # blocks its thread as SQLite in C does
+        return query(self, statement, params)
+
+    SqliteStore._query = slow_query
+"""
+
+
+def test_a_slow_api_read_delays_only_its_own_answer(upstream, tmp_path):
+    port = free_port()
+    config = tmp_path / "config.toml"
+    config.write_text(standard_config(upstream.url).replace("[server]\n", f'[server]\nlisten = "127.0.0.1:{port}"\n'))
+    conf = tmp_path / "gunicorn.conf.py"
+    conf.write_text(SLOW_READS_CONF)
+    proc = subprocess.Popen([sys.executable, "-m", "gunicorn", "-c", str(conf)], cwd=ROOT,
+                            env={**os.environ, "ASPY_CONFIG": str(config), "XDG_STATE_HOME": str(tmp_path)},
+                            stdout=(tmp_path / "aspy.log").open("ab"), stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for_health(url, proc)
+        slow = threading.Thread(target=lambda: requests.get(f"{url}/api/events", timeout=30))
+        slow.start()
+        time.sleep(0.3)  # the read is under way on the only worker
+        took = []
+        for _ in range(5):
+            started = time.monotonic()
+            r = requests.post(f"{url}/dev-1/v1/messages", json={"model": "claude-sonnet-4-6", "max_tokens": 8,
+                                                               "messages": [{"role": "user", "content": "hi"}]})
+            assert r.status_code == 200
+            middle = time.monotonic()
+            assert requests.get(f"{url}/health").json()["status"] == "ok"
+            took.append((round(middle - started, 3), round(time.monotonic() - middle, 3)))
+        slow.join()
+        # Served while the 2 s read ran, not after it.
+        assert max(max(pair) for pair in took) < 0.5, took
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(15)

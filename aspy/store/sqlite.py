@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from ..native import native
+from ..native import gevent_patched, native
 from . import Hit, StoreError
 from .sql import SqlStore, SqlTransaction, message_filters
 
@@ -120,6 +120,16 @@ class SqliteStore(SqlStore):
         # gevent lock, one greenlet at a time), the recorder's own thread has another.
         self._slots: dict[tuple[int, int], tuple[sqlite3.Connection, Any]] = {}
         self._slots_lock = native("_thread", "allocate_lock")()
+        self._hub_thread: int | None = None
+
+    def serve_here(self) -> None:
+        """Note that this OS thread runs the gevent hub that serves requests (a worker's, after fork)."""
+        if gevent_patched():
+            self._hub_thread = native("_thread", "get_ident")()
+
+    def _on_the_hub(self) -> bool:
+        """Tell whether this is the thread of the worker's hub, where blocking stops every request."""
+        return self._hub_thread == native("_thread", "get_ident")()
 
     def _slot(self) -> tuple[sqlite3.Connection, Any]:
         """Return this thread's connection and its lock, opening and migrating the file on first use."""
@@ -129,7 +139,10 @@ class SqliteStore(SqlStore):
             return slot
         with self._slots_lock:
             if key not in self._slots:
-                self._slots[key] = (self._open(), threading.Lock())
+                # The hub's greenlets share the main thread's connection under gevent's lock (one may
+                # wait for it without stopping the others); any other thread has its own, under a real lock.
+                lock = threading.Lock() if self._on_the_hub() else native("_thread", "allocate_lock")()
+                self._slots[key] = (self._open(), lock)
             return self._slots[key]
 
     def _open(self) -> sqlite3.Connection:
@@ -155,9 +168,8 @@ class SqliteStore(SqlStore):
             except sqlite3.Error as exc:
                 if not _busy(exc) or time.monotonic() > deadline:
                     raise
-                # In the main thread (the gevent hub's), let other greenlets run meanwhile.
-                on_main = native("threading", "current_thread")() is native("threading", "main_thread")()
-                (time.sleep if on_main else native("time", "sleep"))(0.02)
+                # On the hub's thread, let other greenlets run meanwhile.
+                (time.sleep if self._on_the_hub() else native("time", "sleep"))(0.02)
 
     def _migrate(self, conn: sqlite3.Connection) -> None:
         """Create the schema, or bring it up to SCHEMA_VERSION."""
@@ -204,6 +216,16 @@ class SqliteStore(SqlStore):
             conn.execute("ROLLBACK")
 
     def query(self, statement: str, params: Iterable[Any] = ()) -> list[tuple]:
+        if self._on_the_hub():
+            # A read blocks in C for as long as it takes: in one of gevent's OS threads the worker
+            # goes on serving meanwhile, so a slow API query delays only its own answer.
+            import gevent
+
+            return gevent.get_hub().threadpool.apply(self._query, (statement, tuple(params)))
+        return self._query(statement, params)
+
+    def _query(self, statement: str, params: Iterable[Any]) -> list[tuple]:
+        """Run one read on this thread's connection."""
         conn, lock = self._slot()
         with lock:
             try:

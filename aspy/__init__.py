@@ -28,11 +28,11 @@ def create_app(config: Config | None = None, test_config: dict | None = None,
     from . import api, health, proxy
     from .config import load_config, state_dir
     from .errors import answer_exception
-    from .models import load_models
     from .journal import Journal, default_folder
-    from .status import WorkerStatus
+    from .models import load_models
     from .recorder import Recorder
     from .sessions import Sessions
+    from .status import WorkerStatus
     from .store import open_store
 
     app = Flask(__name__)

@@ -12,6 +12,7 @@ every rule here.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+
 from .observe import FIVE_MINUTES, ONE_HOUR, Exchange, Usage, count
 
 # Iteration types (usage.iterations[].type) and what they are.

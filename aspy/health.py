@@ -4,7 +4,6 @@ from __future__ import annotations
 from flask import Blueprint, current_app, jsonify
 
 from . import __version__
-from .config import state_dir
 from .status import host_status
 from .store import StoreError
 
@@ -20,12 +19,12 @@ def health():
                             "pending": len(recorder.pending) + recorder.queue.qsize(),
                             "last_error": recorder.last_error}}
     # Every worker of this host, whichever one answers: writes failing anywhere make the host degraded.
-    workers = host_status(state_dir() / "workers") if recorder.status is not None else []
-    failing = [w for w in workers if w["failing"]] + ([] if workers or not recorder.failing else [{}])
+    workers = host_status(recorder.status.folder) if recorder.status is not None else []
+    failing = [w for w in workers if w["failing"]]
     answer["host"] = {"workers": len(workers), "failing_workers": len(failing),
                       "pending": sum(w["pending"] for w in workers),
-                      "last_error": next((w["last_error"] for w in failing if w.get("last_error")), None)}
-    if failing:
+                      "last_error": next((w["last_error"] for w in failing if w["last_error"]), None)}
+    if failing or recorder.failing:
         answer["status"] = "degraded"
     try:
         answer["store"] = {"reachable": True, **current_app.extensions["aspy.store"].check()}

@@ -22,9 +22,9 @@ from typing import Any
 
 import tomlkit
 
+from .billing import samplings
 from .config import Config, ConfigError, client_id_problem, config_path, parse_config
 from .models import ModelTable
-from .billing import samplings
 from .observe import FIVE_MINUTES, read_request
 from .routing import ANONYMOUS
 from .sessions import Batch

@@ -17,8 +17,8 @@ from typing import Any
 
 import yaml
 
-from .config import ConfigError
 from .billing import Sampling
+from .config import ConfigError
 from .observe import Usage
 
 RATE_KEYS = ("input", "output", "cache_write_5m", "cache_write_1h", "cache_read")

@@ -101,8 +101,9 @@ def answer(store: Store, question: Question, tags: Mapping[str, tuple[str, ...]]
     """Answer a usage question in the API's shape; ``tags`` gives each configured client's tags."""
     by = question.group_by
     time_key = next((k for k in by if k in TIME_KEYS), None)
-    asked = {"day": time_key is not None, "client": "client" in by or "tag" in by, "model": "model" in by,
-             "session": "session" in by}
+    # A session's rows say its client too: it has one.
+    asked = {"day": time_key is not None, "client": "client" in by or "tag" in by or "session" in by,
+             "model": "model" in by, "session": "session" in by}
     store_by = tuple(k for k, wanted in asked.items() if wanted)
     since, until = question.since, question.until
     zone_offsets: list[tuple[float, float, int]] = []
@@ -141,7 +142,8 @@ def _keys(row: UsageRow, by: tuple[str, ...], time_key: str | None,
             keys[key] = {"day": day.isoformat(), "week": (day - timedelta(days=day.weekday())).isoformat(),
                          "month": day.strftime("%Y-%m")}[key]
         elif key == "session":
-            keys["session"], keys["claude_session_id"] = row.session, row.claude_session_id
+            keys |= {"session": row.session, "claude_session_id": row.claude_session_id}
+            keys.setdefault("client", row.client)
         elif key != "tag":
             keys[key] = getattr(row, key)
     if "tag" not in by:
@@ -183,7 +185,8 @@ def to_csv(figures: dict[str, Any]) -> str:
     """Return the rows of a usage answer as CSV with a header row; numbers as in the JSON."""
     keys = list(figures["group_by"])
     if "session" in keys:
-        keys.insert(keys.index("session") + 1, "claude_session_id")
+        keys[keys.index("session") + 1:keys.index("session") + 1] = ["claude_session_id"] + ["client"] * (
+            "client" not in keys)
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\r\n")
     writer.writerow([*keys, *FIGURES])

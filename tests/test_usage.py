@@ -114,7 +114,6 @@ def sent(served) -> list[Sent]:
     """Record the exchanges every test here adds up: through the proxy now, and in-process at chosen instants."""
     from aspy.config import load_config
     from aspy.models import load_models
-    from aspy.observe import Exchange, Observation, RequestFacts
     from aspy.sessions import Sessions
     from aspy.store import open_store
 
@@ -143,18 +142,27 @@ def sent(served) -> list[Sent]:
                             failed))
     config = load_config(served.config)
     book = Sessions(config, open_store(config.store.url), load_models(served.config.parent))
-    exchanges = []
-    for at, client, key, model, tokens, failed in CHOSEN:
-        ex = Exchange(started_at=at - 0.002, method="POST", path="/v1/messages", client=client, provider="fake",
-                      user=LEGACY_USER, headers={"x-claude-code-session-id": f"{key}-{run}"},
-                      status=529 if failed else 200, ttfb_ms=1.0, duration_ms=2.0)
-        ex.observation = Observation(model=model, usage=usage(**tokens) if tokens else None)
-        ex.request = RequestFacts(model=model)
-        exchanges.append(ex)
-        records.append(Sent(at, client, f"{key}-{run}", model, tokens or {}, failed))
-    book.record(exchanges)
+    book.record([exchange(at, client, f"{key}-{run}", model, tokens, failed)
+                 for at, client, key, model, tokens, failed in CHOSEN])
     book.store.close()
-    return records
+    return records + [Sent(at, client, f"{key}-{run}", model, tokens or {}, failed)
+                      for at, client, key, model, tokens, failed in CHOSEN]
+
+
+def exchange(at: float, client: str | None, key: str | None, model: str, tokens: dict | None = None,
+             failed: bool = False, user: str = LEGACY_USER, path: str = "/v1/messages", tool: str | None = None):
+    """Return an exchange as the proxy records it, that ended at an instant."""
+    from aspy.observe import Exchange, Observation, RequestFacts, ToolUse
+
+    ex = Exchange(started_at=at - 0.002, method="POST" if path.endswith("messages") else "GET", path=path,
+                  client=client, provider="fake", user=user,
+                  headers={"x-claude-code-session-id": key} if key else {}, status=529 if failed else 200,
+                  ttfb_ms=1.0, duration_ms=2.0)
+    ex.observation = Observation(model=model, usage=usage(**tokens) if tokens else None)
+    if tool:
+        ex.observation.tool_uses = [ToolUse(id=f"toolu_{uuid.uuid4().hex[:12]}", name=tool, input={})]
+    ex.request = RequestFacts(model=model)
+    return ex
 
 
 def day_of(at: float, tz: str) -> datetime:
@@ -433,3 +441,169 @@ def test_report_says_what_is_wrong(served):
     assert both.returncode == 2
     csv_out = report(served, "weekly", "--csv", "--tz", LA)
     assert csv_out.stdout.splitlines()[0].startswith("week,requests,failed,input")
+
+
+# The rollup in-process, on a store of each test's own: what needs a table swapped, an old
+# store, a migration, or more exchanges than a test should send through a server.
+
+@pytest.fixture
+def book(store_kind, tmp_path):
+    """A sessions book on a new, empty store."""
+    from conftest import postgres_database
+    from aspy.config import parse_config
+    from aspy.models import load_models
+    from aspy.sessions import Sessions
+    from aspy.store import open_store
+
+    name = f"aspy_test_{uuid.uuid4().hex[:12]}"
+    url = f"sqlite:///{tmp_path / 'aspy.db'}" if store_kind == "sqlite" else postgres_database(name, create=True)
+    config = parse_config({"store": {"url": url}, "clients": {
+        c: {"name": c, "provider": "anthropic", "tags": t} for c, t in CLIENTS.items()}}, None)
+    sessions = Sessions(config, open_store(url), load_models())
+    yield sessions
+    sessions.store.close()
+    if store_kind != "sqlite":
+        postgres_database(name, create=False)
+
+
+def ask(store, by: tuple[str, ...], tz: str = "UTC", since: float | None = None, until: float | None = None,
+        **scope) -> dict:
+    """Return usage.answer for a question, as /api/usage would."""
+    from aspy import usage as figures_over_time
+    from aspy.store import Scope
+
+    question = figures_over_time.Question(by, tz, ZoneInfo(tz), since, until, Scope(**scope))
+    return figures_over_time.answer(store, question, {c: tuple(t) for c, t in CLIENTS.items()})
+
+
+def test_days_from_the_6_hour_summary_equal_days_from_the_buckets(book):
+    import random
+
+    rng = random.Random(13)
+    records = []
+    for n in range(400):
+        # Two months across the northern autumn's DST changes, at any hour.
+        at = utc("2026-10-01T00:00:00") + rng.random() * 60 * 86400
+        client, model = rng.choice(["ana", "bob", "dev-1", None]), rng.choice([SONNET, HAIKU])
+        tokens = dict(i=rng.randrange(1, 10_000), o=rng.randrange(1, 2_000), read=rng.randrange(0, 50_000))
+        records.append(Sent(at, client, f"s{n % 23}-{client}", model, tokens, n % 17 == 0))
+    book.record([exchange(r.done, r.client, r.key, r.model, r.tokens, r.failed) for r in records])
+    for tz in (LA, KOLKATA, KATHMANDU, "Australia/Lord_Howe", "Pacific/Chatham", "UTC"):
+        fast = ask(book.store, ("day", "client"), tz)
+        assert_rows_equal(fast, expected(records, ("day", "client"), tz), ("day", "client"))
+        # Grouping by session reads every bucket, never the summary: both must say the same.
+        slow: dict[tuple, list] = defaultdict(lambda: [0, 0.0])
+        for row in ask(book.store, ("day", "session"), tz)["rows"]:
+            slow[(row["day"], row["client"])][0] += row["requests"]
+            slow[(row["day"], row["client"])][1] += row["cost_usd"]
+        assert {k: v[0] for k, v in slow.items()} == {(r["day"], r["client"]): r["requests"] for r in fast["rows"]}
+        assert all(abs(slow[(r["day"], r["client"])][1] - r["cost_usd"]) <= 1e-9 for r in fast["rows"])
+
+
+def test_buckets_recorded_without_a_price_are_priced_once_the_table_learns_the_model(book, tmp_path):
+    from aspy.models import load_models
+    from aspy.sessions import Sessions
+    from aspy.store import Horizon, Scope
+
+    model = "claude-in-house-9"
+    book.record([exchange(utc("2026-11-10T10:00:00"), "ana", "k1", model, dict(i=1000, o=100)),
+                 exchange(utc("2026-11-10T23:50:00"), "bob", "k2", model, dict(i=10, o=1)),
+                 exchange(utc("2026-11-11T00:20:00"), "bob", "k2", SONNET, dict(i=10, o=1))])
+    before = ask(book.store, ("day",), KOLKATA)
+    assert before["unpriced_models"] == [model]
+    assert abs(before["total"]["cost_usd"] - (10 * 3 + 15) / 1e6) <= 1e-12
+    (tmp_path / "models.yaml").write_text(
+        f"models:\n  {model}: {{input: 7, output: 21, cache_write_5m: 8.75, cache_write_1h: 14, cache_read: 0.7, "
+        "context_window: 100000, source: 'our own deployment', taken: '2026-11-22'}\n")
+    Sessions(book.config, book.store, load_models(tmp_path)).upkeep()
+    want = (1010 * 7 + 101 * 21 + 10 * 3 + 15) / 1e6
+    for by in (("day",), ("session",), ("client", "model"), ("week", "tag")):
+        after = ask(book.store, by, KOLKATA)
+        assert after["unpriced_models"] == [] and abs(after["total"]["cost_usd"] - want) <= 1e-9, by
+    assert abs(sum(r["cost_usd"] for r in ask(book.store, ("day",), KOLKATA)["rows"]) - want) <= 1e-9
+    stats = book.store.totals(Scope(), Horizon(0, 0))
+    assert abs(stats.cost_usd - want) <= 1e-9
+
+
+def downgrade(url: str) -> None:
+    """Make a store look as aspy before figures over time left it: schema 3, no rollup."""
+    drop = ["DROP TABLE usage_rollup", "DROP TABLE usage_rollup_6h", "DROP TABLE usage_tools",
+            "UPDATE meta SET value = '3' WHERE key = 'schema_version'"]
+    if url.startswith("sqlite:///"):
+        import sqlite3
+
+        with sqlite3.connect(url[len("sqlite:///"):]) as conn:
+            for statement in drop:
+                conn.execute(statement)
+        return
+    import psycopg
+
+    with psycopg.connect(url, autocommit=True) as conn:
+        for statement in drop:
+            conn.execute(statement)
+
+
+def test_an_old_store_gets_each_sessions_figures_at_its_last_activity(book):
+    from aspy.store import Horizon, Scope, open_store
+
+    book.record([exchange(utc("2026-11-10T09:00:00"), "ana", "old-a", SONNET, dict(i=100, o=10, read=1000)),
+                 exchange(utc("2026-11-12T09:00:00"), "ana", "old-a", HAIKU, dict(i=200, o=20), tool="Read"),
+                 exchange(utc("2026-11-12T09:05:00"), "ana", "old-a", SONNET, None, failed=True),
+                 exchange(utc("2026-11-11T09:00:00"), None, "old-b", UNKNOWN, dict(i=300, o=30)),
+                 exchange(utc("2026-11-11T10:00:00"), "bob", None, SONNET, path="/v1/models")])
+    horizon = Horizon(0, 0)
+    stats = book.store.totals(Scope(), horizon)
+    url = book.config.store.url
+    book.store.close()
+    downgrade(url)
+    store = open_store(url)
+    try:
+        assert store.check()["schema_version"] == 4
+        rows = {(r["day"], r["claude_session_id"]): r for r in ask(store, ("day", "session"))["rows"]}
+        assert set(rows) == {("2026-11-12", "old-a"), ("2026-11-11", "old-b"), ("2026-11-11", None)}
+        a = rows[("2026-11-12", "old-a")]
+        assert (a["requests"], a["failed"], a["tokens"]["input"]) == (3, 1, 300)
+        total = ask(store, ("day", "model"))["total"]
+        assert (total["requests"], total["failed"]) == (stats.requests, stats.failed) == (5, 1)
+        assert total["tokens"]["input"] == stats.usage.input_tokens and abs(total["cost_usd"] - stats.cost_usd) <= 1e-9
+        assert ask(store, ("model",))["unpriced_models"] == [UNKNOWN]
+        window = store.totals(Scope(), horizon, utc("2026-11-12T00:00:00"), utc("2026-11-13T00:00:00"))
+        assert window.tool_calls == 1 and window.requests == 3
+    finally:
+        store.close()
+
+
+def test_a_migrated_key_hash_takes_its_figures_over_time_to_its_client(book):
+    book.record([exchange(utc("2026-11-10T10:00:00"), None, "legacy-1", SONNET, dict(i=100, o=10)),
+                 exchange(utc("2026-11-10T10:20:00"), "ana", "ana-1", SONNET, dict(i=1, o=1))])
+    assert {r["client"]: r["requests"] for r in ask(book.store, ("client",))["rows"]} == {None: 1, "ana": 1}
+    with book.store.transaction() as tx:
+        assert tx.reattribute(LEGACY_USER, "ana", "Ana") == 1
+    for by in (("client",), ("day", "client"), ("session",)):
+        assert {r["client"] for r in ask(book.store, by, LA)["rows"]} == {"ana"}, by
+    assert ask(book.store, ("client",))["rows"][0]["tokens"]["input"] == 101
+    assert ask(book.store, ("day",), clients=("ana", "bob"))["total"]["requests"] == 2
+
+
+def test_a_session_that_learns_its_key_hash_has_it_in_all_its_buckets(book):
+    from aspy.store import Horizon, Scope
+
+    at = utc("2026-11-10T10:00:00")
+    book.record([exchange(at, "ana", "flip", SONNET, dict(i=5, o=1), user="anonymous")])
+    book.record([exchange(at + 60, "ana", "flip", SONNET, dict(i=7, o=1)),
+                 exchange(at + 1000, "ana", "flip", SONNET, dict(i=9, o=1))])
+    assert ask(book.store, ("day",), user=LEGACY_USER)["total"]["tokens"]["input"] == 5 + 7 + 9
+    assert book.store.totals(Scope(user=LEGACY_USER), Horizon(0, 0)).usage.input_tokens == 5 + 7 + 9
+    assert ask(book.store, ("day",), user="anonymous")["rows"] == []
+
+
+def test_requests_outside_sessions_count_with_no_session_and_no_model(book):
+    from aspy.store import Horizon, Scope
+
+    at = utc("2026-11-10T10:00:00")
+    book.record([exchange(at, "ana", None, SONNET, path="/v1/models"),
+                 exchange(at + 5, "ana", None, SONNET, failed=True, path="/v1/models")])
+    [row] = ask(book.store, ("session",))["rows"]
+    assert (row["session"], row["client"], row["requests"], row["failed"]) == (None, "ana", 2, 1)
+    assert [r["model"] for r in ask(book.store, ("model",))["rows"]] == [None]
+    assert book.store.totals(Scope(), Horizon(0, 0)).requests == 2

@@ -114,63 +114,58 @@ def answer(store: Store, question: Question, tags: Mapping[str, tuple[str, ...]]
     if time_key and since < until:
         zone_offsets = offsets(question.tz, since, until)
     rows = store.usage(question.scope, since, until, store_by, zone_offsets)
-    groups: dict[tuple, dict[str, Any]] = {}
-    total = _figures()
+    # Keys as they appear in a row: the session's id, Claude session id and client go together.
+    names = [n for k in by for n in (("session", "claude_session_id", "client") if k == "session" else (k,))]
+    names = list(dict.fromkeys(names))
+    labels: dict[int, str] = {}
+    groups: dict[tuple, list] = {}
+    total = [0] * len(FIGURES)
     for row in rows:
-        _add(total, row)
-        for keys in _keys(row, by, time_key, tags):
-            group = groups.get(tuple(keys.values()))
-            if group is None:
-                group = groups[tuple(keys.values())] = keys | _figures()
-            _add(group, row)
-    ordered = sorted(groups.values(), key=lambda g: (
-        g[time_key] if time_key else "", -g["cost_usd"],
-        tuple((g[k] is None, g[k] or "") for k in by if k not in TIME_KEYS)))
+        figures = (row.requests, row.failed, *row.usage.astuple(), row.cost_usd, row.savings_usd)
+        total = [a + b for a, b in zip(total, figures)]
+        for key in _keys(row, names, time_key, tags, labels):
+            group = groups.get(key)
+            groups[key] = list(figures) if group is None else [a + b for a, b in zip(group, figures)]
+    position = {name: i for i, name in enumerate(names)}
+    time_at = position.get(time_key)
+    others = [position[k] for k in by if k not in TIME_KEYS]
+    ordered = sorted(groups.items(), key=lambda g: (
+        g[0][time_at] if time_at is not None else "", -g[1][-2],
+        tuple((g[0][i] is None, g[0][i] or "") for i in others)))
     return {"group_by": list(by), "tz": question.tz_name,
             "since": _iso(question.since, question.tz), "until": _iso(question.until, question.tz),
-            "rows": [_shape(g, by) for g in ordered], "total": _shape(total, ()),
+            "rows": [dict(zip(names, key)) | _shape(figures) for key, figures in ordered], "total": _shape(total),
             "unpriced_models": store.usage_unpriced(question.scope, question.since, question.until)}
 
 
-def _keys(row: UsageRow, by: tuple[str, ...], time_key: str | None,
-          tags: Mapping[str, tuple[str, ...]]) -> list[dict[str, Any]]:
-    """Return the group keys a store row counts under: one set, or one per tag of its client."""
-    keys: dict[str, Any] = {}
-    for key in by:
-        if key == time_key:
-            day = EPOCH + timedelta(days=row.day)
-            keys[key] = {"day": day.isoformat(), "week": (day - timedelta(days=day.weekday())).isoformat(),
-                         "month": day.strftime("%Y-%m")}[key]
-        elif key == "session":
-            keys |= {"session": row.session, "claude_session_id": row.claude_session_id}
-            keys.setdefault("client", row.client)
-        elif key != "tag":
-            keys[key] = getattr(row, key)
-    if "tag" not in by:
-        return [keys]
+def _keys(row: UsageRow, names: list[str], time_key: str | None, tags: Mapping[str, tuple[str, ...]],
+          labels: dict[int, str]) -> list[tuple]:
+    """Return the group keys a store row counts under: one, or one per tag of its client."""
+    keys = []
+    for name in names:
+        if name == time_key:
+            label = labels.get(row.day)
+            if label is None:
+                day = EPOCH + timedelta(days=row.day)
+                label = labels[row.day] = {"day": day.isoformat(), "month": day.strftime("%Y-%m"),
+                                           "week": (day - timedelta(days=day.weekday())).isoformat()}[name]
+            keys.append(label)
+        else:
+            keys.append(None if name == "tag" else getattr(row, name))
+    if "tag" not in names:
+        return [tuple(keys)]
     # A client with two tags counts under both; without a client or a tag, under none (null).
-    return [keys | {"tag": tag} for tag in (tags.get(row.client or "") or (None,))]
+    at = names.index("tag")
+    return [tuple(keys[:at] + [tag] + keys[at + 1:]) for tag in (tags.get(row.client or "") or (None,))]
 
 
-def _figures() -> dict[str, Any]:
-    return {"requests": 0, "failed": 0, "usage": Usage(), "cost_usd": 0.0, "savings_usd": 0.0}
-
-
-def _add(group: dict[str, Any], row: UsageRow) -> None:
-    """Add a store row's figures to a group."""
-    group["requests"] += row.requests
-    group["failed"] += row.failed
-    group["usage"] = group["usage"] + row.usage
-    group["cost_usd"] += row.cost_usd
-    group["savings_usd"] += row.savings_usd
-
-
-def _shape(group: dict[str, Any], by: tuple[str, ...]) -> dict[str, Any]:
-    """Return a group in the API's shape: its keys, then its figures."""
-    keys = {k: v for k, v in group.items() if k not in ("requests", "failed", "usage", "cost_usd", "savings_usd")}
-    return keys | {"requests": group["requests"], "failed": group["failed"], "tokens": tokens_json(group["usage"]),
-                   "cost_usd": round(group["cost_usd"], USD_DIGITS),
-                   "savings_usd": round(group["savings_usd"], USD_DIGITS)}
+def _shape(figures: list) -> dict[str, Any]:
+    """Return a group's figures in the API's shape."""
+    requests, failed, i, o, read, w5, w1, searches, cost, savings = figures
+    return {"requests": requests, "failed": failed,
+            "tokens": {"input": i, "output": o, "cache_read": read, "cache_write_5m": w5, "cache_write_1h": w1,
+                       "web_search_requests": searches},
+            "cost_usd": round(cost, USD_DIGITS), "savings_usd": round(savings, USD_DIGITS)}
 
 
 def _iso(at: float | None, tz: tzinfo) -> str | None:

@@ -137,7 +137,9 @@ def sent(served) -> list[Sent]:
     records = []
     for client, model, tokens, failed, _ in through:
         key = f"now-{client}-{run}"
-        [event] = eventually(lambda key=key: get(served, "events", session=key, type="response").json()["events"])
+        # The session is unknown (404) until its first exchange is written.
+        [event] = eventually(lambda key=key: (r := get(served, "events", session=key, type="response")).status_code
+                             == 200 and r.json()["events"])
         records.append(Sent(datetime.fromisoformat(event["timestamp"]).timestamp(), client, key, model, tokens,
                             failed))
     config = load_config(served.config)

@@ -126,16 +126,19 @@ def bucket_window(since: float | None, until: float | None) -> tuple[int | None,
 class Piece:
     """Part of a usage question read from one table: a time range, and how its rows find their day.
 
-    ``shift`` is the zone's offset, added to a row's start before dividing by a day. ``band``,
-    a UTC time of day: read only the buckets of the block starting then (``fine``), or every
-    block but that one (the summary).
+    A row's day is its start plus ``shift`` (the zone's offset), divided by a day. ``times``
+    keeps only rows starting at a UTC time of day in [from, to). ``midnight`` names the block
+    that holds local midnight and the shift that puts it whole in the day of its larger side;
+    ``moved`` is the shift of that day for buckets counted there, to be taken back out of it.
     """
 
     fine: bool
     start: int
     end: int
     shift: int = 0
-    band: int | None = None
+    times: tuple[int, int] | None = None
+    midnight: tuple[int, int] | None = None
+    moved: int | None = None
 
 
 def plan(since: int, until: int, by_day: bool, offsets: list[tuple[float, float, int]], fine_only: bool) -> list[Piece]:
@@ -157,12 +160,21 @@ def plan(since: int, until: int, by_day: bool, offsets: list[tuple[float, float,
             pieces.append(Piece(True, start, end, offset))
             continue
         pieces += [Piece(True, start, first, offset)] * (start < first) + [Piece(True, last, end, offset)] * (last < end)
-        # Local midnight, as a UTC time of day: the block it falls inside (if any) spans two days.
+        # Local midnight, as a UTC time of day, and how far into its block it falls.
         midnight = -offset % DAY
-        split = midnight - midnight % BLOCK_SECONDS if by_day and midnight % BLOCK_SECONDS else None
-        pieces.append(Piece(False, first, last, offset, split))
-        if split is not None:
-            pieces.append(Piece(True, first, last, offset, split))
+        into = midnight % BLOCK_SECONDS
+        if not by_day or not into:
+            pieces.append(Piece(False, first, last, offset))
+            continue
+        # That block spans two days: it counts whole in the day of its larger side, and the
+        # buckets of its smaller side move from that day to their own.
+        block = midnight - into
+        after = into <= BLOCK_SECONDS - into
+        larger = offset + BLOCK_SECONDS if after else offset
+        smaller = (block, midnight) if after else (midnight, block + BLOCK_SECONDS)
+        pieces += [Piece(False, first, last, offset, midnight=(block, larger)),
+                   Piece(True, first, last, offset, times=smaller,
+                         moved=offset + BLOCK_SECONDS if after else offset - BLOCK_SECONDS)]
     return pieces
 
 
@@ -577,39 +589,49 @@ class SqlStore(Store):
         sums = ", ".join(f"SUM({c})" for c in ROLLUP_FIGURES)
         shown = names + ["(SELECT claude_session_id FROM sessions WHERE id = pieces.session_id)"] * ("session" in by)
         grouped = f" GROUP BY {', '.join(names)}" if names else ""
-        rows = self.query(f"SELECT {', '.join([*shown, sums])} FROM ({' UNION ALL '.join(selects)}) AS pieces"
-                          f"{grouped}", params)
+        statement = selects[0] if len(selects) == 1 and "session" not in by else \
+            f"SELECT {', '.join([*shown, sums])} FROM ({' UNION ALL '.join(selects)}) AS pieces{grouped}"
+        at = {name: i for i, name in enumerate(names)}
         answer = []
-        for row in rows:
-            keys = dict(zip(names, row))
-            claude = row[len(names)] if "session" in by else None
-            requests, failed, *counts, cost, savings = row[len(shown):]
-            if requests is None:
-                continue  # no piece had a row
-            answer.append(UsageRow(day=keys.get("day"), client=keys.get("client_id") or None,
-                                   model=keys.get("model") or None, session=keys.get("session_id") or None,
-                                   claude_session_id=claude, requests=requests, failed=failed,
-                                   usage=Usage(*counts), cost_usd=cost, savings_usd=savings))
+        for row in self.query(statement, params):
+            figures = row[len(shown):]
+            # Nothing there (no piece had a row), or only buckets moved to another day.
+            if not any(figures[:-2]):
+                continue
+            requests, failed, *counts, cost, savings = figures
+            answer.append(UsageRow(
+                day=row[at["day"]] if "day" in at else None,
+                client=row[at["client_id"]] or None if "client_id" in at else None,
+                model=row[at["model"]] or None if "model" in at else None,
+                session=row[at["session_id"]] or None if "session_id" in at else None,
+                claude_session_id=row[len(names)] if "session" in by else None, requests=requests, failed=failed,
+                usage=Usage(*counts), cost_usd=cost, savings_usd=savings))
         return answer
 
     def _piece(self, piece: Piece, names: list[str], scope: Scope) -> tuple[str, list[Any]]:
         """Return the SELECT (and parameters) that sums one piece of a usage question."""
         table, column = ("usage_rollup", "bucket") if piece.fine else ("usage_rollup_6h", "block")
-        keys = [f"({column} + {int(piece.shift)}) / {DAY} AS day" if n == "day" else n for n in names]
+        shift, sign, tables = str(int(piece.shift)), "", table
+        if piece.midnight is not None:
+            block, larger = piece.midnight
+            shift = f"CASE WHEN block % {DAY} = {int(block)} THEN {int(larger)} ELSE {shift} END"
+        if piece.moved is not None:
+            # Each bucket twice: in its own day, and taken out of the day its block counted in. (A
+            # CROSS JOIN keeps SQLite reading the buckets once, in the outer loop.)
+            tables += f" CROSS JOIN (SELECT {shift} AS shift, 1 AS sign UNION ALL SELECT {int(piece.moved)}, -1) AS moves"
+            shift, sign = "moves.shift", "moves.sign * "
+        keys = [f"({column} + {shift}) / {DAY} AS day" if n == "day" else n for n in names]
         where, params = [f"{column} >= ?", f"{column} < ?"], [piece.start, piece.end]
-        if piece.band is not None and not piece.fine:
-            where.append(f"block % {DAY} <> ?")
-            params.append(piece.band)
-        elif piece.band is not None:
-            if piece.end - piece.start > BAND_BY_TIME_OF_DAY:
-                # A unary plus keeps SQLite from reading the whole range of buckets for a few of them.
-                where = [f"+{w}" for w in where]
-            where += [f"bucket % {DAY} >= ?", f"bucket % {DAY} < ?"]
-            params += [piece.band, piece.band + BLOCK_SECONDS]
+        if piece.fine and piece.times is not None and piece.end - piece.start > BAND_BY_TIME_OF_DAY:
+            # A unary plus keeps SQLite from reading the whole range of buckets for a few of them.
+            where = [f"+{w}" for w in where]
+        if piece.times is not None:
+            where += [f"{column} % {DAY} >= ?", f"{column} % {DAY} < ?"]
+            params += list(piece.times)
         scoped, scope_params = usage_scope(scope, piece.fine)
-        sums = ", ".join(f"SUM({c}) AS {c}" for c in ROLLUP_FIGURES)
+        sums = ", ".join(f"SUM({sign}{c}) AS {c}" for c in ROLLUP_FIGURES)
         grouped = f" GROUP BY {', '.join(str(i + 1) for i in range(len(keys)))}" if keys else ""
-        return (f"SELECT {', '.join([*keys, sums])} FROM {table} WHERE {' AND '.join(where)} AND {scoped}{grouped}",
+        return (f"SELECT {', '.join([*keys, sums])} FROM {tables} WHERE {' AND '.join(where)} AND {scoped}{grouped}",
                 [*params, *scope_params])
 
     def usage_span(self, scope):

@@ -374,7 +374,10 @@ def usage_figures():
     figures = usage.answer(store(), question, {c.id: c.tags for c in config().clients.values()})
     if kind == "csv":
         return Response(usage.to_csv(figures), mimetype="text/csv")
-    return jsonify(figures)
+    # Keys in the documented order (a row's keys, then its figures); a year by day and client is
+    # megabytes, and not sorting them is also quicker.
+    return Response(current_app.json.dumps(figures, sort_keys=False, separators=(",", ":")),
+                    mimetype="application/json")
 
 
 @bp.route("/<path:_unknown>", methods=["GET", "POST", "PUT", "PATCH", "DELETE"])

@@ -118,30 +118,49 @@ def table(figures: dict[str, Any], period: str) -> str:
     sessions = key == "session"
     labels = (("session", 10), ("client", 8)) if sessions else ((key if key != "week" else "week of", 15),)
     columns = SESSION_COLUMNS if sessions else FIGURE_COLUMNS
-    lines = [_heading(figures, period)]
-    lines.append("".join(f"{t:<{w}}" for t, w in labels) + "".join(f"{t:>{w}}" for t, w in columns).rstrip())
-    lines.append("-" * sum(w for _, w in (*labels, *columns)))
+    lines: list[tuple[tuple[str, ...], dict[str, Any]]] = []
     current = object()
     breakdown = "model" in figures["group_by"]
     for row in figures["rows"]:
         if breakdown and row[key] != current:
             # The period's own line, then one per model under it.
             current = row[key]
-            mine = [r for r in figures["rows"] if r[key] == current]
-            lines.append(_line(_label(row, key, sessions), _sum(mine), labels, columns))
+            lines.append((_label(row, key, sessions), _sum([r for r in figures["rows"] if r[key] == current])))
         if breakdown:
-            lines.append(_line(("  - " + short_model(row["model"]),) + ("",) * (len(labels) - 1), row,
-                               labels, columns))
+            lines.append((("  - " + short_model(row["model"]),) + ("",) * (len(labels) - 1), row))
         else:
-            lines.append(_line(_label(row, key, sessions), row, labels, columns))
-    if not figures["rows"]:
-        lines.append("(no figures)")
-    lines.append("-" * sum(w for _, w in (*labels, *columns)))
-    lines.append(_line(("total",) + ("",) * (len(labels) - 1), figures["total"], labels, columns))
+            lines.append((_label(row, key, sessions), row))
+    total = (("total",) + ("",) * (len(labels) - 1), figures["total"])
+    values = [_values(row) for _, row in [*lines, total]]
+    # A column shows every figure in full when they all fit, else every one compactly (12.3M).
+    compact = [any(len(_cell(v[i], i, width, False)) >= width for v in values)
+               for i, (_, width) in enumerate(columns)]
+    rule = "-" * sum(w for _, w in (*labels, *columns))
+    text = [_heading(figures, period),
+            ("".join(f"{t:<{w}}" for t, w in labels) + "".join(f"{t:>{w}}" for t, w in columns)).rstrip(), rule]
+    for (label, _), row in zip([*lines, total], values):
+        if label is total[0]:
+            text += ["(no figures)"] * (not lines) + [rule]
+        text.append("".join(f"{cell[:w - 1]:<{w}}" for cell, (_, w) in zip(label, labels))
+                    + "".join(f"{_cell(row[i], i, w, compact[i]):>{w}}" for i, (_, w) in enumerate(columns)))
     if figures["unpriced_models"]:
-        lines.append(f"no price for {', '.join(figures['unpriced_models'])}: their cost counts as 0 "
-                     "(aspy models)")
-    return "\n".join(lines)
+        text.append(f"no price for {', '.join(figures['unpriced_models'])}: their cost counts as 0 (aspy models)")
+    return "\n".join(text)
+
+
+def _values(row: dict[str, Any]) -> tuple:
+    """Return a row's figures in column order: requests, input, output, cache read, cache write, cost."""
+    tokens = row["tokens"]
+    return (row["requests"], tokens["input"], tokens["output"], tokens["cache_read"],
+            tokens["cache_write_5m"] + tokens["cache_write_1h"], row["cost_usd"])
+
+
+def _cell(value: float, column: int, width: int, compact: bool) -> str:
+    """Write one figure: dollars for the last column, a count otherwise; in full, or compactly."""
+    last = column == len(FIGURE_COLUMNS) - 1
+    if not compact:
+        return f"${value:,.2f}" if last else f"{value:,}"
+    return ("$" if last else "") + short_number(value)
 
 
 def _heading(figures: dict[str, Any], period: str) -> str:
@@ -170,31 +189,12 @@ def _sum(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return total
 
 
-def _line(label: tuple[str, ...], row: dict[str, Any], labels, columns) -> str:
-    """Return one table line."""
-    tokens = row["tokens"]
-    values = (row["requests"], tokens["input"], tokens["output"], tokens["cache_read"],
-              tokens["cache_write_5m"] + tokens["cache_write_1h"])
-    cells = [count(v, w - 1) for v, (_, w) in zip(values, columns)] + [dollars(row["cost_usd"], columns[-1][1] - 1)]
-    return "".join(f"{text[:w - 1]:<{w}}" for text, (_, w) in zip(label, labels)) + \
-        "".join(f"{c:>{w}}" for c, (_, w) in zip(cells, columns))
-
-
-def count(value: int, width: int) -> str:
-    """Write a count with thousands separators, or compactly (12.3M) when that is too wide."""
-    text = f"{value:,}"
-    if len(text) <= width:
-        return text
+def short_number(value: float) -> str:
+    """Write a number compactly: 845, 12.3K, 4.5M, 1.2B."""
     for scale, suffix in SCALES:
-        if value >= scale:
+        if abs(value) >= scale:
             return f"{value / scale:.1f}{suffix}"
-    return text
-
-
-def dollars(value: float, width: int) -> str:
-    """Write dollars with cents, or compactly ($12.3K) when that is too wide."""
-    text = f"${value:,.2f}"
-    return text if len(text) <= width else "$" + count(round(value), width - 1)
+    return f"{value:,.0f}" if float(value).is_integer() else f"{value:.2f}"
 
 
 def short_model(model: str | None) -> str:

@@ -591,21 +591,18 @@ class SqlStore(Store):
         grouped = f" GROUP BY {', '.join(names)}" if names else ""
         statement = selects[0] if len(selects) == 1 and "session" not in by else \
             f"SELECT {', '.join([*shown, sums])} FROM ({' UNION ALL '.join(selects)}) AS pieces{grouped}"
-        at = {name: i for i, name in enumerate(names)}
+        # Where each key is in a row (None: not asked for).
+        at = [names.index(n) if n in names else None for n in ("day", "client_id", "model", "session_id")]
+        at.append(len(names) if "session" in by else None)
+        first = len(shown)
         answer = []
         for row in self.query(statement, params):
-            figures = row[len(shown):]
             # Nothing there (no piece had a row), or only buckets moved to another day.
-            if not any(figures[:-2]):
+            if not any(row[first:-2]):
                 continue
-            requests, failed, *counts, cost, savings = figures
-            answer.append(UsageRow(
-                day=row[at["day"]] if "day" in at else None,
-                client=row[at["client_id"]] or None if "client_id" in at else None,
-                model=row[at["model"]] or None if "model" in at else None,
-                session=row[at["session_id"]] or None if "session_id" in at else None,
-                claude_session_id=row[len(names)] if "session" in by else None, requests=requests, failed=failed,
-                usage=Usage(*counts), cost_usd=cost, savings_usd=savings))
+            day, client, model, session, claude = (None if i is None else row[i] for i in at)
+            answer.append(UsageRow(day, client or None, model or None, session or None, claude, row[first],
+                                   row[first + 1], Usage(*row[first + 2:-2]), row[-2], row[-1]))
         return answer
 
     def _piece(self, piece: Piece, names: list[str], scope: Scope) -> tuple[str, list[Any]]:

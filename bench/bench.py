@@ -1,6 +1,6 @@
 """Measure what aspy costs: direct to a fast local upstream vs through aspy, in the same run.
 
-    bench/run [--quick] [--only-fresh] [--postgres URL]
+    bench/run [--quick] [--only-fresh] [--only-usage] [--usage-exchanges N] [--postgres URL]
 
 Starts the fake upstream (tests/upstream.py) and aspy under gunicorn with the default 2
 gevent workers, on SQLite and (given a server) on PostgreSQL, then measures in the same
@@ -10,6 +10,8 @@ the difference or ratio to direct for each, then what recording one exchange cos
 For each store it also measures freshness, the contract "an exchange's figures are in every API
 answer within 50 ms of its response's last byte": the delay from a stream's last byte to the first
 ``/api/stats?session=`` poll that shows it (p50, p99, max), idle and while wrk drives 50 connections.
+Last, on each store, how fast ``/api/usage`` answers over a year of a 50-person team (two million
+exchanges; see usage_store.py for how that store is made).
 """
 from __future__ import annotations
 
@@ -274,10 +276,13 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="fewer requests, shorter wrk runs")
     parser.add_argument("--only-fresh", action="store_true", help="only the freshness figures (quicker)")
+    parser.add_argument("--only-usage", action="store_true", help="only /api/usage on a large store")
+    parser.add_argument("--usage-exchanges", type=int, default=2_000_000, metavar="N",
+                        help="exchanges in the large store (default: two million)")
     parser.add_argument("--postgres", metavar="URL", default=os.environ.get("ASPY_TEST_POSTGRES_URL"),
                         help="a PostgreSQL server to also bench aspy on (default: $ASPY_TEST_POSTGRES_URL)")
     args = parser.parse_args()
-    if not shutil.which("wrk"):
+    if not shutil.which("wrk") and not args.only_usage:
         sys.exit("wrk is needed for the concurrency figures: apt-get install wrk")
     count, seconds = (500, 3) if args.quick else (3000, 10)
     fresh_count = 40 if args.quick else 200
@@ -291,6 +296,8 @@ def main() -> None:
         wait_for(up_port, "/ping")
         if args.postgres:
             stores["PostgreSQL"] = f'[store]\nurl = "{postgres_database(args.postgres, scratch, True)}"\n'
+        if args.only_usage:
+            return usage_figures(stores, tmp, args.usage_exchanges)
         results = {"direct": {} if args.only_fresh else measure(up_port, "", count, seconds)}
         for name, store in stores.items():
             port = free_port()
@@ -327,11 +334,31 @@ def main() -> None:
                 print(f"  {name:<10} batches of {batch:>3}: {recording_cost(url, batch, count // 3):8.1f} us")
         print(f"  journal (both stores; on the worker, before and after the exchange): "
               f"{journal_cost(tmp / 'journal', count // 3):.1f} us")
+        usage_figures(stores, tmp, args.usage_exchanges)
     finally:
         upstream.send_signal(signal.SIGINT)
         upstream.wait(10)
         if args.postgres:
             postgres_database(args.postgres, scratch, False)
+
+
+def usage_figures(stores: dict[str, str], tmp: Path, exchanges: int) -> None:
+    """Time /api/usage on a large store of each kind (a database of its own on PostgreSQL)."""
+    import usage_store
+
+    results = {}
+    scratch = f"aspy_bench_usage_{os.getpid()}"
+    for name, store in stores.items():
+        # The other bench's scratch database is where PostgreSQL is reached to make this one.
+        server = store.split('"')[1] if store else None
+        url = postgres_database(server, scratch, True) if server else f"sqlite:///{tmp / 'usage.db'}"
+        try:
+            results[name] = usage_store.measure(name, f'[store]\nurl = "{url}"\n', url, tmp, exchanges,
+                                                wait_for, free_port)
+        finally:
+            if server:
+                postgres_database(server, scratch, False)
+    usage_store.report(results)
 
 
 def report(results: dict[str, dict[str, float]], fresh_count: int) -> None:

@@ -480,11 +480,13 @@
         const note = $("usage-message");
         note.hidden = false;
         note.textContent = "This aspy has no /api/usage yet: charts need a newer aspy.";
+        $("usage-view").hidden = true;
         return;
       }
       throw err;
     }
     $("usage-message").hidden = true;
+    $("usage-view").hidden = false;
     state.usage = answer;
     drawTotals(answer.total, answer.unpriced_models);
     drawChart(answer, v);
@@ -652,7 +654,7 @@
     for (const err of failures) if (!(err instanceof ApiError)) console.error(err);
     showAlert(first || null);
     $("status").textContent = first
-      ? "Not updated · retrying"
+      ? (first.status === 401 ? "Waiting for a token" : "Not updated · retrying")
       : "Live · updated " + new Date().toLocaleTimeString() + " · " + TZ;
     if (again) {
       again = false;

@@ -443,12 +443,27 @@
         y: { range: (u, min, max) => [0, max > 0 ? max * 1.1 : 1] },
       },
       axes: [
-        { stroke: muted, grid: { stroke: line, width: 1 }, ticks: { stroke: line } },
+        { stroke: muted, grid: { show: false }, ticks: { stroke: line }, splits: periodTicks, values: periodLabels(v.step) },
         { stroke: muted, grid: { stroke: line, width: 1 }, ticks: { stroke: line }, values: axisValue, size: 64 },
       ],
       series,
       hooks: { setCursor: [hover] },
     }, data, $("chart"));
+  }
+
+  function periodTicks(u) {
+    // One tick per period, thinned to what fits, counted back from the latest period.
+    const xs = u.data[0];
+    const room = u.bbox.width / (window.devicePixelRatio || 1);
+    const every = Math.max(1, Math.ceil((xs.length * 64) / Math.max(room, 1)));
+    return xs.filter((x, i) => (xs.length - 1 - i) % every === 0);
+  }
+
+  function periodLabels(step) {
+    const format = step === "month"
+      ? new Intl.DateTimeFormat(undefined, { month: "short", year: "numeric" })
+      : new Intl.DateTimeFormat(undefined, { month: "short", day: "numeric" });
+    return (u, ticks) => ticks.map((t) => format.format(new Date(t * 1000)));
   }
 
   function hover(u) {
@@ -459,7 +474,8 @@
     if (at !== null && at !== undefined && state.chartPeriods && state.chartPeriods[at]) {
       const parts = groups.filter((g) => g.values[at])
         .map((g) => g.name + " " + (v.measure === "cost" ? usd(g.values[at]) : intFmt.format(g.values[at])));
-      text = state.chartPeriods[at] + ": " + (parts.length ? parts.join(" · ") : "nothing");
+      const period = periodLabels(v.step)(u, [u.data[0][at]])[0];
+      text = (v.step === "week" ? "Week of " + period : period) + ": " + (parts.length ? parts.join(" · ") : "nothing");
     }
     if (text !== state.hoverText) {
       state.hoverText = text;

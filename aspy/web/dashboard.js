@@ -368,7 +368,7 @@
       swatch.style.background = COLORS[i % COLORS.length];
       const client = v.by === "client" ? state.clients.find((c) => c.id === g.name) : null;
       const name = el("td", {}, swatch, g.name,
-        client && client.name && client.name !== client.id ? el("span", { class: "count" }, " " + client.name) : null);
+        client && client.name && client.name !== client.id ? el("span", { class: "count" }, client.name) : null);
       return el("tr", { dataset: { group: g.name } }, name,
         el("td", {}, intFmt.format(g.requests)), el("td", {}, intFmt.format(g.failed)),
         el("td", { "data-value": g.tokens }, intFmt.format(g.tokens)),

@@ -309,7 +309,9 @@
         date = nextPeriod(parsePeriod(key), step);
       }
     }
-    return [...new Set([...keys, ...seen])].sort();
+    const periods = [...new Set([...keys, ...seen])].sort();
+    // No traffic at all over "all time": the current period, so that the chart still has an axis.
+    return periods.length ? periods : [periodKey(new Date(), step)];
   }
 
   function figure(row, measure) {

@@ -1,4 +1,4 @@
-"""The JSON API under ``/api/``: stats, events, context, sessions, clients, session commands, search.
+"""The JSON API under ``/api/``: stats, events, context, sessions, clients, session commands, search, usage.
 
 Every answer's shape is written down in docs/api.md. Errors use Anthropic's shape. With
 ``[server] api_token`` set, every call needs ``Authorization: Bearer <api_token>``, or a
@@ -12,21 +12,20 @@ import time
 from datetime import datetime, timezone
 from typing import Any
 
-from flask import Blueprint, current_app, g, jsonify, request
+from flask import Blueprint, Response, current_app, g, jsonify, request
 
+from . import usage
 from .config import Config
 from .errors import AspyError, error_response
-from .observe import Usage
 from .sessions import Sessions, status_of, warning_level
 from .store import ACTIVE, ENDED, EVENT_TYPES, IDLE, LIVE, Horizon, ModelUsage, Scope, Session, Store, StoreError
-from .timerange import TimeRangeError, parse_instant, parse_time_range
+from .timerange import TimeRangeError, parse_time_range, parse_window, server_zone, zone
+from .usage import USD_DIGITS, tokens_json
 
 bp = Blueprint("api", __name__, url_prefix="/api")
 
 USER_HASH = re.compile(r"[0-9a-f]{16}|anonymous")
 MAX_LIMIT = 500
-# Enough digits to show one token of the cheapest model; rounding only hides float noise.
-USD_DIGITS = 10
 
 
 def iso(ts: float | None) -> str | None:
@@ -103,10 +102,12 @@ def text_value(value: Any, name: str) -> str:
 
 
 def scope(args: dict[str, Any] | None = None) -> Scope:
-    """Build the scope a request asks for from ``client``, ``user`` and ``session``."""
+    """Build the scope a request asks for from ``client``, ``user``, ``session`` and ``tag``."""
     args = request.args if args is None else args
-    client, user, session = (None if args.get(name) is None else text_value(args.get(name), name)
-                             for name in ("client", "user", "session"))
+    client, user, session, tag = (None if args.get(name) is None else text_value(args.get(name), name)
+                                  for name in ("client", "user", "session", "tag"))
+    # A tag no client carries is no mistake: it selects nothing.
+    tagged = None if tag is None else tuple(c.id for c in config().clients.values() if tag in c.tags)
     if g.only_client:
         if client not in (None, g.only_client):
             raise AspyError(403, "permission_error", "This token can only read its own client's data")
@@ -122,7 +123,28 @@ def scope(args: dict[str, Any] | None = None) -> Scope:
         found = store().get_session(session)
         if found is None or (g.only_client and found.client != g.only_client):
             raise AspyError(404, "not_found_error", f"Unknown session {session!r}")
-    return Scope(client=client, user=user, user_clients=user_clients, session=session)
+    return Scope(client=client, user=user, user_clients=user_clients, session=session, clients=tagged)
+
+
+def time_zone() -> tuple[str, Any]:
+    """Return the ``tz`` parameter's name and zone, else the server's own."""
+    name = request.args.get("tz")
+    if name is None:
+        return server_zone()
+    try:
+        return name, zone(text_value(name, "tz"))
+    except TimeRangeError as exc:
+        raise bad_request(str(exc)) from None
+
+
+def window(tz: Any = None) -> tuple[float | None, float | None]:
+    """Return the (since, until) a GET asks for with ``time_range``, or ``since`` and ``until``; days follow tz."""
+    args = request.args
+    try:
+        return parse_window(args.get("time_range"), args.get("since"), args.get("until"), time.time(),
+                            tz if tz is not None else time_zone()[1])
+    except TimeRangeError as exc:
+        raise bad_request(str(exc)) from None
 
 
 def limit_arg(default: int, maximum: int = MAX_LIMIT) -> int:
@@ -141,13 +163,6 @@ def horizon() -> Horizon:
     """Return when an open session counts as idle and as ended, now: reads derive statuses, never write them."""
     now = time.time()
     return Horizon(idle_before=now - config().sessions.idle_after, ended_before=now - config().sessions.end_after)
-
-
-def tokens_json(usage: Usage) -> dict[str, int]:
-    """Return token counts in the API's shape."""
-    return {"input": usage.input_tokens, "output": usage.output_tokens, "cache_read": usage.cache_read,
-            "cache_write_5m": usage.cache_write_5m, "cache_write_1h": usage.cache_write_1h,
-            "web_search_requests": usage.web_search_requests}
 
 
 def cost_json(total: float, savings: float, by_model: dict[str, ModelUsage]) -> dict[str, Any]:
@@ -202,8 +217,9 @@ def event_json(event) -> dict[str, Any]:
 
 @bp.get("/stats")
 def stats():
-    """Answer aggregate figures, for everything or a scope."""
-    totals = store().totals(scope(), horizon())
+    """Answer aggregate figures, for everything or a scope; with a window, of the exchanges in it."""
+    wanted = scope()
+    totals = store().totals(wanted, horizon(), *window())
     return jsonify({
         "requests": {"total": totals.requests, "failed": totals.failed},
         "tokens": tokens_json(totals.usage),
@@ -221,12 +237,9 @@ def events():
     unknown = [t for t in kinds if t not in EVENT_TYPES]
     if unknown:
         raise bad_request(f"unknown event type {unknown[0]!r}; expected one of: {', '.join(EVENT_TYPES)}")
-    since = request.args.get("since")
-    try:
-        since_ts = parse_instant(since, "since") if since is not None else None
-    except TimeRangeError as exc:
-        raise bad_request(str(exc)) from None
-    found = store().events(scope(), kinds, since_ts, limit_arg(50))
+    wanted = scope()
+    since, until = window()
+    found = store().events(wanted, kinds, since, limit_arg(50), until)
     return jsonify({"events": [event_json(e) for e in found]})
 
 
@@ -249,7 +262,8 @@ def list_sessions():
     status = request.args.get("status")
     if status not in (None, ACTIVE, IDLE, ENDED):
         raise bad_request("status must be active, idle or ended")
-    found = store().sessions(scope(), status, horizon(), limit_arg(50))
+    wanted = scope()
+    found = store().sessions(wanted, status, horizon(), limit_arg(50), *window())
     return jsonify({"sessions": [session_json(s) for s in found]})
 
 
@@ -343,6 +357,24 @@ def search():
     return jsonify({"total_matches": total, "results": [
         {"session": h.session, "client": h.client, "timestamp": iso(h.timestamp), "role": h.role,
          "snippet": h.snippet, "score": round(h.score, 4)} for h in hits]})
+
+
+@bp.get("/usage")
+def usage_figures():
+    """Answer figures over time, grouped by time, client, model, tag or session; as JSON or CSV."""
+    tz_name, tz = time_zone()
+    try:
+        group_by = usage.parse_group_by(request.args.get("group_by", "day"))
+    except usage.UsageError as exc:
+        raise bad_request(str(exc)) from None
+    kind = request.args.get("format", "json")
+    if kind not in ("json", "csv"):
+        raise bad_request("format must be json or csv")
+    question = usage.Question(group_by, tz_name, tz, *window(tz), scope())
+    figures = usage.answer(store(), question, {c.id: c.tags for c in config().clients.values()})
+    if kind == "csv":
+        return Response(usage.to_csv(figures), mimetype="text/csv")
+    return jsonify(figures)
 
 
 @bp.route("/<path:_unknown>", methods=["GET", "POST", "PUT", "PATCH", "DELETE"])

@@ -1,4 +1,4 @@
-"""The ``aspy`` command: serve, check, models, migrate, token, top, mcp."""
+"""The ``aspy`` command: serve, check, models, migrate, token, top, mcp, report."""
 from __future__ import annotations
 
 import argparse
@@ -39,6 +39,11 @@ def main(argv: list[str] | None = None) -> int:
         viewer.add_argument("--url", help="aspy's address (default: $ASPY_URL, else from $ANTHROPIC_BASE_URL, "
                                           "else http://127.0.0.1:8080)")
         viewer.add_argument("--client", help="own client id (default: $ASPY_CLIENT_ID, else from $ANTHROPIC_BASE_URL)")
+    from . import report
+
+    report.add_arguments(commands.add_parser(
+        "report", parents=[common], help="figures over time (daily, weekly, monthly, sessions) as a table, "
+                                         "from the store, or from the API with --url"))
     token = commands.add_parser("token", help="proxy tokens")
     token_commands = token.add_subparsers(dest="token_command", required=True)
     new = token_commands.add_parser("new", parents=[common], help="make a proxy token for a client")
@@ -48,13 +53,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.command in ("top", "mcp"):
         # Clients of the API: they need no config, and may watch an aspy on another host.
         return api_command(args)
+    if args.command == "report" and args.url is not None:
+        return report.run(args, None)
     try:
         config = load_config(args.config)
     except ConfigError as exc:
         print(f"aspy: {exc}", file=sys.stderr)
         return 2
     handlers = {"serve": serve_command, "check": check_command, "migrate": migrate_command, "token": token_command,
-                "models": models_command}
+                "models": models_command, "report": report_command}
     return handlers[args.command](config, args)
 
 
@@ -74,6 +81,13 @@ def api_command(args: argparse.Namespace) -> int:
         return top.run(api, args.client)
     except KeyboardInterrupt:
         return 0
+
+
+def report_command(config: Config, args: argparse.Namespace) -> int:
+    """Print figures over time from the configured store."""
+    from . import report
+
+    return report.run(args, config)
 
 
 def serve_command(config: Config, args: argparse.Namespace) -> int:

@@ -24,7 +24,7 @@ import tomlkit
 
 from .billing import samplings
 from .config import Config, ConfigError, client_id_problem, config_path, parse_config
-from .models import ModelTable
+from .models import STANDARD, ModelTable
 from .observe import FIVE_MINUTES, read_request
 from .routing import ANONYMOUS
 from .sessions import Batch
@@ -272,6 +272,7 @@ def _apply_record(entry: LogSession, record: dict, at: float, config: Config, mo
         body = record.get("body") if isinstance(record.get("body"), dict) else {}
         facts = read_request(json.dumps(body).encode(), "application/json")
         entry.cache_ttl = facts.cache_ttl
+        entry.shares.add_bucket(at, s, None, s.user, facts.model or None, STANDARD, requests=1)
         event("request", method=record.get("method"), path=record.get("path"), model=facts.model,
               stream=facts.stream, messages=facts.message_count, tools=facts.tool_count,
               body_bytes=record.get("body_size"), imported=True)
@@ -280,6 +281,10 @@ def _apply_record(entry: LogSession, record: dict, at: float, config: Config, mo
     elif kind == "Response":
         status = record.get("status") if isinstance(record.get("status"), int) else 0
         s.failed += status >= 400
+        if status >= 400:
+            body = record.get("body") if isinstance(record.get("body"), dict) else {}
+            model = body.get("model") if isinstance(body.get("model"), str) else None
+            entry.shares.add_bucket(at, s, None, s.user, model, STANDARD, failed=1)
         ttfb = duration_ms(record.get("ttfb"))
         if ttfb is not None:
             s.ttfb_total_ms += ttfb
@@ -303,15 +308,19 @@ def _apply_record(entry: LogSession, record: dict, at: float, config: Config, mo
             s.cost_usd += cost.usd
             s.savings_usd += cost.savings_usd
             entry.shares.add_model(s.id, model, part.usage, cost, requests=int(i == 0))
+            # The log counts requests by their Request records: the bucket takes only the tokens.
+            entry.shares.add_bucket(at, s, None, s.user, model, cost.price_class, part.usage, cost)
     elif kind == "ToolCall":
         s.tool_calls += 1
         entry.shares.add_tool(s.id, record.get("tool_name") or "unknown", 1, 0)
+        entry.shares.add_tool_bucket(at, s.id, record.get("tool_name") or "unknown", 1, 0)
         event("tool_call", tool=record.get("tool_name"), tool_use_id=record.get("id"),
               input=record.get("input") if config.capture_content else None, imported=True)
     elif kind == "ToolResult":
         is_error = record.get("success") is False
         s.tool_failed += is_error
         entry.shares.add_tool(s.id, record.get("tool_name") or "unknown", 0, int(is_error))
+        entry.shares.add_tool_bucket(at, s.id, record.get("tool_name") or "unknown", 0, int(is_error))
         event("tool_result", tool=record.get("tool_name"), tool_use_id=record.get("id"), is_error=is_error,
               duration_ms=duration_ms(record.get("duration")), imported=True)
     elif kind == "Thinking":

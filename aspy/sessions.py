@@ -4,9 +4,10 @@ A batch of exchange records is applied in one store transaction: each exchange f
 opens) its session by the key order of SPEC 5, adds its tokens and cost (each billed
 sampling priced by the model table), correlates tool results with the tool calls they
 answer, moves the context gauge (main thread only), and emits its events; requests that are
-not Messages calls only count as their client's traffic. The writer's upkeep ends sessions
-with no traffic for ``end_after``, trims event buffers, applies the retention and prices
-history the table has learned.
+not Messages calls only count as their client's traffic. Every figure also goes to the
+15-minute bucket of the instant the exchange ended (figures over time). The writer's upkeep
+ends sessions with no traffic for ``end_after``, trims event buffers, applies the retention
+and prices history the table has learned.
 """
 from __future__ import annotations
 
@@ -20,10 +21,11 @@ from typing import Any
 
 from .billing import answering, bill, context_of
 from .config import Client, Config
-from .models import Cost, ModelTable
+from .models import STANDARD, Cost, ModelTable
 from .observe import Exchange, Usage, clean_text, is_messages_call
 from .routing import ANONYMOUS
-from .store import ACTIVE, ENDED, IDLE, Event, Message, ModelUsage, Session, Store, Transaction
+from .store import (ACTIVE, BUCKET_SECONDS, ENDED, IDLE, Event, Message, ModelUsage, Session, Store, Transaction,
+                    UsageBucket)
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +101,11 @@ def new_session_id() -> str:
     return "s_" + uuid.uuid4().hex[:20]
 
 
+def bucket_of(at: float) -> int:
+    """Return the start of the 15-minute bucket an instant falls in."""
+    return int(at // BUCKET_SECONDS) * BUCKET_SECONDS
+
+
 @dataclass
 class Batch:
     """What one batch of exchanges writes: each session once, all events at once."""
@@ -112,6 +119,12 @@ class Batch:
     tools: dict[tuple[str, str], list[int]] = field(default_factory=dict)
     # Requests outside any session, per (client, user): [requests, failed, last seen].
     traffic: dict[tuple[str | None, str], list[float]] = field(default_factory=dict)
+    # Figures over time, per (bucket, session or None, client, user, model, price class), and
+    # tool calls per (bucket, session, tool).
+    buckets: dict[tuple, UsageBucket] = field(default_factory=dict)
+    tool_buckets: dict[tuple[int, str, str], list[int]] = field(default_factory=dict)
+    # Sessions whose key hash was set by this batch (they were anonymous).
+    new_users: set[str] = field(default_factory=set)
 
     def add_traffic(self, client: str | None, user: str, failed: bool, at: float) -> None:
         """Count a request that opens no session as its identity's traffic."""
@@ -119,6 +132,32 @@ class Batch:
         counts[0] += 1
         counts[1] += failed
         counts[2] = max(counts[2], at)
+        self.add_bucket(at, None, client, user, None, "", requests=1, failed=int(failed))
+
+    def add_bucket(self, at: float, session: Session | None, client: str | None, user: str, model: str | None,
+                   price_class: str, usage: Usage = Usage(), cost: Cost | None = None, requests: int = 0,
+                   failed: int = 0) -> None:
+        """Add figures to the bucket of an instant, for a session (or a client's traffic) and a model."""
+        if session is not None:
+            client, user = session.client, session.user
+        start = bucket_of(at)
+        key = (start, session.id if session else None, client, user, model, price_class)
+        bucket = self.buckets.get(key)
+        if bucket is None:
+            bucket = self.buckets[key] = UsageBucket(start, key[1], client, user, model, price_class)
+        bucket.requests += requests
+        bucket.failed += failed
+        bucket.usage = bucket.usage + usage
+        if cost is not None:
+            bucket.cost_usd += cost.usd
+            bucket.savings_usd += cost.savings_usd
+            bucket.priced = bucket.priced and cost.priced
+
+    def add_tool_bucket(self, at: float, session_id: str, tool: str, calls: int, failed: int) -> None:
+        """Add calls or failures of a tool to the bucket of an instant."""
+        counts = self.tool_buckets.setdefault((bucket_of(at), session_id, tool), [0, 0])
+        counts[0] += calls
+        counts[1] += failed
 
     def add_model(self, session_id: str, model: str, usage: Usage, cost: Cost, requests: int = 1) -> None:
         """Add a sampling to a model's share of a session, in its price class."""
@@ -136,7 +175,7 @@ class Batch:
         counts[1] += failed
 
     def write_shares(self, tx: Transaction) -> None:
-        """Write the per-model and per-tool sums."""
+        """Write the per-model and per-tool sums, and the figures over time."""
         for (session_id, model, klass), share in self.models.items():
             tx.add_model_usage(session_id, model, klass, share.usage, share.cost_usd, share.savings_usd,
                                share.priced, share.requests)
@@ -144,6 +183,14 @@ class Batch:
             tx.add_tool_counts(session_id, tool, calls, failed)
         for (client, user), (requests, failed, last_seen) in self.traffic.items():
             tx.add_traffic(client, user, int(requests), int(failed), last_seen)
+        for session_id in sorted(self.new_users):
+            tx.set_usage_user(session_id, self.sessions[session_id].user)
+        # A session that took a key hash in this batch has it in all its buckets.
+        for bucket in self.buckets.values():
+            if bucket.session in self.new_users:
+                bucket.user = self.sessions[bucket.session].user
+        tx.add_usage(list(self.buckets.values()))
+        tx.add_tool_usage([(*key, calls, failed) for key, (calls, failed) in self.tool_buckets.items()])
 
 
 @dataclass
@@ -290,10 +337,12 @@ class Sessions:
         done_at = ex.started_at + ex.duration_ms / 1000
         model = ex.model
         s.last_activity = max(s.last_activity, done_at)
-        if s.user == ANONYMOUS:
+        if s.user == ANONYMOUS and ex.user != ANONYMOUS:
             s.user = ex.user
+            batch.new_users.add(s.id)
+        failed = failed_exchange(ex)
         s.requests += 1
-        s.failed += failed_exchange(ex)
+        s.failed += failed
         agent = ex.headers.get("x-claude-code-agent-id")
         thread = SUBAGENT if agent else SIDE if facts.side else MAIN
         events = [self._event(s, "request", ex.started_at, method=ex.method, path=ex.path, model=facts.model,
@@ -307,6 +356,7 @@ class Sessions:
             if is_error:
                 s.tool_failed += 1
                 batch.add_tool(s.id, tool, 0, 1)
+                batch.add_tool_bucket(done_at, s.id, tool, 0, 1)
             events.append(self._event(s, "tool_result", ex.started_at, tool=tool, tool_use_id=tool_use_id,
                                       is_error=is_error, duration_ms=round((ex.started_at - called_at) * 1000, 1)))
         cost_usd, unpriced, usage = 0.0, set(), Usage()
@@ -325,6 +375,11 @@ class Sessions:
                 unpriced.add(name)
             # A response counts once, in the share of the model that answered it.
             batch.add_model(s.id, name, part.usage, cost, requests=int(i == counted))
+            batch.add_bucket(done_at, s, None, s.user, name, cost.price_class, part.usage, cost,
+                             requests=int(i == counted), failed=failed * int(i == counted))
+        if not parts:
+            # Nothing billed (a failure before any usage, results billed before): the request still counts.
+            batch.add_bucket(done_at, s, None, s.user, model or None, STANDARD, requests=1, failed=int(failed))
         s.usage = s.usage + usage
         self._tell_unpriced(unpriced)
         if ex.ttfb_ms is not None:
@@ -350,6 +405,7 @@ class Sessions:
                 continue
             s.tool_calls += 1
             batch.add_tool(s.id, tool.name, 1, 0)
+            batch.add_tool_bucket(done_at, s.id, tool.name, 1, 0)
             tx.add_tool_call(tool.id, s.id, tool.name, done_at)
             events.append(self._event(s, "tool_call", done_at, tool=tool.name, tool_use_id=tool.id,
                                       input=bounded_input(tool.input) if capture else None,
@@ -390,6 +446,12 @@ class Sessions:
             if cost is not None:
                 tx.price_share(session_id, model, klass, cost.usd, cost.savings_usd)
                 priced += 1
+        buckets = []
+        for bucket in tx.unpriced_usage(known):
+            cost = self.models.reprice(bucket.model, bucket.price_class, bucket.usage)
+            if cost is not None:
+                buckets.append((bucket, cost.usd, cost.savings_usd))
+        tx.price_usage(buckets)
         if priced:
             log.info("priced %d shares of history recorded before the model table knew their model", priced)
         return priced

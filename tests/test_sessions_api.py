@@ -348,6 +348,8 @@ def test_clients_lists_configured_clients_with_live_sessions(tracked):
 @pytest.mark.parametrize("path,params", [
     ("events", {"limit": "501"}), ("events", {"limit": "x"}), ("events", {"type": "nope"}),
     ("events", {"since": "yesterday-ish"}), ("sessions", {"status": "sleeping"}), ("stats", {"user": "XYZ"}),
+    ("stats", {"time_range": "forever"}), ("sessions", {"until": "soon"}), ("usage", {"group_by": "year"}),
+    ("usage", {"tz": "Nowhere/Land"}),
 ])
 def test_bad_parameters_get_400_in_anthropic_shape(tracked, path, params):
     r = requests.get(f"{tracked.url}/api/{path}", params=params)
@@ -475,3 +477,13 @@ def test_every_answer_has_the_documented_keys(tracked):
                        ["total_matches"] and r)
     assert set(found) >= {"total_matches", "results"}
     assert set(found["results"][0]) >= {"session", "client", "timestamp", "role", "snippet"}
+    over_time = api(tracked, "usage", group_by="day,client", tz="Europe/Paris")
+    assert set(over_time) >= {"group_by", "tz", "since", "until", "rows", "total", "unpriced_models"}
+    assert over_time["group_by"] == ["day", "client"] and over_time["tz"] == "Europe/Paris"
+    row = over_time["rows"][0]
+    assert set(row) >= {"day", "client", "requests", "failed", "tokens", "cost_usd", "savings_usd"}
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d", row["day"])
+    assert set(row["tokens"]) >= {"input", "output", "cache_read", "cache_write_5m", "cache_write_1h"}
+    assert set(over_time["total"]) >= {"requests", "failed", "tokens", "cost_usd", "savings_usd"}
+    [session_row] = api(tracked, "usage", group_by="session", session=sid)["rows"]
+    assert session_row["session"] == session["id"] and session_row["claude_session_id"] == sid

@@ -19,6 +19,9 @@ from ..observe import Usage
 ACTIVE, IDLE, ENDED = "active", "idle", "ended"
 # Not ended: active or idle.
 LIVE = "live"
+# Figures over time are kept per 15-minute bucket of UTC time: every time zone in use today is
+# a whole number of quarter hours from UTC, so its days (and DST changes) fall on bucket starts.
+BUCKET_SECONDS = 900
 
 
 class StoreError(Exception):
@@ -126,13 +129,55 @@ class Scope:
     """Which sessions a question is about; empty means all.
 
     ``user`` matches sessions whose key hashed to it, and also every session of the clients
-    in ``user_clients`` (the clients that took that hash over).
+    in ``user_clients`` (the clients that took that hash over). ``clients``, when not None,
+    keeps only the sessions of those clients (the clients carrying a tag; none at all if empty).
     """
 
     client: str | None = None
     user: str | None = None
     user_clients: tuple[str, ...] = ()
     session: str | None = None
+    clients: tuple[str, ...] | None = None
+
+
+@dataclass
+class UsageBucket:
+    """Figures of one 15-minute bucket: a session's (or, without one, its client's traffic) for one model and price class.
+
+    ``model`` is None for requests that no answer billed (probes, failures before any usage).
+    """
+
+    start: int
+    session: str | None
+    client: str | None
+    user: str
+    model: str | None
+    price_class: str
+    requests: int = 0
+    failed: int = 0
+    usage: Usage = field(default_factory=Usage)
+    cost_usd: float = 0.0
+    savings_usd: float = 0.0
+    priced: bool = True
+
+
+@dataclass
+class UsageRow:
+    """Summed figures of one group of a usage question; keys not grouped on are None.
+
+    ``day`` counts days since 1970-01-01 in the zone asked for.
+    """
+
+    day: int | None = None
+    client: str | None = None
+    model: str | None = None
+    session: str | None = None
+    claude_session_id: str | None = None
+    requests: int = 0
+    failed: int = 0
+    usage: Usage = field(default_factory=Usage)
+    cost_usd: float = 0.0
+    savings_usd: float = 0.0
 
 
 @dataclass
@@ -221,6 +266,26 @@ class Transaction(ABC):
         """Add calls (and failures) of one tool to a session."""
 
     @abstractmethod
+    def add_usage(self, buckets: list[UsageBucket]) -> None:
+        """Add figures to their buckets (figures over time)."""
+
+    @abstractmethod
+    def add_tool_usage(self, rows: list[tuple[int, str, str, int, int]]) -> None:
+        """Add (bucket start, session id, tool, calls, failed) to the tool calls over time."""
+
+    @abstractmethod
+    def set_usage_user(self, session_id: str, user: str) -> None:
+        """Give a session's figures over time the key hash the session now has."""
+
+    @abstractmethod
+    def unpriced_usage(self, models: list[str]) -> list[UsageBucket]:
+        """Return the buckets of these models recorded without a price."""
+
+    @abstractmethod
+    def price_usage(self, priced: list[tuple[UsageBucket, float, float]]) -> None:
+        """Give unpriced buckets their (cost, savings)."""
+
+    @abstractmethod
     def add_events(self, events: list[Event]) -> None:
         """Add events, in order."""
 
@@ -269,15 +334,35 @@ class Store(ABC):
         """Return a session by id or Claude session id, with its per-model and per-tool figures."""
 
     @abstractmethod
-    def sessions(self, scope: Scope, status: str | None, horizon: Horizon, limit: int) -> list[Session]:
-        """Return sessions, newest activity first, with their per-model and per-tool figures."""
+    def sessions(self, scope: Scope, status: str | None, horizon: Horizon, limit: int,
+                 since: float | None = None, until: float | None = None) -> list[Session]:
+        """Return sessions (active in a window, if given), newest activity first, with their per-model and per-tool figures."""
 
     @abstractmethod
-    def totals(self, scope: Scope, horizon: Horizon) -> Totals:
-        """Sum the figures of every session in a scope."""
+    def totals(self, scope: Scope, horizon: Horizon, since: float | None = None,
+               until: float | None = None) -> Totals:
+        """Sum the figures of every session in a scope; with a window, of the exchanges in it and the sessions active in it."""
 
     @abstractmethod
-    def events(self, scope: Scope, types: list[str], since: float | None, limit: int) -> list[Event]:
+    def usage(self, scope: Scope, since: float | None, until: float | None, by: tuple[str, ...],
+              offsets: list[tuple[float, float, int]]) -> list[UsageRow]:
+        """Sum the figures of the exchanges in a window, grouped by ``day``, ``client``, ``model``, ``session``.
+
+        A bucket counts when it starts in [since, until). ``offsets`` gives the zone's UTC offset
+        (seconds) over [start, end) pieces covering the window; days follow it.
+        """
+
+    @abstractmethod
+    def usage_span(self, scope: Scope) -> tuple[int, int] | None:
+        """Return the start of the first and the end of the last bucket with figures, or None."""
+
+    @abstractmethod
+    def usage_unpriced(self, scope: Scope, since: float | None, until: float | None) -> list[str]:
+        """Return the models whose figures in a window were recorded without a price."""
+
+    @abstractmethod
+    def events(self, scope: Scope, types: list[str], since: float | None, limit: int,
+               until: float | None = None) -> list[Event]:
         """Return events, newest first."""
 
     @abstractmethod

@@ -22,7 +22,7 @@ from ..native import native
 from . import Hit, StoreError
 from .sql import SqlStore, SqlTransaction, message_filters
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 # One number for aspy's advisory lock: every write, and migrations, take it.
 WRITE_LOCK = 0x61737079
 MIGRATIONS: dict[int, list[str]] = {
@@ -89,6 +89,54 @@ MIGRATIONS: dict[int, list[str]] = {
         "CREATE TABLE recorded (exchange_id TEXT PRIMARY KEY, recorded_at DOUBLE PRECISION NOT NULL)",
         "CREATE INDEX recorded_at ON recorded (recorded_at)",
     ],
+    # Figures over time (GET /api/usage): each exchange's figures in its 15-minute bucket, per
+    # session, model and price class; a summary per client in 6-hour blocks; tool calls per bucket.
+    4: [
+        """CREATE TABLE usage_rollup (
+            bucket BIGINT NOT NULL, session_id TEXT NOT NULL, client_id TEXT NOT NULL, user_hash TEXT NOT NULL,
+            model TEXT NOT NULL, price_class TEXT NOT NULL, requests BIGINT NOT NULL, failed BIGINT NOT NULL,
+            input_tokens BIGINT NOT NULL, output_tokens BIGINT NOT NULL, cache_read BIGINT NOT NULL,
+            cache_write_5m BIGINT NOT NULL, cache_write_1h BIGINT NOT NULL, web_searches BIGINT NOT NULL,
+            cost_usd DOUBLE PRECISION NOT NULL, savings_usd DOUBLE PRECISION NOT NULL, priced INTEGER NOT NULL,
+            PRIMARY KEY (bucket, session_id, client_id, user_hash, model, price_class))""",
+        "CREATE INDEX usage_rollup_session ON usage_rollup (session_id)",
+        "CREATE INDEX usage_rollup_client ON usage_rollup (client_id, bucket)",
+        "CREATE INDEX usage_rollup_time_of_day ON usage_rollup ((bucket % 86400))",
+        "CREATE INDEX usage_rollup_unpriced ON usage_rollup (model) WHERE priced = 0",
+        """CREATE TABLE usage_rollup_6h (
+            block BIGINT NOT NULL, client_id TEXT NOT NULL, model TEXT NOT NULL, price_class TEXT NOT NULL,
+            requests BIGINT NOT NULL, failed BIGINT NOT NULL, input_tokens BIGINT NOT NULL,
+            output_tokens BIGINT NOT NULL, cache_read BIGINT NOT NULL, cache_write_5m BIGINT NOT NULL,
+            cache_write_1h BIGINT NOT NULL, web_searches BIGINT NOT NULL, cost_usd DOUBLE PRECISION NOT NULL,
+            savings_usd DOUBLE PRECISION NOT NULL, priced INTEGER NOT NULL,
+            PRIMARY KEY (block, client_id, model, price_class))""",
+        "CREATE INDEX usage_rollup_6h_client ON usage_rollup_6h (client_id, block)",
+        """CREATE TABLE usage_tools (
+            bucket BIGINT NOT NULL, session_id TEXT NOT NULL, tool TEXT NOT NULL, calls BIGINT NOT NULL,
+            failed BIGINT NOT NULL, PRIMARY KEY (bucket, session_id, tool))""",
+        # Older stores kept no figures over time: each session's go to the bucket of its last
+        # activity, traffic outside sessions to that of its last request (docs/api.md says so).
+        """INSERT INTO usage_rollup SELECT floor(s.last_activity / 900)::BIGINT * 900, m.session_id,
+            COALESCE(s.client_id, ''), s.user_hash, m.model, m.price_class, m.requests, 0, m.input_tokens,
+            m.output_tokens, m.cache_read, m.cache_write_5m, m.cache_write_1h, m.web_searches, m.cost_usd,
+            m.savings_usd, m.priced FROM session_models m JOIN sessions s ON s.id = m.session_id""",
+        # Failures, and requests no answer billed, have no model there.
+        """INSERT INTO usage_rollup SELECT floor(s.last_activity / 900)::BIGINT * 900, s.id,
+            COALESCE(s.client_id, ''), s.user_hash, '', 'standard',
+            GREATEST(s.requests - COALESCE((SELECT SUM(m.requests) FROM session_models m
+                                            WHERE m.session_id = s.id), 0), 0),
+            s.failed, 0, 0, 0, 0, 0, 0, 0, 0, 1 FROM sessions s
+            WHERE s.failed > 0 OR s.requests > COALESCE((SELECT SUM(m.requests) FROM session_models m
+                                                         WHERE m.session_id = s.id), 0)""",
+        """INSERT INTO usage_rollup SELECT floor(last_seen / 900)::BIGINT * 900, '', client_id, user_hash, '', '',
+            requests, failed, 0, 0, 0, 0, 0, 0, 0, 0, 1 FROM traffic""",
+        """INSERT INTO usage_rollup_6h SELECT bucket - bucket % 21600, client_id, model, price_class, SUM(requests),
+            SUM(failed), SUM(input_tokens), SUM(output_tokens), SUM(cache_read), SUM(cache_write_5m),
+            SUM(cache_write_1h), SUM(web_searches), SUM(cost_usd), SUM(savings_usd), MIN(priced)
+            FROM usage_rollup GROUP BY 1, 2, 3, 4""",
+        """INSERT INTO usage_tools SELECT floor(s.last_activity / 900)::BIGINT * 900, t.session_id, t.tool,
+            t.calls, t.failed FROM session_tools t JOIN sessions s ON s.id = t.session_id""",
+    ],
 }
 
 
@@ -126,7 +174,8 @@ class PostgresStore(SqlStore):
         self._thread.own = True
 
     def sql(self, statement: str) -> str:
-        return statement.replace("?", "%s")
+        # psycopg reads % as the start of a placeholder: a modulo is written %%.
+        return statement.replace("%", "%%").replace("?", "%s")
 
     def _where(self) -> str:
         """Name the database without credentials, for messages."""

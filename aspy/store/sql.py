@@ -7,12 +7,14 @@ the ``sqlite`` and ``postgres`` modules.
 from __future__ import annotations
 
 import json
+import math
 import time
+from dataclasses import dataclass
 from typing import Any, Iterable
 
 from ..observe import Usage
-from . import (ACTIVE, ENDED, IDLE, LIVE, Event, Horizon, LegacyUser, ModelUsage, Scope, Session, Store, Totals,
-               Transaction)
+from . import (ACTIVE, BUCKET_SECONDS, ENDED, IDLE, LIVE, Event, Horizon, LegacyUser, ModelUsage, Scope, Session,
+               Store, Totals, Transaction, UsageBucket, UsageRow)
 
 SESSION_COLUMNS = (
     "id", "claude_session_id", "source", "client_id", "client_name", "provider", "user_hash",
@@ -25,6 +27,15 @@ USAGE_COLUMNS = ("input_tokens", "output_tokens", "cache_read", "cache_write_5m"
 SESSION_SELECT = "SELECT " + ", ".join(SESSION_COLUMNS) + " FROM sessions"
 OPEN = f"status <> '{ENDED}'"
 RECORDED_DAYS = 2
+DAY = 86400
+# The rollup's summary adds up each client's buckets in blocks of six hours: a day in any zone is
+# its whole blocks, read there, and the one block around its midnight, read bucket by bucket.
+BLOCK_SECONDS = 6 * 3600
+ROLLUP_KEYS = ("bucket", "session_id", "client_id", "user_hash", "model", "price_class")
+BLOCK_KEYS = ("block", "client_id", "model", "price_class")
+ROLLUP_FIGURES = ("requests", "failed", *USAGE_COLUMNS, "cost_usd", "savings_usd")
+# Windows longer than this read the buckets around each midnight through the time-of-day index.
+BAND_BY_TIME_OF_DAY = 30 * DAY
 
 
 def session_row(s: Session) -> tuple:
@@ -70,7 +81,89 @@ def scope_clause(scope: Scope, session_table: str = "") -> tuple[str, list[Any]]
     if scope.session is not None:
         parts.append(f"({prefix}id = ? OR {prefix}claude_session_id = ?)")
         params += [scope.session, scope.session]
+    if scope.clients is not None:
+        parts.append(_clients_in(f"{prefix}client_id", scope.clients))
+        params += scope.clients
     return (" AND ".join(parts) or "1 = 1"), params
+
+
+def _clients_in(column: str, clients: tuple[str, ...]) -> str:
+    """Return a condition keeping rows of these clients (none, for an empty tuple)."""
+    return f"{column} IN ({', '.join('?' for _ in clients)})" if clients else "1 = 0"
+
+
+def usage_scope(scope: Scope, fine: bool) -> tuple[str, list[Any]]:
+    """Return a WHERE fragment selecting a scope's rows of the rollup (``fine``) or of its 6-hour summary."""
+    parts, params = [], []
+    if scope.client is not None:
+        parts.append("client_id = ?")
+        params.append(scope.client)
+    if scope.clients is not None:
+        parts.append(_clients_in("client_id", scope.clients))
+        params += scope.clients
+    if fine and scope.user is not None:
+        parts.append(f"(user_hash = ? OR {_clients_in('client_id', scope.user_clients)})")
+        params += [scope.user, *scope.user_clients]
+    if fine and scope.session is not None:
+        parts.append("session_id IN (SELECT id FROM sessions WHERE id = ? OR claude_session_id = ?)")
+        params += [scope.session, scope.session]
+    return (" AND ".join(parts) or "1 = 1"), params
+
+
+def needs_buckets(scope: Scope, by: tuple[str, ...]) -> bool:
+    """Tell whether a usage question needs the buckets themselves: the summary has no session nor key hash."""
+    return "session" in by or scope.user is not None or scope.session is not None
+
+
+def bucket_window(since: float | None, until: float | None) -> tuple[int | None, int | None]:
+    """Return a window as bucket starts: a bucket counts when it starts in [since, until)."""
+    def up(t: float | None) -> int | None:
+        return None if t is None else math.ceil(t / BUCKET_SECONDS) * BUCKET_SECONDS
+    return up(since), up(until)
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Part of a usage question read from one table: a time range, and how its rows find their day.
+
+    ``shift`` is the zone's offset, added to a row's start before dividing by a day. ``band``,
+    a UTC time of day: read only the buckets of the block starting then (``fine``), or every
+    block but that one (the summary).
+    """
+
+    fine: bool
+    start: int
+    end: int
+    shift: int = 0
+    band: int | None = None
+
+
+def plan(since: int, until: int, by_day: bool, offsets: list[tuple[float, float, int]], fine_only: bool) -> list[Piece]:
+    """Split a usage question into pieces whose rows each fall whole in one day of the zone."""
+    segments = [(since, until, 0)]
+    if by_day and offsets:
+        # A bucket takes the offset in force at its start. The offsets cover the window; whatever
+        # lies beyond them (written meanwhile) takes the nearest one.
+        starts = [since] + [bucket_window(start, None)[0] for start, _, _ in offsets[1:]]
+        ends = starts[1:] + [until]
+        segments = [(max(a, since), min(b, until), offset) for a, b, (_, _, offset) in zip(starts, ends, offsets)]
+    pieces = []
+    for start, end, offset in segments:
+        if start >= end:
+            continue
+        first = -(-start // BLOCK_SECONDS) * BLOCK_SECONDS
+        last = end // BLOCK_SECONDS * BLOCK_SECONDS
+        if fine_only or first >= last:
+            pieces.append(Piece(True, start, end, offset))
+            continue
+        pieces += [Piece(True, start, first, offset)] * (start < first) + [Piece(True, last, end, offset)] * (last < end)
+        # Local midnight, as a UTC time of day: the block it falls inside (if any) spans two days.
+        midnight = -offset % DAY
+        split = midnight - midnight % BLOCK_SECONDS if by_day and midnight % BLOCK_SECONDS else None
+        pieces.append(Piece(False, first, last, offset, split))
+        if split is not None:
+            pieces.append(Piece(True, first, last, offset, split))
+    return pieces
 
 
 def message_filters(since: float | None, until: float | None, scope: Scope, role: str | None) -> tuple[str, list[Any]]:
@@ -103,6 +196,18 @@ def status_clause(status: str | None, horizon: Horizon) -> tuple[str, list[Any]]
     if status == LIVE:
         return f"{OPEN} AND last_activity >= ?", [horizon.ended_before]
     return "1 = 1", []
+
+
+def active_clause(since: float | None, until: float | None) -> tuple[str, list[Any]]:
+    """Return a WHERE fragment for sessions active in a window: some of their activity falls in it."""
+    parts, params = [], []
+    if until is not None:
+        parts.append("started < ?")
+        params.append(until)
+    if since is not None:
+        parts.append("last_activity >= ?")
+        params.append(since)
+    return (" AND ".join(parts) or "1 = 1"), params
 
 
 class SqlTransaction(Transaction):
@@ -175,7 +280,8 @@ class SqlTransaction(Transaction):
         return row is not None
 
     def unpriced_models(self):
-        return [row[0] for row in self.execute("SELECT DISTINCT model FROM session_models WHERE priced = 0").fetchall()]
+        return [row[0] for row in self.execute("SELECT model FROM session_models WHERE priced = 0 UNION "
+                                               "SELECT model FROM usage_rollup WHERE priced = 0").fetchall()]
 
     def unpriced_shares(self, models):
         if not models:
@@ -200,6 +306,76 @@ class SqlTransaction(Transaction):
             "INSERT INTO session_tools (session_id, tool, calls, failed) VALUES (?, ?, ?, ?) "
             "ON CONFLICT (session_id, tool) DO UPDATE SET calls = session_tools.calls + excluded.calls, "
             "failed = session_tools.failed + excluded.failed", (session_id, tool, calls, failed))
+
+    def add_usage(self, buckets):
+        if not buckets:
+            return
+        self._add_rows("usage_rollup", ROLLUP_KEYS, [
+            (b.start, b.session or "", b.client or "", b.user, b.model or "", b.price_class, b.requests, b.failed,
+             *b.usage.astuple(), b.cost_usd, b.savings_usd, int(b.priced)) for b in buckets])
+        blocks: dict[tuple, list] = {}
+        for b in buckets:
+            key = (b.start - b.start % BLOCK_SECONDS, b.client or "", b.model or "", b.price_class)
+            sums = blocks.setdefault(key, [0] * len(ROLLUP_FIGURES) + [1])
+            for i, value in enumerate((b.requests, b.failed, *b.usage.astuple(), b.cost_usd, b.savings_usd)):
+                sums[i] += value
+            sums[-1] = min(sums[-1], int(b.priced))
+        self._add_rows("usage_rollup_6h", BLOCK_KEYS, [(*key, *sums) for key, sums in blocks.items()])
+
+    def _add_rows(self, table: str, keys: tuple[str, ...], rows: list[tuple]) -> None:
+        """Add figures to rows of the rollup or its summary, creating them as needed."""
+        columns = (*keys, *ROLLUP_FIGURES, "priced")
+        adds = ", ".join(f"{c} = {table}.{c} + excluded.{c}" for c in ROLLUP_FIGURES)
+        self.cur.executemany(self.store.sql(
+            f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' for _ in columns)}) "
+            # A row stays unpriced while any of it is: the repricing then prices it whole.
+            f"ON CONFLICT ({', '.join(keys)}) DO UPDATE SET {adds}, priced = CASE "
+            f"WHEN excluded.priced < {table}.priced THEN excluded.priced ELSE {table}.priced END"), rows)
+
+    def add_tool_usage(self, rows):
+        if rows:
+            self.cur.executemany(self.store.sql(
+                "INSERT INTO usage_tools (bucket, session_id, tool, calls, failed) VALUES (?, ?, ?, ?, ?) "
+                "ON CONFLICT (bucket, session_id, tool) DO UPDATE SET calls = usage_tools.calls + excluded.calls, "
+                "failed = usage_tools.failed + excluded.failed"), rows)
+
+    def set_usage_user(self, session_id, user):
+        # The summary has no key hash: only the buckets change.
+        self.execute("UPDATE usage_rollup SET user_hash = ? WHERE session_id = ? AND user_hash <> ?",
+                     (user, session_id, user))
+
+    def unpriced_usage(self, models):
+        if not models:
+            return []
+        rows = self.execute(f"SELECT {', '.join(ROLLUP_KEYS)}, {', '.join(USAGE_COLUMNS)} FROM usage_rollup "
+                            f"WHERE priced = 0 AND model IN ({', '.join('?' for _ in models)})", models).fetchall()
+        return [UsageBucket(start, session or None, client or None, user, model, klass, usage=Usage(*counts),
+                            priced=False) for start, session, client, user, model, klass, *counts in rows]
+
+    def price_usage(self, priced):
+        if not priced:
+            return
+        self.cur.executemany(self.store.sql(
+            "UPDATE usage_rollup SET cost_usd = ?, savings_usd = ?, priced = 1 WHERE "
+            + " AND ".join(f"{k} = ?" for k in ROLLUP_KEYS)),
+            [(cost, savings, b.start, b.session or "", b.client or "", b.user, b.model, b.price_class)
+             for b, cost, savings in priced])
+        self._rebuild_blocks({(b.start - b.start % BLOCK_SECONDS, b.client or "", b.model, b.price_class)
+                              for b, _, _ in priced})
+
+    def _rebuild_blocks(self, keys: set[tuple[int, str, str, str]]) -> None:
+        """Add up these rows of the 6-hour summary again from the buckets they hold."""
+        if not keys:
+            return
+        match = " AND ".join(f"{k} = ?" for k in BLOCK_KEYS)
+        self.cur.executemany(self.store.sql(f"DELETE FROM usage_rollup_6h WHERE {match}"), list(keys))
+        sums = ", ".join(f"SUM({c})" for c in ROLLUP_FIGURES)
+        self.cur.executemany(self.store.sql(
+            f"INSERT INTO usage_rollup_6h ({', '.join(BLOCK_KEYS)}, {', '.join(ROLLUP_FIGURES)}, priced) "
+            f"SELECT ?, client_id, model, price_class, {sums}, MIN(priced) FROM usage_rollup "
+            "WHERE bucket >= ? AND bucket < ? AND client_id = ? AND model = ? AND price_class = ? "
+            "GROUP BY client_id, model, price_class"),
+            [(block, block, block + BLOCK_SECONDS, client, model, klass) for block, client, model, klass in keys])
 
     def add_events(self, events):
         if events:
@@ -242,6 +418,13 @@ class SqlTransaction(Transaction):
         for table in ("events", "messages"):
             self.execute(f"UPDATE {table} SET client_id = ? WHERE client_id IS NULL AND user_hash = ?",
                          (client, user))
+        # Their figures over time move too; traffic outside sessions stays the key's, as in `traffic`.
+        legacy = "client_id = '' AND user_hash = ? AND session_id <> ''"
+        touched = self.execute(f"SELECT DISTINCT bucket - bucket % {BLOCK_SECONDS}, model, price_class "
+                               f"FROM usage_rollup WHERE {legacy}", (user,)).fetchall()
+        self.execute(f"UPDATE usage_rollup SET client_id = ? WHERE {legacy}", (client, user))
+        self._rebuild_blocks({(block, owner, model, klass) for block, model, klass in touched
+                              for owner in ("", client)})
         return len(ids)
 
     def mark_imported(self, file_hash, name, lines):
@@ -301,14 +484,17 @@ class SqlStore(Store):
                           "ORDER BY last_activity DESC LIMIT 1", (key, key))
         return self._with_details([row_session(rows[0])])[0] if rows else None
 
-    def sessions(self, scope, status, horizon, limit):
+    def sessions(self, scope, status, horizon, limit, since=None, until=None):
         where, params = scope_clause(scope)
         status_sql, status_params = status_clause(status, horizon)
-        rows = self.query(f"{SESSION_SELECT} WHERE {where} AND {status_sql} "
-                          "ORDER BY last_activity DESC LIMIT ?", [*params, *status_params, limit])
+        active_sql, active_params = active_clause(since, until)
+        rows = self.query(f"{SESSION_SELECT} WHERE {where} AND {status_sql} AND {active_sql} "
+                          "ORDER BY last_activity DESC LIMIT ?", [*params, *status_params, *active_params, limit])
         return self._with_details([row_session(r) for r in rows])
 
-    def totals(self, scope, horizon):
+    def totals(self, scope, horizon, since=None, until=None):
+        if since is not None or until is not None:
+            return self._window_totals(scope, horizon, since, until)
         where, params = scope_clause(scope)
         sums = ", ".join(f"COALESCE(SUM({c}), 0)" for c in
                          ("requests", "failed", *USAGE_COLUMNS, "cost_usd", "savings_usd", "tool_calls", "tool_failed"))
@@ -338,7 +524,111 @@ class SqlStore(Store):
             totals.by_tool[tool] = calls
         return totals
 
-    def events(self, scope, types, since, limit):
+    def _window_totals(self, scope: Scope, horizon: Horizon, since: float | None, until: float | None) -> Totals:
+        """Sum the figures of the exchanges in a window (by bucket), and count the sessions active in it."""
+        totals = Totals()
+        unpriced = set(self.usage_unpriced(scope, since, until))
+        for row in self.usage(scope, since, until, ("model",), []):
+            totals.requests += row.requests
+            totals.failed += row.failed
+            totals.usage = totals.usage + row.usage
+            totals.cost_usd += row.cost_usd
+            totals.savings_usd += row.savings_usd
+            if row.model is not None:
+                totals.by_model[row.model] = ModelUsage(row.requests, row.usage, row.cost_usd, row.savings_usd,
+                                                        row.model not in unpriced)
+        first, last = bucket_window(since, until)
+        joined, joined_params = scope_clause(scope, "s")
+        for tool, calls, failed in self.query(
+                "SELECT t.tool, SUM(t.calls), SUM(t.failed) FROM usage_tools t JOIN sessions s ON s.id = t.session_id "
+                f"WHERE t.bucket >= ? AND t.bucket < ? AND {joined} GROUP BY t.tool",
+                [first if first is not None else 0, last if last is not None else 2 ** 62, *joined_params]):
+            totals.tool_calls += calls
+            totals.tool_failed += failed
+            if calls:
+                totals.by_tool[tool] = calls
+        where, params = scope_clause(scope)
+        active_sql, active_params = active_clause(since, until)
+        clauses = [status_clause(status, horizon) for status in (ACTIVE, IDLE, ENDED)]
+        counts = ", ".join(f"COALESCE(SUM(CASE WHEN {clause} THEN 1 ELSE 0 END), 0)" for clause, _ in clauses)
+        totals.active, totals.idle, totals.ended = self.query(
+            f"SELECT {counts} FROM sessions WHERE {where} AND {active_sql}",
+            [*(p for _, ps in clauses for p in ps), *params, *active_params])[0]
+        return totals
+
+    def usage(self, scope, since, until, by, offsets):
+        fine = needs_buckets(scope, by)
+        since, until = bucket_window(since, until)
+        if since is None or until is None:
+            span = self.usage_span(scope)
+            if span is None:
+                return []
+            since, until = since if since is not None else span[0], until if until is not None else span[1]
+        pieces = plan(since, until, "day" in by, offsets, fine)
+        if not pieces:
+            return []
+        names = [name for key, name in (("day", "day"), ("client", "client_id"), ("model", "model"),
+                                        ("session", "session_id")) if key in by]
+        selects, params = [], []
+        for piece in pieces:
+            sql, piece_params = self._piece(piece, names, scope)
+            selects.append(sql)
+            params += piece_params
+        sums = ", ".join(f"SUM({c})" for c in ROLLUP_FIGURES)
+        shown = names + ["(SELECT claude_session_id FROM sessions WHERE id = pieces.session_id)"] * ("session" in by)
+        grouped = f" GROUP BY {', '.join(names)}" if names else ""
+        rows = self.query(f"SELECT {', '.join([*shown, sums])} FROM ({' UNION ALL '.join(selects)}) AS pieces"
+                          f"{grouped}", params)
+        answer = []
+        for row in rows:
+            keys = dict(zip(names, row))
+            claude = row[len(names)] if "session" in by else None
+            requests, failed, *counts, cost, savings = row[len(shown):]
+            if requests is None:
+                continue  # no piece had a row
+            answer.append(UsageRow(day=keys.get("day"), client=keys.get("client_id") or None,
+                                   model=keys.get("model") or None, session=keys.get("session_id") or None,
+                                   claude_session_id=claude, requests=requests, failed=failed,
+                                   usage=Usage(*counts), cost_usd=cost, savings_usd=savings))
+        return answer
+
+    def _piece(self, piece: Piece, names: list[str], scope: Scope) -> tuple[str, list[Any]]:
+        """Return the SELECT (and parameters) that sums one piece of a usage question."""
+        table, column = ("usage_rollup", "bucket") if piece.fine else ("usage_rollup_6h", "block")
+        keys = [f"({column} + {int(piece.shift)}) / {DAY} AS day" if n == "day" else n for n in names]
+        where, params = [f"{column} >= ?", f"{column} < ?"], [piece.start, piece.end]
+        if piece.band is not None and not piece.fine:
+            where.append(f"block % {DAY} <> ?")
+            params.append(piece.band)
+        elif piece.band is not None:
+            if piece.end - piece.start > BAND_BY_TIME_OF_DAY:
+                # A unary plus keeps SQLite from reading the whole range of buckets for a few of them.
+                where = [f"+{w}" for w in where]
+            where += [f"bucket % {DAY} >= ?", f"bucket % {DAY} < ?"]
+            params += [piece.band, piece.band + BLOCK_SECONDS]
+        scoped, scope_params = usage_scope(scope, piece.fine)
+        sums = ", ".join(f"SUM({c}) AS {c}" for c in ROLLUP_FIGURES)
+        grouped = f" GROUP BY {', '.join(str(i + 1) for i in range(len(keys)))}" if keys else ""
+        return (f"SELECT {', '.join([*keys, sums])} FROM {table} WHERE {' AND '.join(where)} AND {scoped}{grouped}",
+                [*params, *scope_params])
+
+    def usage_span(self, scope):
+        fine = needs_buckets(scope, ())
+        table, column, size = ("usage_rollup", "bucket", BUCKET_SECONDS) if fine else \
+            ("usage_rollup_6h", "block", BLOCK_SECONDS)
+        scoped, params = usage_scope(scope, fine)
+        first, last = self.query(f"SELECT MIN({column}), MAX({column}) FROM {table} WHERE {scoped}", params)[0]
+        return None if first is None else (first, last + size)
+
+    def usage_unpriced(self, scope, since, until):
+        first, last = bucket_window(since, until)
+        scoped, params = usage_scope(scope, True)
+        window = "".join([" AND bucket >= ?"] * (first is not None) + [" AND bucket < ?"] * (last is not None))
+        return [row[0] for row in self.query(
+            f"SELECT DISTINCT model FROM usage_rollup WHERE priced = 0{window} AND {scoped} ORDER BY model",
+            [*(t for t in (first, last) if t is not None), *params])]
+
+    def events(self, scope, types, since, limit, until=None):
         where, params = self._event_scope(scope)
         if types:
             where += f" AND type IN ({', '.join('?' for _ in types)})"
@@ -346,6 +636,9 @@ class SqlStore(Store):
         if since is not None:
             where += " AND timestamp >= ?"
             params.append(since)
+        if until is not None:
+            where += " AND timestamp < ?"
+            params.append(until)
         rows = self.query(f"SELECT id, type, timestamp, session_id, client_id, user_hash, data FROM events "
                           f"WHERE {where} ORDER BY id DESC LIMIT ?", [*params, limit])
         return [Event(id=r[0], type=r[1], timestamp=r[2], session=r[3], client=r[4], user=r[5],

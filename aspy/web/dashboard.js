@@ -51,10 +51,18 @@
     return node;
   }
 
-  function usd(value) {
+  function usd(value, digits) {
     const v = Number(value) || 0;
-    const digits = v === 0 ? 2 : Math.abs(v) >= 100 ? 0 : Math.abs(v) >= 1 ? 2 : 4;
-    return "$" + v.toLocaleString("en-US", { minimumFractionDigits: digits, maximumFractionDigits: digits });
+    // Cents from ten cents up; below that, enough digits that one session's cost is not "$0.00".
+    const shown = digits !== undefined ? digits : v === 0 || Math.abs(v) >= 0.1 ? 2 : 4;
+    return "$" + v.toLocaleString("en-US", { minimumFractionDigits: shown, maximumFractionDigits: shown });
+  }
+
+  function usdTicks(u, ticks) {
+    // As many decimals as the step between two ticks needs, cents at least.
+    const step = ticks.length > 1 ? Math.abs(ticks[1] - ticks[0]) : Math.abs(ticks[0]) || 1;
+    const digits = step >= 1 ? 0 : Math.min(4, Math.max(2, Math.ceil(-Math.log10(step) - 1e-9)));
+    return ticks.map((t) => usd(t, digits));
   }
 
   function tokenSum(tokens) {
@@ -425,9 +433,7 @@
     const pad = STEP_S[v.step] * 0.6;
     const muted = css("--muted") || "#5b6676";
     const line = css("--line") || "#dde3ea";
-    const axisValue = v.measure === "cost"
-      ? (u, ticks) => ticks.map((t) => usd(t))
-      : (u, ticks) => ticks.map((t) => compactFmt.format(t));
+    const axisValue = v.measure === "cost" ? usdTicks : (u, ticks) => ticks.map((t) => compactFmt.format(t));
     const series = [{}].concat(groups.slice().reverse().map((g, i) => {
       const color = COLORS[(groups.length - 1 - i) % COLORS.length];
       return {

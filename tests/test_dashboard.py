@@ -1,17 +1,22 @@
 """``GET /dashboard`` in a real browser: Debian's headless chromium, driven through chromedriver.
 
-aspy runs under gunicorn with gevent workers and an ``api_token``, real traffic of several
-clients and models goes through it to the fake upstream, then the page is loaded and read
-as a person would see it. Screenshots are kept in ``tests/artifacts/`` (not committed).
+aspy runs under gunicorn with gevent workers and an ``api_token``, with three weeks of history
+brought in by ``aspy migrate --import-logs`` and real traffic of several clients and models
+sent through it to the fake upstream; then the page is loaded and read as a person would see
+it. Screenshots are kept in ``tests/artifacts/`` (not committed).
 """
 from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import shutil
+import subprocess
+import sys
 import time
 import uuid
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
@@ -56,10 +61,14 @@ proxy_token = "{OPS_TOKEN}"
 TIMEOUT = 20
 
 
-def send(server: AspyProcess, segment: str, model: str, session: str, prompt: str = "hello") -> None:
-    """Send one streamed Messages request through aspy."""
-    r = requests.post(f"{server.url}/{segment}/v1/messages",
-                      headers={"x-api-key": API_KEY, "x-claude-code-session-id": session},
+def send(server: AspyProcess, segment: str, model: str, session: str, prompt: str = "hello",
+         context: int | None = None) -> None:
+    """Send one streamed Messages request through aspy; ``context``: the prompt's size in tokens, mostly cached."""
+    headers = {"x-api-key": API_KEY, "x-claude-code-session-id": session}
+    if context is not None:
+        headers["x-fake-usage"] = json.dumps({"input_tokens": context // 10, "output_tokens": 800,
+                                              "cache_read_input_tokens": context - context // 10})
+    r = requests.post(f"{server.url}/{segment}/v1/messages", headers=headers,
                       json={"model": model, "max_tokens": 64, "stream": True,
                             "messages": [{"role": "user", "content": prompt}]})
     assert r.status_code == 200, r.text
@@ -109,16 +118,51 @@ def browser():
     driver.quit()
 
 
+def write_history(folder: Path, days: int = 20) -> None:
+    """Write an earlier aspy's event log with some days of the three clients' traffic, the same every run."""
+    dice = random.Random(13)
+    now = datetime.now(timezone.utc)
+    models = {"dev-1": SONNET, "dev-2": HAIKU, "ops": OPUS}
+    lines = []
+    for back in range(days, 0, -1):
+        for client, model in models.items():
+            if dice.random() < 0.3:
+                continue
+            session = str(uuid.UUID(int=dice.getrandbits(128)))
+            start = now - timedelta(days=back, hours=dice.randint(0, 8))
+            for n in range(dice.randint(2, 6)):
+                at = (start + timedelta(minutes=n)).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+                base = {"user_id": client, "session_id": session, "tracked_at": at}
+                lines.append(base | {"type": "Request", "id": f"{back}-{client}-{n}", "timestamp": at,
+                                     "method": "POST", "path": "/v1/messages", "body_size": 100,
+                                     "body": {"model": model, "messages": [{"role": "user", "content": "earlier work"}]}})
+                lines.append(base | {"type": "ApiUsage", "timestamp": at, "model": model,
+                                     "input_tokens": dice.randint(5, 50), "output_tokens": dice.randint(200, 3000),
+                                     "cache_creation_tokens": dice.randint(0, 5000),
+                                     "cache_read_tokens": dice.randint(10_000, 90_000)})
+    folder.mkdir()
+    (folder / "aspy-20261101-000000-dash.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+
+
 @pytest.fixture(scope="module")
 def served(upstream, tmp_path_factory):
-    """aspy with an api_token, under gunicorn with two gevent workers, and traffic of three clients."""
-    server = AspyProcess(tmp_path_factory.mktemp("dashboard"), CLIENTS.format(upstream=upstream.url)).start()
+    """aspy with an api_token, under gunicorn with two gevent workers, with history and traffic of three clients."""
+    tmp = tmp_path_factory.mktemp("dashboard")
+    server = AspyProcess(tmp, CLIENTS.format(upstream=upstream.url))
+    write_history(tmp / "logs")
+    imported = subprocess.run([sys.executable, "-m", "aspy", "migrate", "--config", str(server.config),
+                               "--import-logs", str(tmp / "logs"), "--apply"],
+                              env=server.env, capture_output=True, text=True, timeout=60)
+    assert imported.returncode == 0, imported.stdout + imported.stderr
+    server.start()
+    # Contexts that end at 72 %, 30 % and 88 % of 200,000 tokens: warning, normal and high.
     for n in range(3):
-        send(server, "dev-1", SONNET, "dash-dev-1", HOSTILE_PROMPT if n == 0 else f"refactor step {n}")
+        send(server, "dev-1", SONNET, "dash-dev-1", HOSTILE_PROMPT if n == 0 else f"refactor step {n}",
+             context=48_000 * (n + 1))
     for n in range(2):
-        send(server, "dev-2", HAIKU, "dash-dev-2", f"run the test suite {n}")
-    send(server, OPS_TOKEN, OPUS, "dash-ops", "rotate the certificates")
-    eventually(lambda: api(server, "stats").json()["requests"]["total"] == 6)
+        send(server, "dev-2", HAIKU, "dash-dev-2", f"run the test suite {n}", context=30_000 * (n + 1))
+    send(server, OPS_TOKEN, OPUS, "dash-ops", "rotate the certificates", context=176_000)
+    eventually(lambda: api(server, "stats", time_range="last_hour").json()["requests"]["total"] == 6)
     yield server
     server.stop()
 
@@ -214,8 +258,8 @@ def test_charts_are_drawn_from_recorded_traffic_by_client_model_and_tag(browser,
     assert wait(browser, "document.getElementById('total-cost').dataset.value !== ''")
     assert figure("total-cost") == pytest.approx(total["cost_usd"], abs=1e-12) and total["cost_usd"] > 0
     assert figure("total-tokens") == tokens
-    assert figure("total-requests") == total["requests"] == 6
-    assert text(browser, "total-requests") == "6"
+    assert figure("total-requests") == total["requests"] > 6
+    assert text(browser, "total-requests") == f"{total['requests']:,}"
 
     # The chart's series are the clients, its bars the recorded figures, and the legend says so.
     for by, names in (("client", {"dev-1", "dev-2", "ops"}),
@@ -277,6 +321,12 @@ def test_a_new_session_appears_without_a_reload(browser, served):
     gauge = card.find_element("css selector", "[role=meter]")
     assert float(gauge.get_attribute("aria-valuenow")) == session["usage_pct"]
     assert f"{session['current_tokens']:,} / {session['limit_tokens']:,} tokens" in card.text
+    # Each gauge is coloured by its session's warning level.
+    levels = browser.execute_script(
+        "return Object.fromEntries([...document.querySelectorAll('#sessions li[data-claude-session]')]"
+        ".map(li => [li.dataset.claudeSession, li.querySelector('.gauge').className]))")
+    assert {k: levels[k] for k in ("dash-dev-1", "dash-dev-2", "dash-ops")} == {
+        "dash-dev-1": "gauge warning", "dash-dev-2": "gauge normal", "dash-ops": "gauge high"}
     # The event feed shows its request too.
     wait(browser, f"[...document.querySelectorAll('#events li')].some(li => li.innerText.includes('{session['session'][:8]}'))")
     assert not console_errors(browser)

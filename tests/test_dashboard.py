@@ -428,3 +428,20 @@ def test_a_store_outage_is_told_on_the_page(browser, upstream, tmp_path):
     # And when aspy itself is gone, the page says that too.
     alert = wait(browser, "document.getElementById('alert').innerText.includes('cannot be reached')")
     assert alert
+
+
+def test_an_aspy_without_traffic_says_so_in_every_panel(browser, upstream, tmp_path):
+    server = AspyProcess(tmp_path, CLIENTS.format(upstream=upstream.url), workers=1).start()
+    try:
+        open_page(browser, server)
+        wait(browser, "document.getElementById('total-requests').dataset.value === '0'")
+        browser.execute_script("const s = document.getElementById('range'); s.value = 'all';"
+                               "s.dispatchEvent(new Event('change'));")
+        wait(browser, "aspyDashboard.chart && aspyDashboard.chart.data[0].length === 1")
+        assert "No traffic in this period." in text(browser, "breakdown")
+        assert "No live session" in text(browser, "sessions")
+        assert "No events yet." in text(browser, "events")
+        assert browser.execute_script("return document.getElementById('alert').hidden")
+        assert not console_errors(browser)
+    finally:
+        server.stop()

@@ -18,14 +18,14 @@ __version__ = "0.1.0"
 
 def create_app(config: Config | None = None, test_config: dict | None = None,
                models: ModelTable | None = None) -> Flask:
-    """Create the WSGI app: the proxy, the API and the health check.
+    """Create the WSGI app: the proxy, the API, the health check and the dashboard.
 
     ``models`` is the model table read with the config (by default, read now from beside it).
     """
     # Imported here so that gunicorn's master, and gevent before it patches, load nothing heavy.
     from flask import Flask
 
-    from . import api, health, proxy
+    from . import api, dashboard, health, proxy
     from .config import load_config, state_dir
     from .errors import answer_exception
     from .journal import Journal, default_folder
@@ -35,7 +35,8 @@ def create_app(config: Config | None = None, test_config: dict | None = None,
     from .status import WorkerStatus
     from .store import open_store
 
-    app = Flask(__name__)
+    # No app-wide /static/: every first path segment but the reserved ones is a client's.
+    app = Flask(__name__, static_folder=None)
     config = config if config is not None else load_config()
     app.config["ASPY"] = config
     app.config.update(test_config or {})
@@ -67,6 +68,7 @@ def create_app(config: Config | None = None, test_config: dict | None = None,
         recorder.start()
     app.register_blueprint(health.bp)
     app.register_blueprint(api.bp)
+    app.register_blueprint(dashboard.bp)
     app.register_blueprint(proxy.bp)
     # Whatever goes wrong, the client gets JSON in Anthropic's shape (405, 404, a broken body, a bug).
     app.register_error_handler(Exception, answer_exception)

@@ -100,6 +100,17 @@ def new_session_id() -> str:
 
 
 @dataclass
+class Accounted:
+    """One exchange as a batch counted it in the store: whose it is, and each billed sampling (for /metrics)."""
+
+    exchange: Exchange
+    # The client after the migration shim; None for a legacy user.
+    client: str | None
+    # (model, tokens, cost in USD) of each billed sampling, as added to the store.
+    samplings: list[tuple[str, Usage, float]] = field(default_factory=list)
+
+
+@dataclass
 class Batch:
     """What one batch of exchanges writes: each session once, all events at once."""
 
@@ -112,6 +123,8 @@ class Batch:
     tools: dict[tuple[str, str], list[int]] = field(default_factory=dict)
     # Requests outside any session, per (client, user): [requests, failed, last seen].
     traffic: dict[tuple[str | None, str], list[float]] = field(default_factory=dict)
+    # Every exchange the batch counts (not those the store already had), in order.
+    accounted: list[Accounted] = field(default_factory=list)
 
     def add_traffic(self, client: str | None, user: str, failed: bool, at: float) -> None:
         """Count a request that opens no session as its identity's traffic."""
@@ -173,8 +186,8 @@ class Sessions:
             return Identity(self.config.clients.get(client_id), user)
         return Identity(self.hash_owner.get(user), user)
 
-    def record(self, exchanges: list[Exchange]) -> None:
-        """Apply a batch of exchanges in one transaction."""
+    def record(self, exchanges: list[Exchange]) -> list[Accounted]:
+        """Apply a batch of exchanges in one transaction; return what it counted, once committed."""
         with self.store.transaction() as tx:
             batch = Batch()
             # A journal gives back what a stopped worker held: the store may have part of it already.
@@ -186,8 +199,10 @@ class Sessions:
                     continue
                 if not is_messages_call(exchange.method, exchange.path):
                     identity = self.identity(exchange.client, exchange.user)
-                    batch.add_traffic(identity.client.id if identity.client else None, identity.user,
+                    client_id = identity.client.id if identity.client else None
+                    batch.add_traffic(client_id, identity.user,
                                       failed_exchange(exchange), exchange.started_at + exchange.duration_ms / 1000)
+                    batch.accounted.append(Accounted(exchange, client_id))
                     continue
                 session = self._session_for(tx, exchange, batch)
                 self._apply(tx, session, exchange, batch)
@@ -197,6 +212,7 @@ class Sessions:
             tx.add_events(batch.events)
             tx.add_messages(batch.messages)
         self.touched.update(batch.sessions)
+        return batch.accounted
 
     def upkeep(self) -> None:
         """End idle-too-long sessions, trim event buffers, apply the retention, price history the table now knows."""
@@ -309,6 +325,8 @@ class Sessions:
                 batch.add_tool(s.id, tool, 0, 1)
             events.append(self._event(s, "tool_result", ex.started_at, tool=tool, tool_use_id=tool_use_id,
                                       is_error=is_error, duration_ms=round((ex.started_at - called_at) * 1000, 1)))
+        account = Accounted(ex, s.client)
+        batch.accounted.append(account)
         cost_usd, unpriced, usage = 0.0, set(), Usage()
         parts = bill(ex)
         if obs.batch_results and not self._first_billing(tx, ex):
@@ -323,6 +341,7 @@ class Sessions:
             name = part.model or "unknown"
             if not cost.priced:
                 unpriced.add(name)
+            account.samplings.append((name, part.usage, cost.usd))
             # A response counts once, in the share of the model that answered it.
             batch.add_model(s.id, name, part.usage, cost, requests=int(i == counted))
         s.usage = s.usage + usage

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from flask import Blueprint, Response, current_app, request
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.multiprocess import MultiProcessCollector
 
@@ -44,6 +44,8 @@ from .store import StoreError
 log = logging.getLogger(__name__)
 bp = Blueprint("metrics", __name__)
 
+# The classic text format, which every Prometheus reads (generate_latest writes it).
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 # prometheus_client's multiprocess mode: the server names the folder before it forks the workers.
 FOLDER_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
 # Disk space taken for each of a worker's files when it starts (room for thousands of series):
@@ -301,4 +303,4 @@ def metrics() -> Response:
     meter: Metrics | None = current_app.extensions["aspy.metrics"]
     if meter is None:
         raise AspyError(503, "api_error", "This worker cannot keep its metrics (see aspy's log)")
-    return Response(meter.exposition(host_gauges()), content_type=CONTENT_TYPE_LATEST)
+    return Response(meter.exposition(host_gauges()), content_type=CONTENT_TYPE)

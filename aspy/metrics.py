@@ -118,6 +118,7 @@ class Metrics:
                                   labels, buckets=DURATION_BUCKETS, registry=self.registry)
         self._tally: dict[tuple[Any, tuple[str, ...]], float] = defaultdict(float)
         self._observed: list[tuple[Histogram, str, float]] = []
+        self._children: dict[tuple[Any, tuple[str, ...]], Any] = {}
         # Taken by the writer's OS thread and the hub alike, so a real lock, never gevent's.
         self._lock = native("_thread", "allocate_lock")()
         self._scheduled = False
@@ -136,7 +137,15 @@ class Metrics:
         return Counter(name, text, labels, registry=self.registry)
 
     def accounted(self, records: list[Accounted]) -> None:
-        """Count exchanges the store has just taken; called by the writer, in any thread."""
+        """Count exchanges the store has just taken; called by the writer, in any thread; never raises."""
+        try:
+            self._add(*self._counts(records))
+        except Exception:
+            log.exception("counting exchanges for /metrics failed; the proxy and the store go on")
+
+    def _counts(self, records: list[Accounted]) -> tuple[list[tuple[Any, tuple[str, ...], float]],
+                                                          list[tuple[Histogram, str, float]]]:
+        """Return the counts and observations of a batch of exchanges."""
         counts: list[tuple[Any, tuple[str, ...], float]] = []
         observed: list[tuple[Histogram, str, float]] = []
         for record in records:
@@ -157,11 +166,14 @@ class Metrics:
                 if usage.web_search_requests:
                     counts.append((self.web_searches, (client, model), usage.web_search_requests))
                 counts.append((self.cost, (client, model), usd))
-        self._add(counts, observed)
+        return counts, observed
 
     def write_failed(self) -> None:
-        """Count a failed write to the store; called by the writer, in any thread."""
-        self._add([(self.write_failures, (), 1)], [])
+        """Count a failed write to the store; called by the writer, in any thread; never raises."""
+        try:
+            self._add([(self.write_failures, (), 1)], [])
+        except Exception:
+            log.exception("counting a failed write for /metrics failed")
 
     def _add(self, counts: list[tuple[Any, tuple[str, ...], float]],
              observed: list[tuple[Histogram, str, float]]) -> None:
@@ -185,12 +197,19 @@ class Metrics:
             observed, self._observed = self._observed, []
             self._scheduled = False
         try:
-            for (metric, labels), amount in tally.items():
-                (metric.labels(*labels) if labels else metric).inc(amount)
+            for key, amount in tally.items():
+                self._child(*key).inc(amount)
             for histogram, client, seconds in observed:
-                histogram.labels(client).observe(seconds)
+                self._child(histogram, (client,)).observe(seconds)
         except Exception:
             log.exception("counting exchanges for /metrics failed; the proxy goes on")
+
+    def _child(self, metric: Any, labels: tuple[str, ...]) -> Any:
+        """Return a metric's series for these label values (kept: labels() costs more than the count)."""
+        child = self._children.get((metric, labels))
+        if child is None:
+            child = self._children[(metric, labels)] = metric.labels(*labels) if labels else metric
+        return child
 
     def exposition(self, gauges: HostGauges) -> bytes:
         """Return the host's metrics in Prometheus' text format: every worker's counts, and the gauges."""

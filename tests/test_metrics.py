@@ -6,9 +6,7 @@ the store has, whichever worker served each request, and through a worker's SIGK
 """
 from __future__ import annotations
 
-import json
 import os
-import shutil
 import signal
 import subprocess
 import threading
@@ -19,6 +17,9 @@ from pathlib import Path
 import pytest
 import requests
 
+from aspy.metrics import failure_kind, status_class
+from aspy.observe import CLIENT_WENT_AWAY, Exchange
+from aspy.sessions import failed_exchange
 from conftest import API_KEY, free_port, standard_config
 from test_journal import workers_of
 from test_sessions_api import eventually
@@ -335,3 +336,29 @@ def test_a_model_the_table_does_not_know_is_counted_as_other(start_aspy, upstrea
     assert 'aspy_tokens_total{client="dev-1",kind="input",model="other"} 12.0' in text
     assert 'aspy_cost_usd_total{client="dev-1",model="other"} 0.0' in text
     assert "claude-made-up-9" not in text
+
+
+@pytest.mark.parametrize("status, failure, errors, unfinished, kind", [
+    (529, None, [{"type": "overloaded_error"}], False, "overloaded_error"),
+    (200, None, [{"type": "overloaded_error"}], False, "overloaded_error"),  # an error event in the stream
+    (400, None, [{"type": "some_new_error"}], False, "invalid_request_error"),
+    (200, None, [{"type": "some_new_error"}], False, "api_error"),
+    (502, "Upstream unreachable", [], False, "upstream_error"),
+    (504, "Upstream sent no response headers within 20 seconds", [], False, "timeout_error"),
+    (413, "Request body is larger than the proxy's limit", [], False, "request_too_large"),
+    (0, "aspy's worker stopped before the exchange ended", [], False, "worker_stopped"),
+    (200, CLIENT_WENT_AWAY, [], True, "client_gone"),
+    (200, "upstream stream broke off: ChunkedEncodingError", [], True, "stream_broken"),
+    (200, None, [], True, "stream_incomplete"),
+])
+def test_a_failure_is_labelled_with_a_bounded_error_type(status, failure, errors, unfinished, kind):
+    exchange = Exchange(started_at=0.0, method="POST", path="/v1/messages", client="dev-1", provider="fake",
+                        user="anonymous", headers={}, status=status, failure=failure)
+    exchange.observation.errors, exchange.observation.unfinished = errors, unfinished
+    assert failed_exchange(exchange) and failure_kind(exchange) == kind
+
+
+@pytest.mark.parametrize("status, label", [(200, "2xx"), (101, "1xx"), (304, "3xx"), (429, "4xx"), (529, "5xx"),
+                                           (0, "none")])
+def test_requests_are_labelled_with_their_status_class(status, label):
+    assert status_class(status) == label

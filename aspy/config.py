@@ -85,6 +85,9 @@ class Server:
     # Seconds to wait for upstream headers, and between two reads of its body.
     upstream_timeout: float = 600.0
     connect_timeout: float = 10.0
+    # Seconds a client has to send a new connection's request headers, and the longest
+    # pause while it sends a body.
+    read_timeout: float = 30.0
 
     @property
     def listen(self) -> str:
@@ -473,7 +476,7 @@ class _Checker:
     def server(self, data: dict) -> Server:
         """Check ``[server]``."""
         t = self.table(data, "server", {"listen", "workers", "worker_connections", "api_token",
-                                        "upstream_timeout", "connect_timeout"})
+                                        "upstream_timeout", "connect_timeout", "read_timeout"})
         listen = self.typed("server", t, "listen", str, DEFAULT_LISTEN, 'a string "host:port"')
         try:
             host, port = split_listen(listen)
@@ -493,6 +496,7 @@ class _Checker:
             host=host, port=port, workers=workers, worker_connections=connections, api_token=token,
             upstream_timeout=self.duration("server", t, "upstream_timeout", 600.0),
             connect_timeout=self.duration("server", t, "connect_timeout", 10.0),
+            read_timeout=self.duration("server", t, "read_timeout", 30.0),
         )
 
     def api_token_is_own(self, server: Server, clients: dict[str, Client]) -> None:

@@ -7,74 +7,25 @@ Tools are scoped to the caller's own client (see :mod:`aspy.apiclient`) unless a
 """
 from __future__ import annotations
 
-import json
-from typing import Any, Callable
+from typing import Annotated, Any, Literal, get_args
 
 import anyio
-import mcp_types as types
-from mcp.server.lowlevel import Server
-from mcp.server.stdio import stdio_server
+from mcp.server.mcpserver import MCPServer
+from mcp.server.mcpserver.exceptions import ToolError
+from pydantic import Field
 
 from . import __version__
 from .apiclient import ApiClient, ApiError, Target
 from .store import EVENT_TYPES
 from .timerange import NAMED
 
-ALL_CLIENTS = {"type": "boolean", "default": False,
-               "description": "Answer for every client instead of only this Claude Code's own client."}
-
-
-def schema(properties: dict[str, Any], required: list[str] | None = None) -> dict[str, Any]:
-    """Return a JSON schema for a tool's arguments."""
-    return {"type": "object", "properties": properties, "required": required or [], "additionalProperties": False}
-
-
-TOOLS = [
-    types.Tool(
-        name="aspy_stats",
-        description="Token use, cost in USD (by model, with cache savings), request and tool-call counts, and "
-                    "session counts, as recorded by the aspy proxy. Use it to answer 'what have I spent', "
-                    "'how many tokens so far', 'which tools failed'.",
-        input_schema=schema({"session": {"type": "string", "description": "Only this session (aspy id or "
-                                         "Claude Code session id)."}, "all_clients": ALL_CLIENTS})),
-    types.Tool(
-        name="aspy_events",
-        description="Recent events, newest first: requests, responses (model, usage, cost), tool calls and "
-                    "results (with failures), thinking, errors, rate limits, context compactions, session "
-                    "start and end.",
-        input_schema=schema({
-            "type": {"type": "string", "description": "Only these event types, comma-separated: "
-                     + ", ".join(EVENT_TYPES)},
-            "limit": {"type": "integer", "minimum": 1, "maximum": 500, "default": 20},
-            "since": {"type": "string", "description": "ISO 8601 timestamp; only events from then on."},
-            "session": {"type": "string"}, "all_clients": ALL_CLIENTS})),
-    types.Tool(
-        name="aspy_context",
-        description="How full the context window is: current tokens, the model's limit, percent used, a "
-                    "warning level (normal, warning >= 70%, high >= 85%, critical >= 95%) and how many "
-                    "compactions happened. Use it to decide whether to compact or start afresh.",
-        input_schema=schema({"session": {"type": "string", "description": "A session id; default: this "
-                                         "Claude Code's own current session."}, "all_clients": ALL_CLIENTS})),
-    types.Tool(
-        name="aspy_sessions",
-        description="Every session aspy may show this Claude Code, of every client, with their statistics "
-                    "(tokens, cost, tools, context), most recent first. is_me marks the session of the "
-                    "Claude Code asking.",
-        input_schema=schema({
-            "status": {"type": "string", "enum": ["active", "idle", "ended"]},
-            "limit": {"type": "integer", "minimum": 1, "maximum": 500, "default": 20},
-            "client": {"type": "string", "description": "Only this client's sessions."}})),
-    types.Tool(
-        name="aspy_search",
-        description="Search past prompts and answers recorded by aspy (every word must match); returns ranked "
-                    "snippets with their session, time and role. Use it to recall 'when did we discuss X'.",
-        input_schema=schema({
-            "keyword": {"type": "string", "description": "Words to find."},
-            "time_range": {"type": "string", "enum": list(NAMED), "default": "all"},
-            "role": {"type": "string", "enum": ["user", "assistant"]},
-            "limit": {"type": "integer", "minimum": 1, "maximum": 100, "default": 10},
-            "all_clients": ALL_CLIENTS}, required=["keyword"])),
-]
+INSTRUCTIONS = ("aspy records this Claude Code's traffic through its proxy: ask it about tokens, cost, "
+                "context-window use, tool calls and past conversations.")
+AllClients = Annotated[bool, Field(description="Answer for every client instead of only this Claude Code's own client.")]
+Session = Annotated[str | None, Field(description="Only this session (aspy id or Claude Code session id).")]
+Limit = Annotated[int, Field(ge=1, le=500)]
+TimeRange = Literal["last_hour", "today", "yesterday", "last_24_hours", "last_7_days", "last_30_days", "all"]
+assert get_args(TimeRange) == NAMED, "aspy_search offers the time ranges the API takes"
 
 
 class AspyTools:
@@ -144,41 +95,66 @@ class AspyTools:
                                         **self.scope(args)})
 
 
-def build_server(api: ApiClient) -> Server:
-    """Return the MCP server with aspy's tools."""
+def build_server(api: ApiClient) -> MCPServer:
+    """Return the MCP server with aspy's tools; each answers the API's JSON, as structured content and as text."""
     tools = AspyTools(api)
-    calls: dict[str, Callable[[dict], dict]] = {t.name: getattr(tools, t.name) for t in TOOLS}
+    server = MCPServer("aspy", version=__version__, instructions=INSTRUCTIONS)
 
-    async def list_tools(_ctx, _params) -> types.ListToolsResult:
-        return types.ListToolsResult(tools=TOOLS)
-
-    async def call_tool(_ctx, params: types.CallToolRequestParams) -> types.CallToolResult:
-        call = calls.get(params.name)
-        if call is None:
-            return error_result(f"unknown tool {params.name!r}")
+    async def answer(call: Any, args: dict[str, Any]) -> dict[str, Any]:
+        # The API client blocks: it runs in a thread, so the server keeps reading stdio meanwhile.
         try:
-            answer = await anyio.to_thread.run_sync(call, dict(params.arguments or {}))
+            return await anyio.to_thread.run_sync(call, args)
         except ApiError as exc:
-            return error_result(str(exc))
-        return types.CallToolResult(content=[types.TextContent(type="text", text=json.dumps(answer, indent=1))],
-                                    structured_content=answer)
+            raise ToolError(str(exc)) from None
 
-    return Server("aspy", version=__version__, on_list_tools=list_tools, on_call_tool=call_tool,
-                  instructions="aspy records this Claude Code's traffic through its proxy: ask it about tokens, "
-                               "cost, context-window use, tool calls and past conversations.")
+    @server.tool()
+    async def aspy_stats(session: Session = None, all_clients: AllClients = False) -> dict[str, Any]:
+        """Token use, cost in USD (by model, with cache savings), request and tool-call counts, and session counts, as recorded by the aspy proxy. Use it to answer 'what have I spent', 'how many tokens so far', 'which tools failed'."""  # noqa: E501
+        return await answer(tools.aspy_stats, {"session": session, "all_clients": all_clients})
 
+    @server.tool()
+    async def aspy_events(
+        type: Annotated[str | None, Field(description="Only these event types, comma-separated: "
+                                          + ", ".join(EVENT_TYPES))] = None,
+        limit: Limit = 20,
+        since: Annotated[str | None, Field(description="ISO 8601 timestamp; only events from then on.")] = None,
+        session: Session = None, all_clients: AllClients = False,
+    ) -> dict[str, Any]:
+        """Recent events, newest first: requests, responses (model, usage, cost), tool calls and results (with failures), thinking, errors, rate limits, context compactions, session start and end."""  # noqa: E501
+        return await answer(tools.aspy_events, {"type": type, "limit": limit, "since": since, "session": session,
+                                                "all_clients": all_clients})
 
-def error_result(message: str) -> types.CallToolResult:
-    """Return a tool error with a plain message."""
-    return types.CallToolResult(content=[types.TextContent(type="text", text=message)], is_error=True)
+    @server.tool()
+    async def aspy_context(
+        session: Annotated[str | None, Field(description="A session id; default: this Claude Code's own "
+                                             "current session.")] = None,
+        all_clients: AllClients = False,
+    ) -> dict[str, Any]:
+        """How full the context window is: current tokens, the model's limit, percent used, a warning level (normal, warning >= 70%, high >= 85%, critical >= 95%) and how many compactions happened. Use it to decide whether to compact or start afresh."""  # noqa: E501
+        return await answer(tools.aspy_context, {"session": session, "all_clients": all_clients})
+
+    @server.tool()
+    async def aspy_sessions(
+        status: Literal["active", "idle", "ended"] | None = None, limit: Limit = 20,
+        client: Annotated[str | None, Field(description="Only this client's sessions.")] = None,
+    ) -> dict[str, Any]:
+        """Every session aspy may show this Claude Code, of every client, with their statistics (tokens, cost, tools, context), most recent first. is_me marks the session of the Claude Code asking."""  # noqa: E501
+        return await answer(tools.aspy_sessions, {"status": status, "limit": limit, "client": client})
+
+    @server.tool()
+    async def aspy_search(
+        keyword: Annotated[str, Field(description="Words to find.")],
+        time_range: TimeRange = "all",
+        role: Literal["user", "assistant"] | None = None,
+        limit: Annotated[int, Field(ge=1, le=100)] = 10, all_clients: AllClients = False,
+    ) -> dict[str, Any]:
+        """Search past prompts and answers recorded by aspy (every word must match); returns ranked snippets with their session, time and role. Use it to recall 'when did we discuss X'."""  # noqa: E501
+        return await answer(tools.aspy_search, {"keyword": keyword, "time_range": time_range, "role": role,
+                                                "limit": limit, "all_clients": all_clients})
+
+    return server
 
 
 def run(api: ApiClient) -> None:
     """Serve MCP over stdio until the client closes it."""
-    server = build_server(api)
-
-    async def main() -> None:
-        async with stdio_server() as (read, write):
-            await server.run(read, write, server.create_initialization_options())
-
-    anyio.run(main)
+    anyio.run(build_server(api).run_stdio_async)

@@ -23,3 +23,10 @@ def gevent_patched() -> bool:
     """Tell whether gevent has patched threading in this process."""
     monkey = sys.modules.get("gevent.monkey")
     return monkey is not None and monkey.is_module_patched("threading")
+
+
+def readable(sock: Any) -> bool:
+    """Tell, without waiting or yielding, whether a socket has something to read: a connection, bytes, or the end."""
+    poller = native("select", "poll")()
+    poller.register(sock.fileno(), native("select", "POLLIN"))
+    return bool(poller.poll(0))

@@ -27,6 +27,7 @@ from werkzeug.wsgi import ClosingIterator
 
 from .config import Config
 from .errors import BROKEN_BODY, AspyError, error_body, error_response
+from .native import readable
 from .observe import CLIENT_WENT_AWAY, STREAM_TYPES, Exchange, observer_for
 from .routing import resolve, user_hash
 
@@ -115,12 +116,13 @@ def send_upstream(method: str, url: str, headers: dict[str, str], body: bytes,
     return upstream_adapter().send(prepared, stream=True, timeout=timeout)
 
 
-def read_body(environ: dict) -> bytes:
-    """Read the whole request body, sized or chunked; refuse one that is too large or incomplete.
+def read_body(environ: dict, pause: float | None = None) -> bytes:
+    """Read the whole request body, sized or chunked; refuse one that is too large, incomplete or stalled.
 
     Nothing is forwarded unless all of it arrived: a body shorter than its Content-Length, or a
     chunked body that broke off, is the client going away, and gets 400. A transfer-coding other
-    than chunked (``gzip, chunked``) would reach the upstream still encoded: it gets 400 too.
+    than chunked (``gzip, chunked``) would reach the upstream still encoded: it gets 400 too. A
+    client that sends nothing for ``pause`` seconds mid-body gets 408 (under gunicorn).
     """
     too_large = AspyError(413, "request_too_large",
                           f"Request body is larger than the proxy's limit of {MAX_BODY} bytes (32 MiB)")
@@ -140,6 +142,10 @@ def read_body(environ: dict) -> bytes:
         if length > MAX_BODY:
             raise too_large
     stream = environ["wsgi.input"]
+    client = environ.get("gunicorn.socket")
+    if client is not None and pause is not None:
+        # A timeout on each receive: a slow body may take long, but never pause longer.
+        client.settimeout(pause)
     parts, size = [], 0
     try:
         # A read may return less than asked before the end: read until the length, or the end.
@@ -154,6 +160,15 @@ def read_body(environ: dict) -> bytes:
     except BROKEN_BODY:
         raise AspyError(400, "invalid_request_error",
                         f"The request body broke off after {size} bytes; nothing was forwarded") from None
+    except TimeoutError:
+        # Read no more from this client: the answer goes out, then the connection closes.
+        client.shutdown(socket.SHUT_RD)
+        raise AspyError(408, "timeout_error",
+                        f"The request body stalled: nothing arrived for {pause:g} seconds after {size} bytes; "
+                        "nothing was forwarded") from None
+    finally:
+        if client is not None and pause is not None:
+            client.settimeout(None)
     if length is not None and size < length:
         raise AspyError(400, "invalid_request_error",
                         f"The request body ended after {size} of its declared {length} bytes; "
@@ -200,7 +215,7 @@ def forward(_path: str) -> Response:
     )
     record = current_app.extensions["aspy.record"]
     try:
-        exchange.body = body = read_body(environ)
+        exchange.body = body = read_body(environ, config.server.read_timeout)
     except AspyError as exc:
         # The request reached aspy, so it is recorded, as failed; nothing went upstream.
         return _failed(exchange, record, exc.status, exc.kind, exc.message)
@@ -300,13 +315,22 @@ def _watch_client(client: socket.socket | None, on_hangup: Callable[[], None]) -
     """Call on_hangup as soon as the client closes its connection, even while the upstream is silent.
 
     Under gevent a greenlet waits for the client's socket to turn readable; reading nothing
-    then (without consuming a pipelined request) means the client has gone. Elsewhere the
-    hang-up is noticed at the next write, as WSGI allows. Returns the function that stops it.
+    then (without consuming a pipelined request) means the client has gone. A client that had
+    closed its sending side before the answer began half-closed the connection and still
+    reads the answer: it is not watched (a hang-up then shows at the next write, as WSGI
+    allows, and as everywhere outside gevent). Returns the function that stops watching.
     """
     if client is None or "gevent" not in sys.modules:
         return lambda: None
     import gevent
     from gevent.socket import wait_read
+
+    try:
+        if readable(client) and client.recv(1, socket.MSG_PEEK) == b"":
+            return lambda: None
+    except OSError:
+        on_hangup()
+        return lambda: None
 
     def watch() -> None:
         try:

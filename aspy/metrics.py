@@ -4,10 +4,10 @@ Counters and histograms count each exchange once, when the store takes it, so th
 store's figures (what a stopped worker's journal gives back is counted by the worker that
 records it): requests by client and status class, failures by error type, tokens and cost
 by client and model, time to first byte and duration by client. They live in
-prometheus_client's multiprocess files, one set per worker under
+prometheus_client's multiprocess files, one set per worker in the server's folder under
 ``$XDG_STATE_HOME/aspy/metrics/``, and every scrape sums them all: a worker that dies or is
-replaced keeps its counts, so no counter goes backwards. The server empties the folder when
-it starts (aspy/serving.py), which Prometheus reads as an ordinary counter reset. Gauges are
+replaced keeps its counts, so no counter goes backwards. Each start of the server has a new,
+empty folder (aspy/serving.py), which Prometheus reads as an ordinary counter reset. Gauges are
 read at each scrape from what the workers share already: requests in flight
 (aspy/inflight.py), exchanges waiting for the store and whether it takes them (aspy/status.py).
 

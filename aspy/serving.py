@@ -55,15 +55,31 @@ def fresh_metrics_folder() -> None:
 
     Runs in gunicorn's master before it forks any worker (prometheus_client reads the variable
     when a worker imports it). The folder outlives every worker, so counters never go back when
-    one dies or a reload replaces them all; a new server starts again from zero.
+    one dies or a reload replaces them all; a new server starts again from zero. It is named
+    after the master, so that another aspy sharing the state folder keeps its own; those of
+    servers that have stopped go.
     """
-    folder = state_dir() / "metrics"
+    root = state_dir() / "metrics"
+    folder = root / str(os.getpid())
     try:
-        shutil.rmtree(folder, ignore_errors=True)
+        for old in root.iterdir() if root.is_dir() else []:
+            if old == folder or not (old.name.isdigit() and _alive(int(old.name))):
+                shutil.rmtree(old, ignore_errors=True)
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         log.error("/metrics will be off: cannot make %s: %s", folder, exc)
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(folder)
+
+
+def _alive(pid: int) -> bool:
+    """Tell whether a process is running."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # another user's
+    return True
 
 
 class RedactingLogger(Logger):

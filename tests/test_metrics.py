@@ -76,7 +76,7 @@ def workers_counting(server) -> int:
     from prometheus_client.multiprocess import MultiProcessCollector
 
     counting = 0
-    for path in (server.config.parent / "state" / "aspy" / "metrics").glob("counter_*.db"):
+    for path in (server.config.parent / "state" / "aspy" / "metrics").glob("*/counter_*.db"):
         families = MultiProcessCollector.merge([str(path)])
         counting += any(s.value for f in families if f.name == "aspy_requests" for s in f.samples)
     return counting
@@ -362,3 +362,20 @@ def test_a_failure_is_labelled_with_a_bounded_error_type(status, failure, errors
                                            (0, "none")])
 def test_requests_are_labelled_with_their_status_class(status, label):
     assert status_class(status) == label
+
+
+def test_each_server_counts_in_a_folder_of_its_own_and_stopped_servers_folders_go(tmp_path, monkeypatch):
+    from aspy.serving import fresh_metrics_folder
+
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path))
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", "unset by the test")
+    root = tmp_path / "aspy" / "metrics"
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    running, stopped, mine = root / str(os.getppid()), root / str(gone.pid), root / str(os.getpid())
+    for folder in (running, stopped, mine):
+        folder.mkdir(parents=True)
+        (folder / "counter_1.db").write_bytes(b"old")
+    fresh_metrics_folder()
+    assert os.environ["PROMETHEUS_MULTIPROC_DIR"] == str(mine) and list(mine.iterdir()) == []
+    assert (running / "counter_1.db").exists() and not stopped.exists()

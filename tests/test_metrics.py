@@ -311,8 +311,9 @@ def test_a_streaming_request_is_in_flight_while_it_streams_and_gone_after(start_
         done.set()
 
     threading.Thread(target=turn).start()
-    entry = eventually(lambda: next(iter(requests.get(f"{server.url}/api/in_flight", headers=ADMIN)
-                                         .json()["in_flight"]), None))
+    # In flight from the moment it goes upstream; streaming once the answer's headers came.
+    entry = eventually(lambda: next((e for e in requests.get(f"{server.url}/api/in_flight", headers=ADMIN)
+                                     .json()["in_flight"] if e["streaming"]), None))
     assert entry["client"] == "dev-1" and entry["session"] == "in-flight-session" and entry["model"] == MODEL
     assert entry["streaming"] is True and entry["path"] == "/v1/messages" and entry["user"] != "anonymous"
     assert entry["ttfb_ms"] is not None and entry["elapsed_ms"] >= 0 and entry["started"].endswith("+00:00")

@@ -107,12 +107,17 @@ def build_server(api: ApiClient) -> MCPServer:
         except ApiError as exc:
             raise ToolError(str(exc)) from None
 
-    @server.tool()
+    @server.tool(description=(
+        "Token use, cost in USD (by model, with cache savings), request and tool-call counts, and "
+        "session counts, as recorded by the aspy proxy. Use it to answer 'what have I spent', 'how many "
+        "tokens so far', 'which tools failed'."))
     async def aspy_stats(session: Session = None, all_clients: AllClients = False) -> dict[str, Any]:
-        """Token use, cost in USD (by model, with cache savings), request and tool-call counts, and session counts, as recorded by the aspy proxy. Use it to answer 'what have I spent', 'how many tokens so far', 'which tools failed'."""  # noqa: E501
+        """Answer the API's /api/stats."""
         return await answer(tools.aspy_stats, {"session": session, "all_clients": all_clients})
 
-    @server.tool()
+    @server.tool(description=(
+        "Recent events, newest first: requests, responses (model, usage, cost), tool calls and results "
+        "(with failures), thinking, errors, rate limits, context compactions, session start and end."))
     async def aspy_events(
         type: Annotated[str | None, Field(description="Only these event types, comma-separated: "
                                           + ", ".join(EVENT_TYPES))] = None,
@@ -120,35 +125,42 @@ def build_server(api: ApiClient) -> MCPServer:
         since: Annotated[str | None, Field(description="ISO 8601 timestamp; only events from then on.")] = None,
         session: Session = None, all_clients: AllClients = False,
     ) -> dict[str, Any]:
-        """Recent events, newest first: requests, responses (model, usage, cost), tool calls and results (with failures), thinking, errors, rate limits, context compactions, session start and end."""  # noqa: E501
+        """Answer the API's /api/events."""
         return await answer(tools.aspy_events, {"type": type, "limit": limit, "since": since, "session": session,
                                                 "all_clients": all_clients})
 
-    @server.tool()
+    @server.tool(description=(
+        "How full the context window is: current tokens, the model's limit, percent used, a warning "
+        "level (normal, warning >= 70%, high >= 85%, critical >= 95%) and how many compactions happened. "
+        "Use it to decide whether to compact or start afresh."))
     async def aspy_context(
         session: Annotated[str | None, Field(description="A session id; default: this Claude Code's own "
                                              "current session.")] = None,
         all_clients: AllClients = False,
     ) -> dict[str, Any]:
-        """How full the context window is: current tokens, the model's limit, percent used, a warning level (normal, warning >= 70%, high >= 85%, critical >= 95%) and how many compactions happened. Use it to decide whether to compact or start afresh."""  # noqa: E501
+        """Answer the API's /api/context."""
         return await answer(tools.aspy_context, {"session": session, "all_clients": all_clients})
 
-    @server.tool()
+    @server.tool(description=(
+        "Every session aspy may show this Claude Code, of every client, with their statistics (tokens, "
+        "cost, tools, context), most recent first. is_me marks the session of the Claude Code asking."))
     async def aspy_sessions(
         status: Literal["active", "idle", "ended"] | None = None, limit: Limit = 20,
         client: Annotated[str | None, Field(description="Only this client's sessions.")] = None,
     ) -> dict[str, Any]:
-        """Every session aspy may show this Claude Code, of every client, with their statistics (tokens, cost, tools, context), most recent first. is_me marks the session of the Claude Code asking."""  # noqa: E501
+        """Answer the API's /api/sessions, with is_me."""
         return await answer(tools.aspy_sessions, {"status": status, "limit": limit, "client": client})
 
-    @server.tool()
+    @server.tool(description=(
+        "Search past prompts and answers recorded by aspy (every word must match); returns ranked "
+        "snippets with their session, time and role. Use it to recall 'when did we discuss X'."))
     async def aspy_search(
         keyword: Annotated[str, Field(description="Words to find.")],
         time_range: TimeRange = "all",
         role: Literal["user", "assistant"] | None = None,
         limit: Annotated[int, Field(ge=1, le=100)] = 10, all_clients: AllClients = False,
     ) -> dict[str, Any]:
-        """Search past prompts and answers recorded by aspy (every word must match); returns ranked snippets with their session, time and role. Use it to recall 'when did we discuss X'."""  # noqa: E501
+        """Answer the API's /api/search."""
         return await answer(tools.aspy_search, {"keyword": keyword, "time_range": time_range, "role": role,
                                                 "limit": limit, "all_clients": all_clients})
 

@@ -18,16 +18,17 @@ __version__ = "0.1.0"
 
 def create_app(config: Config | None = None, test_config: dict | None = None,
                models: ModelTable | None = None) -> Flask:
-    """Create the WSGI app: the proxy, the API, the health check and the dashboard.
+    """Create the WSGI app: the proxy, the API, the health check, the metrics and the dashboard.
 
     ``models`` is the model table read with the config (by default, read now from beside it).
     """
     # Imported here so that gunicorn's master, and gevent before it patches, load nothing heavy.
     from flask import Flask
 
-    from . import api, dashboard, health, proxy
+    from . import api, dashboard, health, metrics, proxy
     from .config import load_config, state_dir
     from .errors import answer_exception
+    from .inflight import InFlight
     from .journal import Journal, default_folder
     from .models import load_models
     from .recorder import Recorder
@@ -49,14 +50,20 @@ def create_app(config: Config | None = None, test_config: dict | None = None,
     if models is None:
         models = load_models(config.path.parent if config.path else None)
     sessions = Sessions(config, store, models)
-    # Tests in-process keep no journal; a served worker keeps one under $XDG_STATE_HOME.
+    # Counted once the store has an exchange; None when this worker cannot keep them (logged).
+    meter = metrics.open_metrics(config, models)
+    # Tests in-process keep no journal, and share nothing with other workers; a served worker
+    # keeps its journal and its notes under $XDG_STATE_HOME.
     recorder = Recorder(sessions, None if app.testing else Journal(default_folder()),
-                        None if app.testing else WorkerStatus(state_dir() / "workers"))
-    app.extensions.update({"aspy.store": store, "aspy.sessions": sessions, "aspy.recorder": recorder})
+                        None if app.testing else WorkerStatus(state_dir() / "workers"), meter)
+    in_flight = InFlight(config, None if app.testing else state_dir() / "in_flight")
+    app.extensions.update({"aspy.store": store, "aspy.sessions": sessions, "aspy.recorder": recorder,
+                           "aspy.metrics": meter, "aspy.in_flight": in_flight})
 
     exchange_log = logging.getLogger("aspy.exchange")
 
     def record(exchange: Exchange) -> None:
+        in_flight.closed(exchange)
         if exchange_log.isEnabledFor(logging.DEBUG):
             log_exchange(exchange)
         recorder(exchange)
@@ -66,7 +73,9 @@ def create_app(config: Config | None = None, test_config: dict | None = None,
     # An app under test starts it with its first exchange, so idle test apps leave no thread behind.
     if not app.testing:
         recorder.start()
+        in_flight.start()
     app.register_blueprint(health.bp)
+    app.register_blueprint(metrics.bp)
     app.register_blueprint(api.bp)
     app.register_blueprint(dashboard.bp)
     app.register_blueprint(proxy.bp)

@@ -278,6 +278,20 @@ def clients():
         for c in shown]})
 
 
+@bp.get("/in_flight")
+def in_flight():
+    """Answer the requests every worker of this host is forwarding right now, oldest first."""
+    wanted = scope({name: request.args.get(name) for name in ("client", "user")})
+    session = request.args.get("session")
+    now = time.time()
+    found = [e for e in current_app.extensions["aspy.in_flight"].host()
+             if wanted.client in (None, e["client"]) and session in (None, e["session"])
+             and (wanted.user is None or e["user"] == wanted.user or e["client"] in wanted.user_clients)]
+    return jsonify({"in_flight": [{**e, "started": iso(e["started"]), "elapsed_ms": round((now - e["started"]) * 1000),
+                                   "ttfb_ms": None if e["ttfb_ms"] is None else round(e["ttfb_ms"], 1)}
+                                  for e in found]})
+
+
 def json_body() -> dict[str, Any]:
     """Return the request's JSON object, or raise 400."""
     try:

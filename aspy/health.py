@@ -16,7 +16,7 @@ def health():
     recorder = current_app.extensions["aspy.recorder"]
     answer = {"status": "ok", "version": __version__,
               "recording": {"failures": recorder.failures, "dropped": recorder.dropped,
-                            "pending": len(recorder.pending) + recorder.queue.qsize(),
+                            "pending": recorder.waiting(),
                             "last_error": recorder.last_error}}
     # Every worker of this host, whichever one answers: writes failing anywhere make the host degraded.
     workers = host_status(recorder.status.folder) if recorder.status is not None else []

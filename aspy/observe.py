@@ -463,6 +463,10 @@ class CountingObserver:
         return self.obs
 
 
+# Answers that stream: an SSE stream, or Bedrock's binary event stream.
+STREAM_TYPES = ("text/event-stream", "application/vnd.amazon.eventstream")
+
+
 def observer_for(content_type: str, path: str = "") -> Observer:
     """Pick how to observe a response by its content type (or, for batch results, its path)."""
     if BATCH_RESULTS_PATH.search(path.split("?", 1)[0]):
@@ -580,6 +584,10 @@ def _read_user_turn(content: Any, facts: RequestFacts) -> None:
         elif block.get("type") == "tool_result":
             facts.tool_results.append((clean_text(str(block.get("tool_use_id", ""))), block.get("is_error") is True))
     facts.prompt = claude_code_rules.REMINDER.sub("", "\n".join(texts)).strip()
+
+
+# The failure of an exchange whose client hung up before the end of the answer.
+CLIENT_WENT_AWAY = "client went away before the response was complete"
 
 
 @dataclass

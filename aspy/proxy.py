@@ -28,7 +28,7 @@ from werkzeug.wsgi import ClosingIterator
 from .config import Config
 from .errors import BROKEN_BODY, AspyError, error_body, error_response
 from .native import readable
-from .observe import Exchange, observer_for
+from .observe import CLIENT_WENT_AWAY, STREAM_TYPES, Exchange, observer_for
 from .routing import resolve, user_hash
 
 log = logging.getLogger(__name__)
@@ -43,7 +43,6 @@ HOP_BY_HOP = frozenset({
 })
 NOT_FORWARDED = HOP_BY_HOP | {"host", "content-length", "accept-encoding"}
 NOT_RELAYED = HOP_BY_HOP | {"content-length", "content-encoding"}
-STREAM_TYPES = ("text/event-stream", "application/vnd.amazon.eventstream")
 # Request headers kept on the record: session keys and context hints, never credentials.
 OBSERVED_HEADERS = ("x-claude-code-session-id", "x-session-id", "x-claude-code-agent-id",
                     "anthropic-beta", "user-agent")
@@ -223,6 +222,8 @@ def forward(_path: str) -> Response:
     # From here the request reaches the provider: the journal notes it, so that it is recorded
     # (as failed) even if this worker dies before the answer ends.
     current_app.extensions["aspy.recorder"].opened(exchange)
+    # Shown in flight (GET /api/in_flight, aspy top, /metrics) until it ends.
+    current_app.extensions["aspy.in_flight"].opened(exchange)
     timeout = (config.server.connect_timeout, config.server.upstream_timeout)
     try:
         upstream = send_upstream(request.method, route.url, headers, body, timeout)
@@ -362,7 +363,7 @@ def _finish(exchange: Exchange, record: Callable[[Exchange], None]) -> None:
         # A HEAD answer has no body: the server closes it without reading one.
         exchange.complete = True
     if not exchange.complete and not exchange.failure:
-        exchange.failure = "client went away before the response was complete"
+        exchange.failure = CLIENT_WENT_AWAY
     try:
         exchange.observation = exchange.observer.finish() if exchange.observer else exchange.observation
         exchange.read_body()

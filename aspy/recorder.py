@@ -21,13 +21,17 @@ import os
 import queue
 import threading
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 from .journal import Journal
 from .native import gevent_patched, native
 from .observe import Exchange, Observation, RequestFacts, clean_text
-from .sessions import Sessions
+from .sessions import Accounted, Sessions
 from .status import WorkerStatus
 from .store import StoreError
+
+if TYPE_CHECKING:
+    from .metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -43,14 +47,18 @@ MAX_RETRY_AFTER = 30.0
 class Recorder:
     """Queue exchanges and write them in batches from a background thread."""
 
-    def __init__(self, sessions: Sessions, journal: Journal | None = None, status: WorkerStatus | None = None):
+    def __init__(self, sessions: Sessions, journal: Journal | None = None, status: WorkerStatus | None = None,
+                 metrics: Metrics | None = None):
         self.sessions = sessions
         self.journal = journal
         # This worker's recording status, for the /health of whichever worker is asked.
         self.status = status
+        # The host's Prometheus figures: each exchange is counted there once the store has it.
+        self.metrics = metrics
         self.failing = False
-        # Exchanges let go from memory during a long outage, still in the journal.
+        # Exchanges let go from memory during a long outage, still in the journal (and how many).
         self.spilled = False
+        self.journal_only = 0
         # Under gevent the writer is an OS thread: SQLite blocks in C, and a writer greenlet would
         # wait behind every busy request of the worker (measured: PostgreSQL then fell behind for good).
         self.in_os_thread = gevent_patched() and hasattr(sessions.store, "kind")
@@ -132,15 +140,18 @@ class Recorder:
         with self._flushing:
             self._flush()
         if self.status is not None:
-            self.status.note(self.failing, len(self.pending) + self.queue.qsize(), self.failures, self.dropped,
-                             self.last_error)
+            self.status.note(self.failing, self.waiting(), self.failures, self.dropped, self.last_error)
+
+    def waiting(self) -> int:
+        """Return how many exchanges wait for the store: queued, kept for a retry, or in the journal only."""
+        return len(self.pending) + self.queue.qsize() + self.journal_only
 
     def _flush(self) -> None:
         while True:
             if self.spilled and not self.pending:
                 # The store is back: what was let go from memory during the outage is in the journal.
                 self.pending.extend(self.journal.unstored() if self.journal else [])
-                self.spilled = False
+                self.spilled, self.journal_only = False, 0
             try:
                 while len(self.pending) < BATCH:
                     self.pending.append(self.queue.get_nowait())
@@ -150,10 +161,12 @@ class Recorder:
                 return
             batch = self.pending[:BATCH]
             try:
-                self.sessions.record(batch)
+                accounted = self.sessions.record(batch)
                 written = len(batch)
             except Exception as exc:
-                written = self._record_each(batch, exc)
+                written, accounted = self._record_each(batch, exc)
+            if accounted and self.metrics is not None:
+                self.metrics.accounted(accounted)
             if written:
                 del self.pending[:written]
                 if self.journal is not None:
@@ -164,31 +177,34 @@ class Recorder:
             self.retry_after = RETRY_AFTER
             self.failing, self.last_error = False, None
 
-    def _record_each(self, batch: list[Exchange], error: Exception) -> int:
+    def _record_each(self, batch: list[Exchange], error: Exception) -> tuple[int, list[Accounted]]:
         """Record a failed batch one exchange at a time; return how many were written before the store failed.
 
         Tells data errors from outages: an exchange the store refuses as it is (an odd type, a
         value out of range) is recorded again with only what can be read of it. Only when even
         that fails is the store itself failing: the rest is kept, in order, for the next try.
         """
+        accounted: list[Accounted] = []
         for done, exchange in enumerate(batch):
             try:
-                self.sessions.record([exchange])
+                accounted += self.sessions.record([exchange])
                 continue
             except Exception as exc:
                 error = exc
             try:
-                self.sessions.record([unreadable(exchange, error)])
+                accounted += self.sessions.record([unreadable(exchange, error)])
                 log.error("recorded an exchange without its content, which the store refused (%s): %s",
                           error, exchange.summary())
             except Exception as exc:
                 self._failed(exc)
-                return done
-        return len(batch)
+                return done, accounted
+        return len(batch), accounted
 
     def _failed(self, exc: Exception) -> None:
         self.failing = True
         self.failures += 1
+        if self.metrics is not None:
+            self.metrics.write_failed()
         self.last_error = str(exc) if isinstance(exc, StoreError) else f"{type(exc).__name__}: {exc}"
         log.error("recording %d exchanges failed (kept for retry): %s", len(self.pending), self.last_error)
         if len(self.pending) > MAX_PENDING:
@@ -197,6 +213,7 @@ class Recorder:
             if self.journal is not None and not self.journal.broken:
                 # Still in the journal: read back once the store answers again.
                 self.spilled = True
+                self.journal_only += lost
                 log.warning("store unavailable: %d exchanges wait in the journal only", lost)
             else:
                 self.dropped += lost

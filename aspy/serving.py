@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import os
+import shutil
 import socket
 import sys
 from pathlib import Path
@@ -16,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from gunicorn.app.base import BaseApplication
 from gunicorn.glogging import Logger
 
-from .config import Config, ConfigError, Server, load_config, split_listen
+from .config import Config, ConfigError, Server, load_config, split_listen, state_dir
 from .logs import REDACT_TOKENS
 
 if TYPE_CHECKING:
@@ -46,6 +48,38 @@ def warn_if_exposed(server: Server) -> None:
                    "this address can read every recorded conversation, key hash and cost through /api/. "
                    "Set [server] api_token, or listen on 127.0.0.1.")
         log.warning("!" * 20 + " " + message)
+
+
+def fresh_metrics_folder() -> None:
+    """Give this server's workers an empty folder for their Prometheus counters, and name it for them.
+
+    Runs in gunicorn's master before it forks any worker (prometheus_client reads the variable
+    when a worker imports it). The folder outlives every worker, so counters never go back when
+    one dies or a reload replaces them all; a new server starts again from zero. It is named
+    after the master, so that another aspy sharing the state folder keeps its own; those of
+    servers that have stopped go.
+    """
+    root = state_dir() / "metrics"
+    folder = root / str(os.getpid())
+    try:
+        for old in root.iterdir() if root.is_dir() else []:
+            if old == folder or not (old.name.isdigit() and _alive(int(old.name))):
+                shutil.rmtree(old, ignore_errors=True)
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        log.error("/metrics will be off: cannot make %s: %s", folder, exc)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(folder)
+
+
+def _alive(pid: int) -> bool:
+    """Tell whether a process is running."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # another user's
+    return True
 
 
 class RedactingLogger(Logger):
@@ -83,6 +117,7 @@ def gunicorn_settings(server: Server) -> dict[str, Any]:
         # instances on one host would fight over it.
         "control_socket_disable": True,
         "when_ready": lambda _arbiter: warn_if_exposed(server),
+        "on_starting": lambda _arbiter: fresh_metrics_folder(),
     }
 
 

@@ -107,6 +107,17 @@ def bucket_of(at: float) -> int:
 
 
 @dataclass
+class Accounted:
+    """One exchange as a batch counted it in the store: whose it is, and each billed sampling (for /metrics)."""
+
+    exchange: Exchange
+    # The client after the migration shim; None for a legacy user.
+    client: str | None
+    # (model, tokens, cost in USD) of each billed sampling, as added to the store.
+    samplings: list[tuple[str, Usage, float]] = field(default_factory=list)
+
+
+@dataclass
 class Batch:
     """What one batch of exchanges writes: each session once, all events at once."""
 
@@ -125,6 +136,8 @@ class Batch:
     tool_buckets: dict[tuple[int, str, str], list[int]] = field(default_factory=dict)
     # Sessions whose key hash was set by this batch (they were anonymous).
     new_users: set[str] = field(default_factory=set)
+    # Every exchange the batch counts (not those the store already had), in order.
+    accounted: list[Accounted] = field(default_factory=list)
 
     def add_traffic(self, client: str | None, user: str, failed: bool, at: float) -> None:
         """Count a request that opens no session as its identity's traffic."""
@@ -220,8 +233,8 @@ class Sessions:
             return Identity(self.config.clients.get(client_id), user)
         return Identity(self.hash_owner.get(user), user)
 
-    def record(self, exchanges: list[Exchange]) -> None:
-        """Apply a batch of exchanges in one transaction."""
+    def record(self, exchanges: list[Exchange]) -> list[Accounted]:
+        """Apply a batch of exchanges in one transaction; return what it counted, once committed."""
         with self.store.transaction() as tx:
             batch = Batch()
             # A journal gives back what a stopped worker held: the store may have part of it already.
@@ -233,8 +246,10 @@ class Sessions:
                     continue
                 if not is_messages_call(exchange.method, exchange.path):
                     identity = self.identity(exchange.client, exchange.user)
-                    batch.add_traffic(identity.client.id if identity.client else None, identity.user,
+                    client_id = identity.client.id if identity.client else None
+                    batch.add_traffic(client_id, identity.user,
                                       failed_exchange(exchange), exchange.started_at + exchange.duration_ms / 1000)
+                    batch.accounted.append(Accounted(exchange, client_id))
                     continue
                 session = self._session_for(tx, exchange, batch)
                 self._apply(tx, session, exchange, batch)
@@ -244,6 +259,7 @@ class Sessions:
             tx.add_events(batch.events)
             tx.add_messages(batch.messages)
         self.touched.update(batch.sessions)
+        return batch.accounted
 
     def upkeep(self) -> None:
         """End idle-too-long sessions, trim event buffers, apply the retention, price history the table now knows."""
@@ -359,6 +375,8 @@ class Sessions:
                 batch.add_tool_bucket(done_at, s.id, tool, 0, 1)
             events.append(self._event(s, "tool_result", ex.started_at, tool=tool, tool_use_id=tool_use_id,
                                       is_error=is_error, duration_ms=round((ex.started_at - called_at) * 1000, 1)))
+        account = Accounted(ex, s.client)
+        batch.accounted.append(account)
         cost_usd, unpriced, usage = 0.0, set(), Usage()
         parts = bill(ex)
         if obs.batch_results and not self._first_billing(tx, ex):
@@ -373,6 +391,7 @@ class Sessions:
             name = part.model or "unknown"
             if not cost.priced:
                 unpriced.add(name)
+            account.samplings.append((name, part.usage, cost.usd))
             # A response counts once, in the share of the model that answered it.
             batch.add_model(s.id, name, part.usage, cost, requests=int(i == counted))
             batch.add_bucket(done_at, s, None, s.user, name, cost.price_class, part.usage, cost,

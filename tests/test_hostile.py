@@ -237,8 +237,9 @@ def test_an_error_while_relaying_on_a_token_path_is_json_and_never_logs_the_toke
 
 API_TOKEN = "api-token-for-hostile-tests"
 ENDPOINTS = [("GET", "/api/stats"), ("GET", "/api/events"), ("GET", "/api/context"), ("GET", "/api/sessions"),
-             ("GET", "/api/clients"), ("POST", "/api/session/start"), ("POST", "/api/session/end"),
-             ("POST", "/api/search"), ("PUT", "/api/search"), ("DELETE", "/api/sessions"), ("GET", "/api/nothing")]
+             ("GET", "/api/clients"), ("GET", "/api/in_flight"), ("POST", "/api/session/start"),
+             ("POST", "/api/session/end"), ("POST", "/api/search"), ("PUT", "/api/search"), ("DELETE", "/api/sessions"),
+             ("GET", "/api/nothing")]
 # The POST endpoints read the most input: they get most of the examples.
 ENDPOINTS += [e for e in ENDPOINTS if e[0] == "POST"] * 2
 FIELDS = ["keyword", "role", "time_range", "client", "user", "session", "session_id", "source", "reason",

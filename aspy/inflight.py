@@ -1,0 +1,125 @@
+"""Requests in flight on this host: what every worker is forwarding right now.
+
+A worker notes an exchange when it goes upstream and forgets it when it ends: the request's
+path pays a dict update and an event. A greenlet of the worker writes its list to
+``$XDG_STATE_HOME/aspy/in_flight/<pid>.json`` a moment after it changes, and every second
+while anything is open (so that time to first byte and the model show as they become known).
+Any worker reads every living worker's list, for ``GET /api/in_flight``, ``aspy top`` and
+``/metrics``, so a long turn is visible while it streams, whichever worker serves it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from .config import Config
+from .observe import STREAM_TYPES, Exchange
+
+# A change is written this long after it happens, so that a burst of requests is one write.
+SETTLE = 0.05
+# While anything is in flight the list is written again this often.
+REFRESH = 1.0
+# The model a request names, near the start of its body (where the SDKs and Claude Code put it).
+MODEL_NAMED = re.compile(rb'"model"\s*:\s*"([^"\\]{1,200})"')
+MODEL_WITHIN = 4096
+
+
+class InFlight:
+    """This worker's open exchanges, and the greenlet that shares them with the host's other workers."""
+
+    def __init__(self, config: Config, folder: Path | None):
+        self.folder = folder
+        self.open: dict[str, Exchange] = {}
+        # Legacy key hashes a client has taken over count as that client's, as in the store.
+        self.hash_owner = {h: c.id for c in config.clients.values() for h in c.legacy_user_hashes}
+        self._changed: threading.Event | None = None
+        self._pid: int | None = None
+
+    def opened(self, exchange: Exchange) -> None:
+        """Note an exchange that is going upstream."""
+        self.open[exchange.id] = exchange
+        if self._changed is not None:
+            self._changed.set()
+
+    def closed(self, exchange: Exchange) -> None:
+        """Forget an exchange that ended (or never went upstream)."""
+        if self.open.pop(exchange.id, None) is not None and self._changed is not None:
+            self._changed.set()
+
+    def start(self) -> None:
+        """Start sharing this worker's list (once per process); a greenlet under gevent."""
+        if self.folder is None or self._pid == os.getpid():
+            return
+        self._pid = os.getpid()
+        self._changed = threading.Event()
+        threading.Thread(target=self._run, name="aspy-in-flight", daemon=True).start()
+
+    def entries(self) -> list[dict[str, Any]]:
+        """Return this worker's exchanges in flight, as plain data."""
+        # An exchange whose end was not reported (a bug on the way) leaves once it has a duration.
+        return [self._entry(e) for e in list(self.open.values()) if not e.duration_ms]
+
+    def host(self) -> list[dict[str, Any]]:
+        """Return every living worker's exchanges in flight (this one's as they are now), oldest first."""
+        found = self.entries()
+        if self.folder is not None and self.folder.is_dir():
+            for path in self.folder.glob("*.json"):
+                found += _living_workers_list(path)
+        return sorted(found, key=lambda e: e["started"])
+
+    def _entry(self, exchange: Exchange) -> dict[str, Any]:
+        headers = exchange.headers
+        client = exchange.client or self.hash_owner.get(exchange.user)
+        return {"client": client, "user": exchange.user,
+                "session": headers.get("x-claude-code-session-id") or headers.get("x-session-id"),
+                "model": _model(exchange), "method": exchange.method, "path": exchange.path,
+                "started": exchange.started_at, "ttfb_ms": exchange.ttfb_ms,
+                "streaming": exchange.response_type.startswith(STREAM_TYPES),
+                "agent_id": headers.get("x-claude-code-agent-id")}
+
+    def _run(self) -> None:
+        path = self.folder / f"{os.getpid()}.json"
+        while True:
+            self._write(path)
+            self._changed.wait(REFRESH if self.open else None)
+            time.sleep(SETTLE)
+            self._changed.clear()
+
+    def _write(self, path: Path) -> None:
+        """Write this worker's list; a full disk only hides it from the other workers."""
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            temporary = path.with_suffix(".tmp")
+            temporary.write_text(json.dumps({"pid": os.getpid(), "in_flight": self.entries()}))
+            temporary.replace(path)
+        except (OSError, ValueError):
+            pass
+
+
+def _living_workers_list(path: Path) -> list[dict[str, Any]]:
+    """Return another living worker's list from its file; forget a dead worker's file."""
+    try:
+        pid = int(path.stem)
+        if pid == os.getpid():
+            return []
+        os.kill(pid, 0)
+        return list(json.loads(path.read_text())["in_flight"])
+    except ProcessLookupError:
+        path.unlink(missing_ok=True)
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # being replaced, or not ours
+    return []
+
+
+def _model(exchange: Exchange) -> str | None:
+    """Return the model that answers (once the answer said), else the one the request names near its start."""
+    observed = getattr(getattr(exchange.observer, "obs", None), "model", None)
+    if observed:
+        return observed
+    named = MODEL_NAMED.search(exchange.body, 0, MODEL_WITHIN)
+    return named.group(1).decode("utf-8", "replace") if named else None

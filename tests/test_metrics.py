@@ -289,7 +289,8 @@ def test_a_worker_killed_with_sigkill_never_takes_a_counter_back(start_aspy, ups
     time.sleep(0.5)
     stop.set()
     watcher.join()
-    assert len(seen) > 20
+    # Scrapes every 0.1 s through at least 2 s: enough of them on both sides of the kill, even on a busy machine.
+    assert len(seen) > 8
     for before, after in zip(seen, seen[1:]):
         for series, value in before.items():
             assert after.get(series, 0) >= value, f"{series} went back from {value} to {after.get(series)}"

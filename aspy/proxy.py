@@ -349,11 +349,51 @@ def _chunks(upstream: requests.Response, content_type: str) -> Iterator[bytes]:
     if "chunked" in upstream.headers.get("transfer-encoding", "").lower():
         # Each chunk as it comes, but never more than READ_CHUNK decoded at once: a gzip bomb
         # in one chunk is inflated piece by piece, not into memory whole.
-        return upstream.raw.read_chunked(READ_CHUNK, decode_content=True)
+        return _coalesced(upstream.raw.read_chunked(READ_CHUNK, decode_content=True), _arrived(upstream))
     if content_type.startswith(STREAM_TYPES):
         # iter_content would wait for 64 KiB (or the end) before yielding: read what has come.
         return iter(lambda: upstream.raw.read1(READ_CHUNK, decode_content=True), b"")
     return upstream.iter_content(chunk_size=READ_CHUNK)
+
+
+def _arrived(upstream: requests.Response) -> Callable[[], bool]:
+    """Return what tells, without waiting, whether more of the body is already here to read."""
+    reader = getattr(upstream.raw._fp, "fp", None)  # http.client's buffered reader on the socket
+    connection = upstream.raw.connection
+    sock = connection.sock if connection is not None else None
+    if reader is None or sock is None:
+        return lambda: False
+
+    def arrived() -> bool:
+        # A peek that cannot wait: what the reader holds, or what the socket has now.
+        timeout = sock.gettimeout()
+        sock.settimeout(0.0)
+        try:
+            return bool(reader.peek(1))
+        except OSError:
+            return False
+        finally:
+            sock.settimeout(timeout)
+
+    return arrived
+
+
+def _coalesced(pieces: Iterator[bytes], arrived: Callable[[], bool]) -> Iterator[bytes]:
+    """Yield the pieces, each joined with those that arrived with it: one write for what came at once.
+
+    Never waits for more: a piece is held only while the next one is already here, and at most
+    READ_CHUNK of them, so events reach the client as soon as they reach aspy.
+    """
+    held: list[bytes] = []
+    size = 0
+    for piece in pieces:
+        held.append(piece)
+        size += len(piece)
+        if size >= READ_CHUNK or not arrived():
+            yield b"".join(held)
+            held, size = [], 0
+    if held:
+        yield b"".join(held)
 
 
 def _finish(exchange: Exchange, record: Callable[[Exchange], None]) -> None:

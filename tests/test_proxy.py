@@ -376,3 +376,16 @@ def test_each_exchange_is_logged_without_secrets(aspy):
 
 def test_health_answers(aspy):
     assert requests.get(f"{aspy.url}/health").json()["status"] == "ok"
+
+
+def test_pieces_that_arrived_together_leave_in_one_write_and_none_waits():
+    from aspy.proxy import READ_CHUNK, _coalesced
+
+    events = [b"event: e%d\ndata: {}\n\n" % i for i in range(40)]
+    # All forty came in one read from the upstream: one write to the client.
+    assert list(_coalesced(iter(events), lambda: True)) == [b"".join(events)]
+    # Each came on its own: each leaves at once, never held for the next.
+    assert list(_coalesced(iter(events), lambda: False)) == events
+    # Held pieces never exceed READ_CHUNK (plus the one that crossed it).
+    big = [b"x" * (READ_CHUNK // 2 + 1)] * 5
+    assert [len(p) for p in _coalesced(iter(big), lambda: True)] == [2 * len(big[0])] * 2 + [len(big[0])]

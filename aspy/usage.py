@@ -19,7 +19,7 @@ from operator import attrgetter
 from typing import Any
 
 from .observe import Usage
-from .store import BUCKET_SECONDS, Scope, Store
+from .store import BUCKET_SECONDS, Scope, Store, UsageRow
 
 GROUP_KEYS = ("day", "week", "month", "client", "model", "tag", "session")
 TIME_KEYS = ("day", "week", "month")
@@ -124,7 +124,7 @@ def answer(store: Store, question: Question, tags: Mapping[str, tuple[str, ...]]
     time_at = names.index(time_key) if time_key else None
     groups: dict[tuple, list] = {}
     for row in rows:
-        figures = (row.requests, row.failed, *row.usage.astuple(), row.cost_usd, row.savings_usd)
+        figures = _figures(row)
         key = keys_of(row)
         key = list(key) if len(names) > 1 else [key]
         if time_at is not None:
@@ -139,12 +139,8 @@ def answer(store: Store, question: Question, tags: Mapping[str, tuple[str, ...]]
             group = groups.get(found := tuple(key))
             groups[found] = list(figures) if group is None else [a + b for a, b in zip(group, figures)]
     # Each exchange once in the total, whatever tags it counts under.
-    total = [0] * len(FIGURES)
-    for row in rows if tag_at is not None else ():
-        total = [a + b for a, b in zip(total, (row.requests, row.failed, *row.usage.astuple(), row.cost_usd,
-                                               row.savings_usd))]
-    for figures in groups.values() if tag_at is None else ():
-        total = [a + b for a, b in zip(total, figures)]
+    counted = [_figures(row) for row in rows] if tag_at is not None else list(groups.values())
+    total = [sum(column) for column in zip(*counted)] if counted else [0] * len(FIGURES)
     others = [i for i, n in enumerate(names) if n in by and n not in TIME_KEYS]
     ordered = sorted(groups.items(), key=lambda g: (
         g[0][time_at] if time_at is not None else "", -g[1][-2],
@@ -153,6 +149,11 @@ def answer(store: Store, question: Question, tags: Mapping[str, tuple[str, ...]]
             "since": _iso(question.since, question.tz), "until": _iso(question.until, question.tz),
             "rows": [dict(zip(names, key)) | _shape(figures) for key, figures in ordered], "total": _shape(total),
             "unpriced_models": store.usage_unpriced(question.scope, question.since, question.until)}
+
+
+def _figures(row: UsageRow) -> tuple:
+    """Return a store row's figures in FIGURES order."""
+    return (row.requests, row.failed, *row.usage.astuple(), row.cost_usd, row.savings_usd)
 
 
 def _label(day: int, key: str) -> str:

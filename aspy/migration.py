@@ -272,7 +272,7 @@ def _apply_record(entry: LogSession, record: dict, at: float, config: Config, mo
         body = record.get("body") if isinstance(record.get("body"), dict) else {}
         facts = read_request(json.dumps(body).encode(), "application/json")
         entry.cache_ttl = facts.cache_ttl
-        entry.shares.add_bucket(at, s, None, s.user, facts.model or None, STANDARD, requests=1)
+        entry.shares.add_bucket(at, s, facts.model or None, STANDARD, requests=1)
         event("request", method=record.get("method"), path=record.get("path"), model=facts.model,
               stream=facts.stream, messages=facts.message_count, tools=facts.tool_count,
               body_bytes=record.get("body_size"), imported=True)
@@ -284,7 +284,7 @@ def _apply_record(entry: LogSession, record: dict, at: float, config: Config, mo
         if status >= 400:
             body = record.get("body") if isinstance(record.get("body"), dict) else {}
             model = body.get("model") if isinstance(body.get("model"), str) else None
-            entry.shares.add_bucket(at, s, None, s.user, model, STANDARD, failed=1)
+            entry.shares.add_bucket(at, s, model, STANDARD, failed=1)
         ttfb = duration_ms(record.get("ttfb"))
         if ttfb is not None:
             s.ttfb_total_ms += ttfb
@@ -309,7 +309,7 @@ def _apply_record(entry: LogSession, record: dict, at: float, config: Config, mo
             s.savings_usd += cost.savings_usd
             entry.shares.add_model(s.id, model, part.usage, cost, requests=int(i == 0))
             # The log counts requests by their Request records: the bucket takes only the tokens.
-            entry.shares.add_bucket(at, s, None, s.user, model, cost.price_class, part.usage, cost)
+            entry.shares.add_bucket(at, s, model, cost.price_class, part.usage, cost)
     elif kind == "ToolCall":
         s.tool_calls += 1
         entry.shares.add_tool(s.id, record.get("tool_name") or "unknown", 1, 0)

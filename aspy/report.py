@@ -48,6 +48,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "the host of $ANTHROPIC_BASE_URL, else http://127.0.0.1:8080")
 
 
+class ReportError(Exception):
+    """The report cannot be made; the message says why, in plain words."""
+
+
 def run(args: argparse.Namespace, config: Config | None) -> int:
     """Print the report; return the exit status."""
     key = PERIODS[args.period]
@@ -64,10 +68,6 @@ def run(args: argparse.Namespace, config: Config | None) -> int:
     else:
         print(table(figures, args.period))
     return 0
-
-
-class ReportError(Exception):
-    """The report cannot be made; the message says why, in plain words."""
 
 
 def _from_store(args: argparse.Namespace, config: Config, group_by: tuple[str, ...]) -> dict[str, Any]:

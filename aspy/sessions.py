@@ -145,12 +145,12 @@ class Batch:
         counts[0] += 1
         counts[1] += failed
         counts[2] = max(counts[2], at)
-        self.add_bucket(at, None, client, user, None, "", requests=1, failed=int(failed))
+        self.add_bucket(at, None, None, "", requests=1, failed=int(failed), client=client, user=user)
 
-    def add_bucket(self, at: float, session: Session | None, client: str | None, user: str, model: str | None,
-                   price_class: str, usage: Usage = Usage(), cost: Cost | None = None, requests: int = 0,
-                   failed: int = 0) -> None:
-        """Add figures to the bucket of an instant, for a session (or a client's traffic) and a model."""
+    def add_bucket(self, at: float, session: Session | None, model: str | None, price_class: str,
+                   usage: Usage | None = None, cost: Cost | None = None, requests: int = 0, failed: int = 0,
+                   client: str | None = None, user: str = ANONYMOUS) -> None:
+        """Add figures to the bucket of an instant, for a session (or, without one, a client's traffic) and a model."""
         if session is not None:
             client, user = session.client, session.user
         start = bucket_of(at)
@@ -160,7 +160,8 @@ class Batch:
             bucket = self.buckets[key] = UsageBucket(start, key[1], client, user, model, price_class)
         bucket.requests += requests
         bucket.failed += failed
-        bucket.usage = bucket.usage + usage
+        if usage is not None:
+            bucket.usage = bucket.usage + usage
         if cost is not None:
             bucket.cost_usd += cost.usd
             bucket.savings_usd += cost.savings_usd
@@ -394,11 +395,11 @@ class Sessions:
             account.samplings.append((name, part.usage, cost.usd))
             # A response counts once, in the share of the model that answered it.
             batch.add_model(s.id, name, part.usage, cost, requests=int(i == counted))
-            batch.add_bucket(done_at, s, None, s.user, name, cost.price_class, part.usage, cost,
-                             requests=int(i == counted), failed=failed * int(i == counted))
+            batch.add_bucket(done_at, s, name, cost.price_class, part.usage, cost, requests=int(i == counted),
+                             failed=failed * int(i == counted))
         if not parts:
             # Nothing billed (a failure before any usage, results billed before): the request still counts.
-            batch.add_bucket(done_at, s, None, s.user, model or None, STANDARD, requests=1, failed=int(failed))
+            batch.add_bucket(done_at, s, model or None, STANDARD, requests=1, failed=int(failed))
         s.usage = s.usage + usage
         self._tell_unpriced(unpriced)
         if ex.ttfb_ms is not None:

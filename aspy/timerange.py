@@ -24,8 +24,8 @@ def zone(name: str) -> ZoneInfo:
         raise TimeRangeError("tz must be an IANA time zone name, such as Europe/Paris")
     try:
         return ZoneInfo(name)
-    except (ZoneInfoNotFoundError, ValueError):
-        raise TimeRangeError(f"tz is not a known IANA time zone: {name!r}") from None
+    except (ZoneInfoNotFoundError, ValueError, OSError):
+        raise TimeRangeError(f"tz is not a known IANA time zone: {name[:64]!r}") from None
 
 
 def server_zone() -> tuple[str, tzinfo]:

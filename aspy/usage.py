@@ -15,6 +15,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta, tzinfo
+from operator import attrgetter
 from typing import Any
 
 from .observe import Usage
@@ -117,18 +118,30 @@ def answer(store: Store, question: Question, tags: Mapping[str, tuple[str, ...]]
     # Keys as they appear in a row: the session's id, Claude session id and client go together.
     names = [n for k in by for n in (("session", "claude_session_id", "client") if k == "session" else (k,))]
     names = list(dict.fromkeys(names))
+    keys_of = attrgetter(*["day" if n == time_key else "client" if n == "tag" else n for n in names])
     labels: dict[int, str] = {}
+    tag_at = names.index("tag") if "tag" in names else None
+    time_at = names.index(time_key) if time_key else None
     groups: dict[tuple, list] = {}
-    total = [0] * len(FIGURES)
     for row in rows:
-        figures = (row.requests, row.failed, *row.usage.astuple(), row.cost_usd, row.savings_usd)
-        total = [a + b for a, b in zip(total, figures)]
-        for key in _keys(row, names, time_key, tags, labels):
-            group = groups.get(key)
-            groups[key] = list(figures) if group is None else [a + b for a, b in zip(group, figures)]
-    position = {name: i for i, name in enumerate(names)}
-    time_at = position.get(time_key)
-    others = [position[k] for k in by if k not in TIME_KEYS]
+        figures = _figures(row)
+        key = keys_of(row)
+        key = list(key) if len(names) > 1 else [key]
+        if time_at is not None:
+            label = labels.get(key[time_at])
+            if label is None:
+                label = labels[key[time_at]] = _label(key[time_at], time_key)
+            key[time_at] = label
+        # A client with two tags counts under both; without a client or a tag, under none (null).
+        for tag in (tags.get(key[tag_at] or "") or (None,)) if tag_at is not None else (None,):
+            if tag_at is not None:
+                key[tag_at] = tag
+            group = groups.get(found := tuple(key))
+            groups[found] = list(figures) if group is None else [a + b for a, b in zip(group, figures)]
+    # Each exchange once in the total, whatever tags it counts under.
+    counted = [_figures(row) for row in rows] if tag_at is not None else list(groups.values())
+    total = [sum(column) for column in zip(*counted)] if counted else [0] * len(FIGURES)
+    others = [i for i, n in enumerate(names) if n in by and n not in TIME_KEYS]
     ordered = sorted(groups.items(), key=lambda g: (
         g[0][time_at] if time_at is not None else "", -g[1][-2],
         tuple((g[0][i] is None, g[0][i] or "") for i in others)))
@@ -138,25 +151,17 @@ def answer(store: Store, question: Question, tags: Mapping[str, tuple[str, ...]]
             "unpriced_models": store.usage_unpriced(question.scope, question.since, question.until)}
 
 
-def _keys(row: UsageRow, names: list[str], time_key: str | None, tags: Mapping[str, tuple[str, ...]],
-          labels: dict[int, str]) -> list[tuple]:
-    """Return the group keys a store row counts under: one, or one per tag of its client."""
-    keys = []
-    for name in names:
-        if name == time_key:
-            label = labels.get(row.day)
-            if label is None:
-                day = EPOCH + timedelta(days=row.day)
-                label = labels[row.day] = {"day": day.isoformat(), "month": day.strftime("%Y-%m"),
-                                           "week": (day - timedelta(days=day.weekday())).isoformat()}[name]
-            keys.append(label)
-        else:
-            keys.append(None if name == "tag" else getattr(row, name))
-    if "tag" not in names:
-        return [tuple(keys)]
-    # A client with two tags counts under both; without a client or a tag, under none (null).
-    at = names.index("tag")
-    return [tuple(keys[:at] + [tag] + keys[at + 1:]) for tag in (tags.get(row.client or "") or (None,))]
+def _figures(row: UsageRow) -> tuple:
+    """Return a store row's figures in FIGURES order."""
+    return (row.requests, row.failed, *row.usage.astuple(), row.cost_usd, row.savings_usd)
+
+
+def _label(day: int, key: str) -> str:
+    """Return the label of a day (days since 1970-01-01) for a time key: the day, its ISO week's Monday, its month."""
+    date_ = EPOCH + timedelta(days=day)
+    if key == "week":
+        return (date_ - timedelta(days=date_.weekday())).isoformat()
+    return date_.strftime("%Y-%m") if key == "month" else date_.isoformat()
 
 
 def _shape(figures: list) -> dict[str, Any]:

@@ -28,7 +28,7 @@ TEAM = 50
 ZONE = "America/Los_Angeles"
 SONNET, OPUS, HAIKU = "claude-sonnet-4-5-20250929", "claude-opus-4-5-20251101", "claude-haiku-4-5-20251001"
 # Per exchange, about: input, output, cache read, cache write (5m).
-TOKENS = (1_500, 400, 30_000, 1_500)
+TOKENS = (600, 450, 38_000, 2_400)
 QUESTIONS = [
     ("group_by=day,client", f"group_by=day,client&tz={ZONE}"),
     ("the same in UTC", "group_by=day,client&tz=UTC"),

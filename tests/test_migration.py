@@ -160,12 +160,20 @@ def test_importing_old_logs_shows_a_plan_then_imports_once(old, tmp_path):
     assert session["status"] == "ended" and session["started"].startswith("2025-12-07T14:03:22")
     events = requests.get(f"{old.url}/api/events", params={"user": SAMPLE_HASH}).json()["events"]
     assert {e["type"] for e in events} == {"request", "response", "tool_call", "tool_result"}
+    # Figures over time at the instants the log gives, not at the import's.
+    [day] = requests.get(f"{old.url}/api/usage", params={"user": SAMPLE_HASH, "tz": "UTC",
+                                                         "group_by": "day"}).json()["rows"]
+    assert day["day"] == "2025-12-07" and day["requests"] == 1 and day["tokens"] == imported["tokens"]
+    assert day["cost_usd"] == pytest.approx(imported["cost"]["total_usd"], abs=1e-9)
 
     # The imported hash can then be migrated like any other.
     done = migrate(old, "--apply", "--map", f"{SAMPLE_HASH}=old-laptop")
     assert done.returncode == 0, done.stderr
     assert "Re-attributed 3 sessions" in done.stdout  # the two keys of the fixture, and the imported one
     assert stats(old, user=SAMPLE_HASH)["requests"]["total"] == 1
+    moved = requests.get(f"{old.url}/api/usage", params={"group_by": "month,client", "tz": "UTC"}).json()["rows"]
+    assert [(r["month"], r["client"], r["requests"]) for r in moved if r["month"] == "2025-12"] == \
+        [("2025-12", "old-laptop", 1)]
     assert tomllib.loads(old.config.read_text())["clients"]["old-laptop"]["legacy_user_hashes"] == [SAMPLE_HASH]
 
 

@@ -609,3 +609,21 @@ def test_requests_outside_sessions_count_with_no_session_and_no_model(book):
     assert (row["session"], row["client"], row["requests"], row["failed"]) == (None, "ana", 2, 1)
     assert [r["model"] for r in ask(book.store, ("model",))["rows"]] == [None]
     assert book.store.totals(Scope(), Horizon(0, 0)).requests == 2
+
+
+def test_report_reads_a_store_as_it_is_and_never_migrates_it(book, tmp_path, store_kind):
+    book.record([exchange(utc("2026-11-10T10:00:00"), "ana", "r-1", SONNET, dict(i=100, o=10))])
+    config = tmp_path / "config.toml"
+    clients = "".join(f'[clients.{c}]\nname = "{c}"\nprovider = "anthropic"\n' for c in CLIENTS)
+    config.write_text(f'[store]\nurl = "{book.config.store.url}"\n{clients}')
+    run = lambda: subprocess.run([sys.executable, "-m", "aspy", "report", "monthly", "--json", "--tz", "UTC",
+                                  "--config", str(config)], capture_output=True, text=True, timeout=120)
+    assert json.loads(run().stdout)["rows"][0]["tokens"]["input"] == 100
+    book.store.close()
+    downgrade(book.config.store.url)
+    older = run()
+    assert older.returncode == 2 and "schema version 3" in older.stderr and "aspy serve" in older.stderr
+    if store_kind == "sqlite":
+        config.write_text(f'[store]\nurl = "sqlite:///{tmp_path / "none.db"}"\n')
+        none = run()
+        assert none.returncode == 2 and "nothing recorded" in none.stderr and not (tmp_path / "none.db").exists()

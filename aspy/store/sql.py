@@ -122,6 +122,15 @@ def bucket_window(since: float | None, until: float | None) -> tuple[int | None,
     return up(since), up(until)
 
 
+def sums(sign: str = "") -> str:
+    """Return the SUMs of the rollup's figures, with counts as whole numbers.
+
+    PostgreSQL's SUM of a BIGINT is a NUMERIC, which the driver reads one Python Decimal at a time.
+    """
+    return ", ".join(f"SUM({sign}{c}) AS {c}" if c in ("cost_usd", "savings_usd") else
+                     f"CAST(SUM({sign}{c}) AS BIGINT) AS {c}" for c in ROLLUP_FIGURES)
+
+
 @dataclass(frozen=True)
 class Piece:
     """Part of a usage question read from one table: a time range, and how its rows find their day.
@@ -586,23 +595,26 @@ class SqlStore(Store):
             sql, piece_params = self._piece(piece, names, scope)
             selects.append(sql)
             params += piece_params
-        sums = ", ".join(f"SUM({c})" for c in ROLLUP_FIGURES)
-        shown = names + ["(SELECT claude_session_id FROM sessions WHERE id = pieces.session_id)"] * ("session" in by)
-        grouped = f" GROUP BY {', '.join(names)}" if names else ""
-        statement = selects[0] if len(selects) == 1 and "session" not in by else \
-            f"SELECT {', '.join([*shown, sums])} FROM ({' UNION ALL '.join(selects)}) AS pieces{grouped}"
+        # The pieces' rows are added up here: a dict does it quicker than a second GROUP BY over them.
+        width = len(names) + ("session" in by)
+        merged: dict[tuple, list] = {}
+        for row in self.query(" UNION ALL ".join(selects), params):
+            key, figures = row[:width], row[width:]
+            if figures[0] is None:
+                continue  # a piece with no rows
+            found = merged.get(key)
+            merged[key] = list(figures) if found is None else [a + b for a, b in zip(found, figures)]
         # Where each key is in a row (None: not asked for).
         at = [names.index(n) if n in names else None for n in ("day", "client_id", "model", "session_id")]
         at.append(len(names) if "session" in by else None)
-        first = len(shown)
         answer = []
-        for row in self.query(statement, params):
-            # Nothing there (no piece had a row), or only buckets moved to another day.
-            if not any(row[first:-2]):
+        for key, figures in merged.items():
+            # Only buckets moved to another day: nothing left there.
+            if not any(figures[:-2]):
                 continue
-            day, client, model, session, claude = (None if i is None else row[i] for i in at)
-            answer.append(UsageRow(day, client or None, model or None, session or None, claude, row[first],
-                                   row[first + 1], Usage(*row[first + 2:-2]), row[-2], row[-1]))
+            day, client, model, session, claude = (None if i is None else key[i] for i in at)
+            answer.append(UsageRow(day, client or None, model or None, session or None, claude, figures[0],
+                                   figures[1], Usage(*figures[2:-2]), figures[-2], figures[-1]))
         return answer
 
     def _piece(self, piece: Piece, names: list[str], scope: Scope) -> tuple[str, list[Any]]:
@@ -618,6 +630,8 @@ class SqlStore(Store):
             tables += f" CROSS JOIN (SELECT {shift} AS shift, 1 AS sign UNION ALL SELECT {int(piece.moved)}, -1) AS moves"
             shift, sign = "moves.shift", "moves.sign * "
         keys = [f"({column} + {shift}) / {DAY} AS day" if n == "day" else n for n in names]
+        if "session_id" in names:
+            keys.append("(SELECT claude_session_id FROM sessions WHERE id = session_id)")
         where, params = [f"{column} >= ?", f"{column} < ?"], [piece.start, piece.end]
         if piece.fine and piece.times is not None and piece.end - piece.start > BAND_BY_TIME_OF_DAY:
             # A unary plus keeps SQLite from reading the whole range of buckets for a few of them.
@@ -626,9 +640,8 @@ class SqlStore(Store):
             where += [f"{column} % {DAY} >= ?", f"{column} % {DAY} < ?"]
             params += list(piece.times)
         scoped, scope_params = usage_scope(scope, piece.fine)
-        sums = ", ".join(f"SUM({sign}{c}) AS {c}" for c in ROLLUP_FIGURES)
-        grouped = f" GROUP BY {', '.join(str(i + 1) for i in range(len(keys)))}" if keys else ""
-        return (f"SELECT {', '.join([*keys, sums])} FROM {tables} WHERE {' AND '.join(where)} AND {scoped}{grouped}",
+        grouped = f" GROUP BY {', '.join(str(i + 1) for i in range(len(names)))}" if names else ""
+        return (f"SELECT {', '.join([*keys, sums(sign)])} FROM {tables} WHERE {' AND '.join(where)} AND {scoped}{grouped}",
                 [*params, *scope_params])
 
     def usage_span(self, scope):

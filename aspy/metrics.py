@@ -23,8 +23,9 @@ import hmac
 import logging
 import os
 from collections import defaultdict
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from flask import Blueprint, Response, current_app, request
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest

@@ -14,7 +14,7 @@ import socket
 import sys
 import threading
 import time
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import requests
 import urllib3

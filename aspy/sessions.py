@@ -24,8 +24,19 @@ from .config import Client, Config
 from .models import STANDARD, Cost, ModelTable
 from .observe import Exchange, Usage, clean_text, is_messages_call
 from .routing import ANONYMOUS
-from .store import (ACTIVE, BUCKET_SECONDS, ENDED, IDLE, Event, Message, ModelUsage, Session, Store, Transaction,
-                    UsageBucket)
+from .store import (
+    ACTIVE,
+    BUCKET_SECONDS,
+    ENDED,
+    IDLE,
+    Event,
+    Message,
+    ModelUsage,
+    Session,
+    Store,
+    Transaction,
+    UsageBucket,
+)
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +159,7 @@ class Batch:
         self.add_bucket(at, None, client, user, None, "", requests=1, failed=int(failed))
 
     def add_bucket(self, at: float, session: Session | None, client: str | None, user: str, model: str | None,
-                   price_class: str, usage: Usage = Usage(), cost: Cost | None = None, requests: int = 0,
+                   price_class: str, usage: Usage | None = None, cost: Cost | None = None, requests: int = 0,
                    failed: int = 0) -> None:
         """Add figures to the bucket of an instant, for a session (or a client's traffic) and a model."""
         if session is not None:
@@ -160,7 +171,7 @@ class Batch:
             bucket = self.buckets[key] = UsageBucket(start, key[1], client, user, model, price_class)
         bucket.requests += requests
         bucket.failed += failed
-        bucket.usage = bucket.usage + usage
+        bucket.usage = bucket.usage + (usage if usage is not None else Usage())
         if cost is not None:
             bucket.cost_usd += cost.usd
             bucket.savings_usd += cost.savings_usd

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from decimal import Decimal
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 import psycopg
 from psycopg.adapt import Loader

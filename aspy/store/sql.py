@@ -9,12 +9,29 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any
 
 from ..observe import Usage
-from . import (ACTIVE, BUCKET_SECONDS, ENDED, IDLE, LIVE, Event, Horizon, LegacyUser, ModelUsage, Scope, Session,
-               Store, Totals, Transaction, UsageBucket, UsageRow)
+from . import (
+    ACTIVE,
+    BUCKET_SECONDS,
+    ENDED,
+    IDLE,
+    LIVE,
+    Event,
+    Horizon,
+    LegacyUser,
+    ModelUsage,
+    Scope,
+    Session,
+    Store,
+    Totals,
+    Transaction,
+    UsageBucket,
+    UsageRow,
+)
 
 SESSION_COLUMNS = (
     "id", "claude_session_id", "source", "client_id", "client_name", "provider", "user_hash",
@@ -159,7 +176,8 @@ def plan(since: int, until: int, by_day: bool, offsets: list[tuple[float, float,
         if fine_only or first >= last:
             pieces.append(Piece(True, start, end, offset))
             continue
-        pieces += [Piece(True, start, first, offset)] * (start < first) + [Piece(True, last, end, offset)] * (last < end)
+        pieces += ([Piece(True, start, first, offset)] * (start < first)
+                   + [Piece(True, last, end, offset)] * (last < end))
         # Local midnight, as a UTC time of day, and how far into its block it falls.
         midnight = -offset % DAY
         into = midnight % BLOCK_SECONDS
@@ -407,7 +425,8 @@ class SqlTransaction(Transaction):
     def add_traffic(self, client, user, requests, failed, last_seen):
         # A legacy user's traffic has client "" here: NULL would never match the primary key.
         self.execute("INSERT INTO traffic (client_id, user_hash, requests, failed, last_seen) VALUES (?, ?, ?, ?, ?) "
-                     "ON CONFLICT (client_id, user_hash) DO UPDATE SET requests = traffic.requests + excluded.requests, "
+                     "ON CONFLICT (client_id, user_hash) DO UPDATE SET "
+                     "requests = traffic.requests + excluded.requests, "
                      "failed = traffic.failed + excluded.failed, "
                      "last_seen = CASE WHEN excluded.last_seen > traffic.last_seen "
                      "THEN excluded.last_seen ELSE traffic.last_seen END",
@@ -615,7 +634,8 @@ class SqlStore(Store):
         if piece.moved is not None:
             # Each bucket twice: in its own day, and taken out of the day its block counted in. (A
             # CROSS JOIN keeps SQLite reading the buckets once, in the outer loop.)
-            tables += f" CROSS JOIN (SELECT {shift} AS shift, 1 AS sign UNION ALL SELECT {int(piece.moved)}, -1) AS moves"
+            tables += (f" CROSS JOIN (SELECT {shift} AS shift, 1 AS sign"
+                       f" UNION ALL SELECT {int(piece.moved)}, -1) AS moves")
             shift, sign = "moves.shift", "moves.sign * "
         keys = [f"({column} + {shift}) / {DAY} AS day" if n == "day" else n for n in names]
         where, params = [f"{column} >= ?", f"{column} < ?"], [piece.start, piece.end]
@@ -683,7 +703,8 @@ class SqlStore(Store):
     def client_activity(self, horizon):
         live, live_params = status_clause(LIVE, horizon)
         rows = self.query(f"SELECT client_id, SUM(CASE WHEN {live} THEN 1 ELSE 0 END), "
-                          "MAX(last_activity) FROM sessions WHERE client_id IS NOT NULL GROUP BY client_id", live_params)
+                          "MAX(last_activity) FROM sessions WHERE client_id IS NOT NULL GROUP BY client_id",
+                          live_params)
         activity = {client: (live, last) for client, live, last in rows}
         for client, last in self.query("SELECT client_id, MAX(last_seen) FROM traffic WHERE client_id <> '' "
                                        "GROUP BY client_id"):

@@ -216,7 +216,7 @@ class Metrics:
         """Return the host's metrics in Prometheus' text format: every worker's counts, and the gauges."""
         self.drain()
         registry = CollectorRegistry()
-        if self.folder is not None:
+        if self.registry is None:
             MultiProcessCollector(registry, str(self.folder))
         else:
             registry.register(self.registry)

@@ -181,7 +181,7 @@ def _label(row: dict[str, Any], key: str, sessions: bool) -> tuple[str, ...]:
 
 def _sum(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """Add rows up (a period's models, for its own line)."""
-    total = {"requests": 0, "cost_usd": 0.0, "tokens": dict.fromkeys(rows[0]["tokens"], 0)}
+    total: dict[str, Any] = {"requests": 0, "cost_usd": 0.0, "tokens": dict.fromkeys(rows[0]["tokens"], 0)}
     for row in rows:
         total["requests"] += row["requests"]
         total["cost_usd"] += row["cost_usd"]

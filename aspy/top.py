@@ -11,7 +11,7 @@ import sys
 import termios
 import time
 import tty
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -174,6 +174,7 @@ def render(snapshot: Snapshot, api_url: str, client: str | None, problem: str | 
         clients.add_row(c["id"], c["name"], c["provider"], str(c["active_sessions"]), clock(c["last_seen"]))
     more(clients, len(mine) - shown)
 
+    flight: Table | Text
     if snapshot.in_flight:
         flight = table("In flight", "session", "model", "for", "first byte")
         shown = lines.take(len(snapshot.in_flight), most=MOST_IN_FLIGHT)
@@ -241,10 +242,12 @@ def describe(event: dict) -> tuple[Text, str]:
 
 
 @contextmanager
-def keys() -> Iterator[callable]:
+def keys() -> Iterator[Callable[[float], str | None]]:
     """Read single key presses without echo; yield a function that returns one or None."""
     if not sys.stdin.isatty():
-        yield lambda timeout: (time.sleep(timeout), None)[1]
+        def no_key(timeout: float) -> None:
+            time.sleep(timeout)
+        yield no_key
         return
     fd = sys.stdin.fileno()
     saved = termios.tcgetattr(fd)

@@ -70,7 +70,8 @@ def tokens_json(usage: Usage) -> dict[str, int]:
 
 def offset_at(tz: tzinfo, at: float) -> int:
     """Return a zone's UTC offset at an instant, in seconds."""
-    return int(datetime.fromtimestamp(at, tz).utcoffset().total_seconds())
+    # Never None with a tz given; `or timedelta()` tells mypy so, and keeps 0 as 0.
+    return int((datetime.fromtimestamp(at, tz).utcoffset() or timedelta()).total_seconds())
 
 
 def offsets(tz: tzinfo, since: float, until: float) -> list[tuple[float, float, int]]:
@@ -79,7 +80,8 @@ def offsets(tz: tzinfo, since: float, until: float) -> list[tuple[float, float, 
     A change is found to the bucket: the first bucket starting at or after it takes the new offset.
     """
     first = math.ceil(since / BUCKET_SECONDS) * BUCKET_SECONDS
-    pieces, start, current = [], since, offset_at(tz, first)
+    pieces: list[tuple[float, float, int]] = []
+    start, current = since, offset_at(tz, first)
     before = first
     while before < until:
         probe = min(before + OFFSET_PROBE, math.ceil(until / BUCKET_SECONDS) * BUCKET_SECONDS)
@@ -111,7 +113,7 @@ def answer(store: Store, question: Question, tags: Mapping[str, tuple[str, ...]]
         # Days need the zone's offsets over a bounded window: as far as there are figures.
         span = store.usage_span(question.scope) or (0, 0)
         since, until = span[0] if since is None else since, span[1] if until is None else until
-    if time_key and since < until:
+    if time_key and since is not None and until is not None and since < until:
         zone_offsets = offsets(question.tz, since, until)
     rows = store.usage(question.scope, since, until, store_by, zone_offsets)
     # Keys as they appear in a row: the session's id, Claude session id and client go together.
@@ -119,7 +121,7 @@ def answer(store: Store, question: Question, tags: Mapping[str, tuple[str, ...]]
     names = list(dict.fromkeys(names))
     labels: dict[int, str] = {}
     groups: dict[tuple, list] = {}
-    total = [0] * len(FIGURES)
+    total: list[float] = [0] * len(FIGURES)
     for row in rows:
         figures = (row.requests, row.failed, *row.usage.astuple(), row.cost_usd, row.savings_usd)
         total = [a + b for a, b in zip(total, figures)]
@@ -127,7 +129,7 @@ def answer(store: Store, question: Question, tags: Mapping[str, tuple[str, ...]]
             group = groups.get(key)
             groups[key] = list(figures) if group is None else [a + b for a, b in zip(group, figures)]
     position = {name: i for i, name in enumerate(names)}
-    time_at = position.get(time_key)
+    time_at = position.get(time_key) if time_key is not None else None
     others = [position[k] for k in by if k not in TIME_KEYS]
     ordered = sorted(groups.items(), key=lambda g: (
         g[0][time_at] if time_at is not None else "", -g[1][-2],
@@ -141,9 +143,10 @@ def answer(store: Store, question: Question, tags: Mapping[str, tuple[str, ...]]
 def _keys(row: UsageRow, names: list[str], time_key: str | None, tags: Mapping[str, tuple[str, ...]],
           labels: dict[int, str]) -> list[tuple]:
     """Return the group keys a store row counts under: one, or one per tag of its client."""
-    keys = []
+    keys: list[Any] = []
     for name in names:
         if name == time_key:
+            assert row.day is not None, "the store gives each row a day when asked to group by time"
             label = labels.get(row.day)
             if label is None:
                 day = EPOCH + timedelta(days=row.day)

@@ -134,9 +134,12 @@ def needs_buckets(scope: Scope, by: tuple[str, ...]) -> bool:
 
 def bucket_window(since: float | None, until: float | None) -> tuple[int | None, int | None]:
     """Return a window as bucket starts: a bucket counts when it starts in [since, until)."""
-    def up(t: float | None) -> int | None:
-        return None if t is None else math.ceil(t / BUCKET_SECONDS) * BUCKET_SECONDS
-    return up(since), up(until)
+    return (None if since is None else bucket_start(since)), (None if until is None else bucket_start(until))
+
+
+def bucket_start(t: float) -> int:
+    """Return the start of the first bucket at or after an instant."""
+    return math.ceil(t / BUCKET_SECONDS) * BUCKET_SECONDS
 
 
 @dataclass(frozen=True)
@@ -164,7 +167,7 @@ def plan(since: int, until: int, by_day: bool, offsets: list[tuple[float, float,
     if by_day and offsets:
         # A bucket takes the offset in force at its start. The offsets cover the window; whatever
         # lies beyond them (written meanwhile) takes the nearest one.
-        starts = [since] + [bucket_window(start, None)[0] for start, _, _ in offsets[1:]]
+        starts = [since] + [bucket_start(start) for start, _, _ in offsets[1:]]
         ends = starts[1:] + [until]
         segments = [(max(a, since), min(b, until), offset) for a, b, (_, _, offset) in zip(starts, ends, offsets)]
     pieces = []
@@ -198,7 +201,8 @@ def plan(since: int, until: int, by_day: bool, offsets: list[tuple[float, float,
 
 def message_filters(since: float | None, until: float | None, scope: Scope, role: str | None) -> tuple[str, list[Any]]:
     """Return the AND-ed conditions (and parameters) that narrow a search of messages ``m``."""
-    where, params = "", []
+    where = ""
+    params: list[Any] = []
     if since is not None:
         where += " AND m.timestamp >= ?"
         params.append(since)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import hmac
 import re
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from flask import Blueprint, Response, current_app, g, jsonify, request
@@ -32,7 +32,7 @@ def iso(ts: float | None) -> str | None:
     """Return an ISO 8601 timestamp with offset (UTC), or None."""
     if ts is None:
         return None
-    return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="milliseconds")
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds")
 
 
 def bad_request(message: str) -> AspyError:

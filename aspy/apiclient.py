@@ -8,8 +8,9 @@ is ``ASPY_CLIENT_ID``, else the client segment of ``ANTHROPIC_BASE_URL``.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 from urllib.parse import urlsplit
 
 import requests

@@ -39,7 +39,7 @@ class Sampling:
 def tokens(usage: dict, ttl: str = FIVE_MINUTES) -> Usage:
     """Read the tokens of one usage object (or iteration); cache writes with no lifetime take the request's ttl."""
     total_write = count(usage.get("cache_creation_input_tokens"))
-    split = usage.get("cache_creation") if isinstance(usage.get("cache_creation"), dict) else {}
+    split = usage["cache_creation"] if isinstance(usage.get("cache_creation"), dict) else {}
     write_5m = count(split.get("ephemeral_5m_input_tokens"))
     write_1h = count(split.get("ephemeral_1h_input_tokens"))
     # message_delta may raise the total without a new split: what the split leaves out was
@@ -49,7 +49,7 @@ def tokens(usage: dict, ttl: str = FIVE_MINUTES) -> Usage:
         write_1h += unsplit
     else:
         write_5m += unsplit
-    server_tools = usage.get("server_tool_use") if isinstance(usage.get("server_tool_use"), dict) else {}
+    server_tools = usage["server_tool_use"] if isinstance(usage.get("server_tool_use"), dict) else {}
     return Usage(input_tokens=count(usage.get("input_tokens")), output_tokens=count(usage.get("output_tokens")),
                  cache_read=count(usage.get("cache_read_input_tokens")), cache_write_5m=write_5m,
                  cache_write_1h=write_1h, web_search_requests=count(server_tools.get("web_search_requests")))
@@ -79,8 +79,8 @@ def samplings(usage: dict, model: str | None, *, ttl: str = FIVE_MINUTES, batch:
                         and isinstance(it.get("model"), str)), model)
         parts = []
         for it in iterations:
-            kind = it.get("type") if isinstance(it.get("type"), str) else MESSAGE
-            named = it.get("model") if isinstance(it.get("model"), str) else None
+            kind = it["type"] if isinstance(it.get("type"), str) else MESSAGE
+            named = it["model"] if isinstance(it.get("model"), str) else None
             # The advisor is another model: fast mode is the executor's, not its.
             parts.append(Sampling(named or serving, tokens(it, ttl), kind=kind, fast=fast and kind != ADVISOR,
                                   geo_us=geo_us, batch=batch))
@@ -111,7 +111,7 @@ def _declined_hops(parts: list[Sampling]) -> list[Sampling]:
 
 def context_of(usage: dict, ttl: str = FIVE_MINUTES) -> Usage:
     """Return the tokens of the context window after a response: its last model step, not a sum."""
-    iterations = usage.get("iterations") if isinstance(usage.get("iterations"), list) else []
+    iterations = usage["iterations"] if isinstance(usage.get("iterations"), list) else []
     steps = [it for it in iterations if isinstance(it, dict) and it.get("type") in (MESSAGE, FALLBACK, None)]
     return tokens(steps[-1] if steps else usage, ttl)
 

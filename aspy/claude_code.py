@@ -29,18 +29,19 @@ COMMAND_ARGS = re.compile(r"<command-args>(.*?)</command-args>", re.DOTALL)
 
 def is_side_request(body: dict) -> bool:
     """Tell whether a Claude Code Messages call runs beside the conversation (session title, explain command)."""
-    output = body.get("output_config") if isinstance(body.get("output_config"), dict) else {}
+    output = body["output_config"] if isinstance(body.get("output_config"), dict) else {}
     if output.get("format") or body.get("output_format"):
         return True
     # A forced tool (explain command). A missing tools list alone is not enough: `claude --tools ""`
     # runs its conversation without any.
-    choice = body.get("tool_choice") if isinstance(body.get("tool_choice"), dict) else {}
+    choice = body["tool_choice"] if isinstance(body.get("tool_choice"), dict) else {}
     return choice.get("type") == "tool"
 
 
 def user_words(messages: list) -> str:
     """Return what the user typed for this request ("" for a tool round trip, /compact or a side request)."""
-    queued, i = [], len(messages) - 1
+    queued: list[str] = []
+    i = len(messages) - 1
     while i >= 0 and _role(messages[i]) == "system":
         text = "".join(_texts(messages[i]))
         if text.startswith(QUEUED):

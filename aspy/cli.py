@@ -147,18 +147,18 @@ def check_command(config: Config, args: argparse.Namespace) -> int:
     except StoreError as exc:
         print(f"aspy: store: {exc}", file=sys.stderr)
         return 3
-    where = info.get("path") or info.get("database")
+    store_at = info.get("path") or info.get("database")
     version, expected = info["schema_version"], info["expected_version"]
     if version is None:
-        print(f"store: {info['kind']} {where}: not created yet; aspy creates it on first use")
+        print(f"store: {info['kind']} {store_at}: not created yet; aspy creates it on first use")
     elif version < expected:
-        print(f"store: {info['kind']} {where}: schema version {version}; aspy migrates it to {expected} at start")
+        print(f"store: {info['kind']} {store_at}: schema version {version}; aspy migrates it to {expected} at start")
     elif version > expected:
-        print(f"aspy: store: {where} has schema version {version}, newer than this aspy understands "
+        print(f"aspy: store: {store_at} has schema version {version}, newer than this aspy understands "
               f"({expected}): upgrade aspy", file=sys.stderr)
         return 3
     else:
-        print(f"store: {info['kind']} {where}: reachable, schema version {version} (current)")
+        print(f"store: {info['kind']} {store_at}: reachable, schema version {version} (current)")
         _warn_unpriced(table, open_store(config.store.url))
     print("ok")
     return 0

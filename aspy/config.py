@@ -423,10 +423,8 @@ class _Checker:
         if key not in data:
             return default
         value = data[key]
-        if isinstance(value, bool) and kind is not bool:
-            ok = False
-        else:
-            ok = isinstance(value, kind)
+        # A bool is an int to isinstance, but never one in a config file.
+        ok = isinstance(value, kind) and not (isinstance(value, bool) and kind is not bool)
         if not ok:
             self.problem(table, key, f"expected {expected}, got {value!r}")
             return default

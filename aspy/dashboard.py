@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from flask import Blueprint, Response, redirect, send_from_directory, url_for
+from werkzeug.wrappers import Response as BaseResponse
 
 from .errors import AspyError
 
@@ -43,7 +44,7 @@ def page() -> Response:
 
 
 @bp.get("/")
-def trailing_slash() -> Response:
+def trailing_slash() -> BaseResponse:
     """Send /dashboard/ to /dashboard, where the page's relative links resolve."""
     return redirect(url_for("dashboard.page"))
 

@@ -56,8 +56,8 @@ class InFlight:
         if self.folder is None or self._pid == os.getpid():
             return
         self._pid = os.getpid()
-        self._changed = threading.Event()
-        threading.Thread(target=self._run, name="aspy-in-flight", daemon=True).start()
+        self._changed = changed = threading.Event()
+        threading.Thread(target=self._run, args=(self.folder, changed), name="aspy-in-flight", daemon=True).start()
 
     def entries(self) -> list[dict[str, Any]]:
         """Return this worker's exchanges in flight, as plain data."""
@@ -82,18 +82,18 @@ class InFlight:
                 "streaming": exchange.response_type.startswith(STREAM_TYPES),
                 "agent_id": headers.get("x-claude-code-agent-id")}
 
-    def _run(self) -> None:
-        path = self.folder / f"{os.getpid()}.json"
+    def _run(self, folder: Path, changed: threading.Event) -> None:
+        path = folder / f"{os.getpid()}.json"
         while True:
             self._write(path)
-            self._changed.wait(REFRESH if self.open else None)
+            changed.wait(REFRESH if self.open else None)
             time.sleep(SETTLE)
-            self._changed.clear()
+            changed.clear()
 
     def _write(self, path: Path) -> None:
         """Write this worker's list; a full disk only hides it from the other workers."""
         try:
-            self.folder.mkdir(parents=True, exist_ok=True)
+            path.parent.mkdir(parents=True, exist_ok=True)
             temporary = path.with_suffix(".tmp")
             temporary.write_text(json.dumps({"pid": os.getpid(), "in_flight": self.entries()}))
             temporary.replace(path)

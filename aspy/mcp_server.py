@@ -21,7 +21,8 @@ from .timerange import NAMED
 
 INSTRUCTIONS = ("aspy records this Claude Code's traffic through its proxy: ask it about tokens, cost, "
                 "context-window use, tool calls and past conversations.")
-AllClients = Annotated[bool, Field(description="Answer for every client instead of only this Claude Code's own client.")]
+AllClients = Annotated[bool, Field(
+    description="Answer for every client instead of only this Claude Code's own client.")]
 Session = Annotated[str | None, Field(description="Only this session (aspy id or Claude Code session id).")]
 Limit = Annotated[int, Field(ge=1, le=500)]
 TimeRange = Literal["last_hour", "today", "yesterday", "last_24_hours", "last_7_days", "last_30_days", "all"]

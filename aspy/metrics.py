@@ -23,8 +23,9 @@ import hmac
 import logging
 import os
 from collections import defaultdict
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from flask import Blueprint, Response, current_app, request
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
@@ -215,7 +216,7 @@ class Metrics:
         """Return the host's metrics in Prometheus' text format: every worker's counts, and the gauges."""
         self.drain()
         registry = CollectorRegistry()
-        if self.folder is not None:
+        if self.registry is None:
             MultiProcessCollector(registry, str(self.folder))
         else:
             registry.register(self.registry)

@@ -243,8 +243,8 @@ def read_log(path: Path, config: Config, models: ModelTable) -> LogFile:
 
 def _log_session(log: LogFile, record: dict, at: float, config: Config, owners: dict) -> LogSession:
     """Return the session a log record belongs to, opening it on first sight."""
-    user = record.get("user_id") if isinstance(record.get("user_id"), str) else ANONYMOUS
-    key = record.get("session_id") if isinstance(record.get("session_id"), str) else None
+    user = record["user_id"] if isinstance(record.get("user_id"), str) else ANONYMOUS
+    key = record["session_id"] if isinstance(record.get("session_id"), str) else None
     sid = "imp_" + hashlib.sha256(f"{user}\0{key}".encode()).hexdigest()[:20]
     if sid not in log.sessions:
         client = config.clients.get(user) or owners.get(user)
@@ -269,7 +269,7 @@ def _apply_record(entry: LogSession, record: dict, at: float, config: Config, mo
 
     if kind == "Request":
         s.requests += 1
-        body = record.get("body") if isinstance(record.get("body"), dict) else {}
+        body = record["body"] if isinstance(record.get("body"), dict) else {}
         facts = read_request(json.dumps(body).encode(), "application/json")
         entry.cache_ttl = facts.cache_ttl
         entry.shares.add_bucket(at, s, facts.model or None, STANDARD, requests=1)
@@ -279,17 +279,17 @@ def _apply_record(entry: LogSession, record: dict, at: float, config: Config, mo
         if config.capture_content and facts.prompt.strip():
             entry.messages.append(Message(s.id, s.client, s.user, "user", at, facts.prompt))
     elif kind == "Response":
-        status = record.get("status") if isinstance(record.get("status"), int) else 0
+        status = record["status"] if isinstance(record.get("status"), int) else 0
         s.failed += status >= 400
         if status >= 400:
-            body = record.get("body") if isinstance(record.get("body"), dict) else {}
-            model = body.get("model") if isinstance(body.get("model"), str) else None
+            body = record["body"] if isinstance(record.get("body"), dict) else {}
+            model = body["model"] if isinstance(body.get("model"), str) else None
             entry.shares.add_bucket(at, s, model, STANDARD, failed=1)
         ttfb = duration_ms(record.get("ttfb"))
         if ttfb is not None:
             s.ttfb_total_ms += ttfb
             s.ttfb_count += 1
-        body = record.get("body") if isinstance(record.get("body"), dict) else {}
+        body = record["body"] if isinstance(record.get("body"), dict) else {}
         event("response", status=status, model=body.get("model"), stop_reason=body.get("stop_reason"),
               ttfb_ms=ttfb, duration_ms=duration_ms(record.get("duration")), imported=True)
         text = "".join(b.get("text", "") for b in body.get("content") or [] if isinstance(b, dict)
@@ -297,7 +297,7 @@ def _apply_record(entry: LogSession, record: dict, at: float, config: Config, mo
         if config.capture_content and text.strip():
             entry.messages.append(Message(s.id, s.client, s.user, "assistant", at, text))
     elif kind == "ApiUsage":
-        model = record.get("model") if isinstance(record.get("model"), str) else "unknown"
+        model = record["model"] if isinstance(record.get("model"), str) else "unknown"
         usage = {"input_tokens": record.get("input_tokens"), "output_tokens": record.get("output_tokens"),
                  "cache_read_input_tokens": record.get("cache_read_tokens"),
                  "cache_creation_input_tokens": record.get("cache_creation_tokens")}

@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 import yaml
 
@@ -149,7 +149,7 @@ class ModelTable:
         savings = usage.cache_read * (rates.input - rates.cache_read) * multiplier / 1e6
         return Cost(tokens * multiplier / 1e6 + searches, savings, priced=True, price_class=klass)
 
-    def reprice(self, model_id: str, klass: str, usage: Usage) -> Cost | None:
+    def reprice(self, model_id: str | None, klass: str, usage: Usage) -> Cost | None:
         """Price tokens recorded unpriced, now that the table may know their model; None if it still does not."""
         model = self.find(model_id)
         return self.charge(model, klass, usage) if model else None
@@ -162,7 +162,7 @@ def load_models(config_dir: Path | None = None) -> ModelTable:
     user_file = config_dir / "models.yaml" if config_dir else None
     try:
         found = bool(user_file and user_file.exists())
-        text = user_file.read_text(encoding="utf-8") if found else ""
+        text = user_file.read_text(encoding="utf-8") if user_file and found else ""
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError([f"{user_file}: cannot read: {exc}"]) from None
     if found:
@@ -257,6 +257,6 @@ def _rates(entry: dict, spot: str, problems: list[str]) -> Rates | None:
     return None if bad else Rates(*(float(entry[k]) for k in RATE_KEYS))
 
 
-def _is_price(value: Any) -> bool:
+def _is_price(value: Any) -> TypeGuard[float]:
     """Tell whether a value is a usable price."""
     return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < math.inf

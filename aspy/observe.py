@@ -313,10 +313,10 @@ class SseObserver:
                     block[1].append(piece)
                 block[3] += len(piece)
         elif kind == "content_block_start":
-            block = _dict(payload.get("content_block"))
+            started = _dict(payload.get("content_block"))
             # A fallback block marks a handoff between models, not output.
-            obs.produced_output = obs.produced_output or block.get("type") != "fallback"
-            self.blocks[_key(payload.get("index"))] = [block.get("type"), [], block, 0]
+            obs.produced_output = obs.produced_output or started.get("type") != "fallback"
+            self.blocks[_key(payload.get("index"))] = [started.get("type"), [], started, 0]
         elif kind == "content_block_stop":
             self._close_block(_key(payload.get("index")))
         elif kind == "message_start":
@@ -534,7 +534,7 @@ def read_request(body: bytes, content_type: str, claude_code: bool = False) -> R
         return facts
     facts.model = _text(data.get("model"))
     facts.stream = data.get("stream") is True
-    messages = data.get("messages") if isinstance(data.get("messages"), list) else []
+    messages = data["messages"] if isinstance(data.get("messages"), list) else []
     facts.message_count = len(messages)
     facts.tool_count = len(data["tools"]) if isinstance(data.get("tools"), list) else 0
     metadata = data.get("metadata")
@@ -559,7 +559,7 @@ def _cache_ttl(request: dict) -> str:
     for key in ("tools", "system"):
         if isinstance(request.get(key), list):
             blocks += request[key]
-    for message in request.get("messages") if isinstance(request.get("messages"), list) else []:
+    for message in request["messages"] if isinstance(request.get("messages"), list) else []:
         content = message.get("content") if isinstance(message, dict) else None
         if isinstance(content, list):
             blocks += content

@@ -14,7 +14,7 @@ import socket
 import sys
 import threading
 import time
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import requests
 import urllib3
@@ -53,7 +53,9 @@ def is_hop_by_hop(name: str, connection: str | None) -> bool:
     name = name.lower()
     if name in HOP_BY_HOP:
         return True
-    return bool(connection) and name in {t.strip().lower() for t in connection.split(",")}
+    if not connection:
+        return False
+    return name in {t.strip().lower() for t in connection.split(",")}
 
 
 def forward_headers(environ: dict, drop_credentials: bool) -> dict[str, str]:
@@ -91,12 +93,12 @@ def relay_headers(upstream: requests.Response) -> list[tuple[str, str]]:
 
 def upstream_adapter() -> HTTPAdapter:
     """Return this worker's pooled connections to the providers, made on first use after fork."""
-    adapter = current_app.extensions.get("aspy.upstream")
-    if adapter is None or adapter.pid != os.getpid():
-        adapter = HTTPAdapter(pool_connections=16, pool_maxsize=256, max_retries=0)
-        adapter.pid = os.getpid()
-        current_app.extensions["aspy.upstream"] = adapter
-    return adapter
+    # Kept with the pid that made it: a forked worker makes its own.
+    made = current_app.extensions.get("aspy.upstream")
+    if made is None or made[0] != os.getpid():
+        made = (os.getpid(), HTTPAdapter(pool_connections=16, pool_maxsize=256, max_retries=0))
+        current_app.extensions["aspy.upstream"] = made
+    return made[1]
 
 
 def send_upstream(method: str, url: str, headers: dict[str, str], body: bytes,
@@ -162,7 +164,8 @@ def read_body(environ: dict, pause: float | None = None) -> bytes:
                         f"The request body broke off after {size} bytes; nothing was forwarded") from None
     except TimeoutError:
         # Read no more from this client: the answer goes out, then the connection closes.
-        client.shutdown(socket.SHUT_RD)
+        if client is not None:
+            client.shutdown(socket.SHUT_RD)
         raise AspyError(408, "timeout_error",
                         f"The request body stalled: nothing arrived for {pause:g} seconds after {size} bytes; "
                         "nothing was forwarded") from None

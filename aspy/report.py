@@ -36,7 +36,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="one row per day (default), ISO week, month, or session")
     parser.add_argument("--client", help="only this client")
     parser.add_argument("--tag", help="only the clients carrying this tag")
-    parser.add_argument("--since", metavar="WHEN", help="from this day or ISO 8601 time (in --tz unless it has an offset)")
+    parser.add_argument("--since", metavar="WHEN",
+                        help="from this day or ISO 8601 time (in --tz unless it has an offset)")
     parser.add_argument("--until", metavar="WHEN", help="up to (not including) this day or time")
     parser.add_argument("--tz", metavar="ZONE", help="IANA time zone of the days (default: this machine's)")
     parser.add_argument("--breakdown", action="store_true", help="one row per model under each period")
@@ -180,7 +181,7 @@ def _label(row: dict[str, Any], key: str, sessions: bool) -> tuple[str, ...]:
 
 def _sum(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """Add rows up (a period's models, for its own line)."""
-    total = {"requests": 0, "cost_usd": 0.0, "tokens": {k: 0 for k in rows[0]["tokens"]}}
+    total: dict[str, Any] = {"requests": 0, "cost_usd": 0.0, "tokens": dict.fromkeys(rows[0]["tokens"], 0)}
     for row in rows:
         total["requests"] += row["requests"]
         total["cost_usd"] += row["cost_usd"]

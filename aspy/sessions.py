@@ -24,8 +24,19 @@ from .config import Client, Config
 from .models import STANDARD, Cost, ModelTable
 from .observe import Exchange, Usage, clean_text, is_messages_call
 from .routing import ANONYMOUS
-from .store import (ACTIVE, BUCKET_SECONDS, ENDED, IDLE, Event, Message, ModelUsage, Session, Store, Transaction,
-                    UsageBucket)
+from .store import (
+    ACTIVE,
+    BUCKET_SECONDS,
+    ENDED,
+    IDLE,
+    Event,
+    Message,
+    ModelUsage,
+    Session,
+    Store,
+    Transaction,
+    UsageBucket,
+)
 
 log = logging.getLogger(__name__)
 
@@ -195,8 +206,8 @@ class Batch:
                                share.priced, share.requests)
         for (session_id, tool), (calls, failed) in self.tools.items():
             tx.add_tool_counts(session_id, tool, calls, failed)
-        for (client, user), (requests, failed, last_seen) in self.traffic.items():
-            tx.add_traffic(client, user, int(requests), int(failed), last_seen)
+        for (client, user), (requests, failures, last_seen) in self.traffic.items():
+            tx.add_traffic(client, user, int(requests), int(failures), last_seen)
         for session_id in sorted(self.new_users):
             tx.set_usage_user(session_id, self.sessions[session_id].user)
         # A session that took a key hash in this batch has it in all its buckets.
@@ -323,7 +334,8 @@ class Sessions:
             # Past end_after it has ended, even if the upkeep has not marked it yet.
             session = None
         if session is None:
-            session = self._open(tx, identity, key, source, exchange.started_at, events=batch.events)
+            # A key always comes with its source; without one, source is IMPLICIT here.
+            session = self._open(tx, identity, key, source or IMPLICIT, exchange.started_at, events=batch.events)
         batch.by_key[known] = session.id
         batch.sessions.setdefault(session.id, session)
         return batch.sessions[session.id]
@@ -369,12 +381,12 @@ class Sessions:
             pending = tx.take_tool_call(tool_use_id)
             if pending is None:
                 continue
-            _, tool, called_at = pending
+            _, tool_name, called_at = pending
             if is_error:
                 s.tool_failed += 1
-                batch.add_tool(s.id, tool, 0, 1)
-                batch.add_tool_bucket(done_at, s.id, tool, 0, 1)
-            events.append(self._event(s, "tool_result", ex.started_at, tool=tool, tool_use_id=tool_use_id,
+                batch.add_tool(s.id, tool_name, 0, 1)
+                batch.add_tool_bucket(done_at, s.id, tool_name, 0, 1)
+            events.append(self._event(s, "tool_result", ex.started_at, tool=tool_name, tool_use_id=tool_use_id,
                                       is_error=is_error, duration_ms=round((ex.started_at - called_at) * 1000, 1)))
         account = Accounted(ex, s.client)
         batch.accounted.append(account)

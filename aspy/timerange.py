@@ -6,7 +6,7 @@ asked for, else the server's own (``$TZ``, else ``/etc/localtime``).
 from __future__ import annotations
 
 import os
-from datetime import datetime, timedelta, timezone, tzinfo
+from datetime import UTC, datetime, timedelta, tzinfo
 from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -47,11 +47,11 @@ def server_zone() -> tuple[str, tzinfo]:
             continue
     # No name for it: the offset in force now, as the C library sees it.
     local = datetime.now().astimezone().tzinfo
-    return str(local), local if local is not None else timezone.utc
+    return str(local), local if local is not None else UTC
 
 
 def parse_instant(value: Any, name: str, tz: tzinfo | None = None) -> float:
-    """Return epoch seconds for an ISO 8601 string (or date); one without offset is in ``tz`` (default: the server's)."""
+    """Return epoch seconds for an ISO 8601 string (or date); one without offset is in ``tz`` (else the server's)."""
     if not isinstance(value, str):
         raise TimeRangeError(f"{name} must be an ISO 8601 string")
     try:

@@ -11,10 +11,10 @@ import sys
 import termios
 import time
 import tty
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Iterator
 
 from rich.console import Console, Group
 from rich.live import Live
@@ -146,7 +146,8 @@ def render(snapshot: Snapshot, api_url: str, client: str | None, problem: str | 
         live = max(live, stats["sessions"]["active"] + stats["sessions"]["idle"])
         parts.append(Text.assemble(
             ("Requests ", "bold"), f"{req['total']} ({req['failed']} failed)   ",
-            ("Tokens ", "bold"), f"in {tokens['input']:,}  out {tokens['output']:,}  cache read {tokens['cache_read']:,}"
+            ("Tokens ", "bold"), f"in {tokens['input']:,}  out {tokens['output']:,}"
+            f"  cache read {tokens['cache_read']:,}"
             f"  cache write {tokens['cache_write_5m'] + tokens['cache_write_1h']:,}   ",
             ("Cost ", "bold"), f"{money(cost['total_usd'])} (saved {money(cost['savings_usd'])})   ",
             ("Tools ", "bold"), f"{tools['total_calls']} ({tools['failed_calls']} failed)   ",
@@ -173,6 +174,7 @@ def render(snapshot: Snapshot, api_url: str, client: str | None, problem: str | 
         clients.add_row(c["id"], c["name"], c["provider"], str(c["active_sessions"]), clock(c["last_seen"]))
     more(clients, len(mine) - shown)
 
+    flight: Table | Text
     if snapshot.in_flight:
         flight = table("In flight", "session", "model", "for", "first byte")
         shown = lines.take(len(snapshot.in_flight), most=MOST_IN_FLIGHT)
@@ -232,17 +234,20 @@ def describe(event: dict) -> tuple[Text, str]:
     if kind == "error":
         return Text("error", style="bold red"), f"{event.get('error_type')}: {event.get('message')}"
     if kind == "context_compact":
-        return Text("compaction", style="magenta"), f"{event.get('before_tokens'):,} → {event.get('after_tokens'):,} tokens"
+        return (Text("compaction", style="magenta"),
+                f"{event.get('before_tokens'):,} → {event.get('after_tokens'):,} tokens")
     if kind == "rate_limit":
         return Text("rate limit", style="yellow"), f"status {event.get('status')}"
     return Text(kind.replace("_", " "), style="dim"), event.get("reason") or event.get("source") or ""
 
 
 @contextmanager
-def keys() -> Iterator[callable]:
+def keys() -> Iterator[Callable[[float], str | None]]:
     """Read single key presses without echo; yield a function that returns one or None."""
     if not sys.stdin.isatty():
-        yield lambda timeout: (time.sleep(timeout), None)[1]
+        def no_key(timeout: float) -> None:
+            time.sleep(timeout)
+        yield no_key
         return
     fd = sys.stdin.fileno()
     saved = termios.tcgetattr(fd)

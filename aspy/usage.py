@@ -71,7 +71,8 @@ def tokens_json(usage: Usage) -> dict[str, int]:
 
 def offset_at(tz: tzinfo, at: float) -> int:
     """Return a zone's UTC offset at an instant, in seconds."""
-    return int(datetime.fromtimestamp(at, tz).utcoffset().total_seconds())
+    # Never None with a tz given; `or timedelta()` tells mypy so, and keeps 0 as 0.
+    return int((datetime.fromtimestamp(at, tz).utcoffset() or timedelta()).total_seconds())
 
 
 def offsets(tz: tzinfo, since: float, until: float) -> list[tuple[float, float, int]]:
@@ -80,7 +81,8 @@ def offsets(tz: tzinfo, since: float, until: float) -> list[tuple[float, float, 
     A change is found to the bucket: the first bucket starting at or after it takes the new offset.
     """
     first = math.ceil(since / BUCKET_SECONDS) * BUCKET_SECONDS
-    pieces, start, current = [], since, offset_at(tz, first)
+    pieces: list[tuple[float, float, int]] = []
+    start, current = since, offset_at(tz, first)
     before = first
     while before < until:
         probe = min(before + OFFSET_PROBE, math.ceil(until / BUCKET_SECONDS) * BUCKET_SECONDS)
@@ -112,7 +114,7 @@ def answer(store: Store, question: Question, tags: Mapping[str, tuple[str, ...]]
         # Days need the zone's offsets over a bounded window: as far as there are figures.
         span = store.usage_span(question.scope) or (0, 0)
         since, until = span[0] if since is None else since, span[1] if until is None else until
-    if time_key and since < until:
+    if time_key and since is not None and until is not None and since < until:
         zone_offsets = offsets(question.tz, since, until)
     rows = store.usage(question.scope, since, until, store_by, zone_offsets)
     # Keys as they appear in a row: the session's id, Claude session id and client go together.
@@ -125,9 +127,9 @@ def answer(store: Store, question: Question, tags: Mapping[str, tuple[str, ...]]
     groups: dict[tuple, list] = {}
     for row in rows:
         figures = _figures(row)
-        key = keys_of(row)
-        key = list(key) if len(names) > 1 else [key]
-        if time_at is not None:
+        found_keys = keys_of(row)
+        key: list[Any] = list(found_keys) if len(names) > 1 else [found_keys]
+        if time_at is not None and time_key is not None:
             label = labels.get(key[time_at])
             if label is None:
                 label = labels[key[time_at]] = _label(key[time_at], time_key)

@@ -53,13 +53,14 @@ DRAIN = 2.0
 IDLE_AT_STOP = 1.0
 
 
-def write_error(sock, status: int, reason: str, message: str) -> None:
+def write_error(sock: socket.socket, status_int: int, reason: str, mesg: str) -> None:
     """Write gunicorn's own error answer as JSON in Anthropic's shape (in place of its HTML page)."""
+    # The parameters keep gunicorn's names: this replaces its util.write_error.
     # The app is loaded in the worker by now, so this imports nothing new.
     from .errors import error_body, error_type
 
-    body = error_body(error_type(status), message or reason)
-    head = (f"HTTP/1.1 {status} {reason}\r\nConnection: close\r\nContent-Type: application/json\r\n"
+    body = error_body(error_type(status_int), mesg or reason)
+    head = (f"HTTP/1.1 {status_int} {reason}\r\nConnection: close\r\nContent-Type: application/json\r\n"
             f"Content-Length: {len(body)}\r\n\r\n")
     util.write_nonblock(sock, head.encode("latin-1") + body)
 
@@ -72,7 +73,8 @@ def close_lingering(sock) -> None:
     """
     try:
         sock.shutdown(socket.SHUT_WR)
-        with gevent.Timeout(DRAIN, False):
+        # gevent documents False as 'suppress the timeout'; types-gevent allows only exceptions.
+        with gevent.Timeout(DRAIN, False):  # type: ignore[arg-type]
             while sock.recv(65536):
                 pass
     except OSError:
@@ -127,24 +129,26 @@ class AspyWorker(GeventWorker):
         gunicorn's gevent worker closes its listening socket at once, which resets the
         connections waiting in its queue, and waits out idle kept-alive connections.
         """
-        servers = []
+        servers: list[StreamServer] = []
+        pools: list[Pool] = []
         for listener in self.sockets:
-            listener.setblocking(1)
-            server = StreamServer(listener, handle=partial(self.handle, listener),
-                                  spawn=Pool(self.worker_connections))
+            listener.setblocking(True)
+            pool = Pool(self.worker_connections)
+            server = StreamServer(listener, handle=partial(self.handle, listener), spawn=pool)
             if self.cfg.workers > 1:
                 server.max_accept = 1
             server.start()
             servers.append(server)
+            pools.append(pool)
         while self.alive:
             self.notify()
             gevent.sleep(1.0)
-        for listener, server in zip(self.sockets, servers):
+        for listener, server, pool in zip(self.sockets, servers, pools):
             server.stop_accepting()
-            self.take_queued(listener, server.pool)
+            self.take_queued(listener, pool)
             server.close()
         deadline = time.monotonic() + self.cfg.graceful_timeout
-        while any(server.pool.free_count() != server.pool.size for server in servers):
+        while any(pool.free_count() != pool.size for pool in pools):
             if time.monotonic() > deadline:
                 self.log.warning("Worker graceful timeout (pid:%s)", self.pid)
                 for server in servers:

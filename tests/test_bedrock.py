@@ -13,8 +13,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from aspy.billing import tokens
 from aspy.bedrock import MAX_FRAME, BedrockDecoder, FrameError, read_headers
+from aspy.billing import tokens
 from aspy.observe import SseObserver
 
 STREAM = (Path(__file__).resolve().parent / "fixtures" / "real" / "bedrock"

@@ -114,7 +114,7 @@ def test_the_session_title_counts_but_leaves_the_gauge_and_is_not_a_compaction(t
     [session] = sessions.store.sessions(sessions_scope(), None, Horizon(0, 0), 5)
     assert session.requests == 2 and session.usage.input_tokens == 1_425 + 554
     assert session.context_tokens == 21_425 and session.compactions == 0
-    prompts = [m for m in search_all(sessions, "title")]
+    prompts = list(search_all(sessions, "title"))
     assert prompts == []
 
 

@@ -51,7 +51,8 @@ def test_sdk_stream_through_aspy(aspy):
 def test_sdk_stream_of_a_real_capture_with_tools(aspy):
     with sdk(aspy).messages.stream(model="claude-haiku-4-5", max_tokens=32,
                                    messages=[{"role": "user", "content": "weather?"}],
-                                   extra_headers={"x-fake-fixture": "sdkpy_snapshot_555fb399_0_tool_use_haiku45.sse"}) as stream:
+                                   extra_headers={"x-fake-fixture": "sdkpy_snapshot_555fb399_0_tool_use_haiku45.sse"},
+                                   ) as stream:
         final = stream.get_final_message()
     assert final.content[0].input == {"location": "San Francisco, CA", "units": "f"}
 
@@ -72,10 +73,10 @@ def test_sdk_reads_aspy_errors(aspy):
 
 
 def test_sdk_sees_a_broken_stream_as_an_api_error(aspy):
-    with pytest.raises(anthropic.APIStatusError) as caught:
-        with sdk(aspy).messages.stream(model="claude-x", max_tokens=1, messages=[{"role": "user", "content": "x"}],
-                                       extra_headers={"x-fake-break": "3"}) as stream:
-            stream.get_final_message()
+    with pytest.raises(anthropic.APIStatusError) as caught, sdk(aspy).messages.stream(
+            model="claude-x", max_tokens=1, messages=[{"role": "user", "content": "x"}],
+            extra_headers={"x-fake-break": "3"}) as stream:
+        stream.get_final_message()
     assert "broke off" in str(caught.value)
 
 

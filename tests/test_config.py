@@ -160,7 +160,8 @@ def test_aspy_check_exits_non_zero_with_the_message(tmp_path):
 
 
 def test_aspy_check_warns_when_a_provider_key_variable_is_unset(tmp_path):
-    path = write(tmp_path, '[providers.central]\nbase_url = "https://example.invalid"\napi_key_env = "ASPY_NOT_SET_X"\n')
+    path = write(tmp_path,
+                 '[providers.central]\nbase_url = "https://example.invalid"\napi_key_env = "ASPY_NOT_SET_X"\n')
     env = {k: v for k, v in os.environ.items() if k != "ASPY_NOT_SET_X"} | {"XDG_STATE_HOME": str(tmp_path)}
     done = subprocess.run([sys.executable, "-m", "aspy", "check", "--config", str(path)], capture_output=True,
                           text=True, env=env)
@@ -176,6 +177,7 @@ def test_aspy_check_accepts_a_good_file(tmp_path):
 
 def test_aspy_serve_with_no_config_at_all_runs_in_legacy_mode(tmp_path):
     import requests
+
     from conftest import free_port, wait_for_health
 
     port = free_port()
@@ -585,6 +587,7 @@ def mistyped_postgresql_option(folder, text, upstream_url):
 def test_a_reload_with_a_bad_config_keeps_the_master_and_the_running_config(upstream, start_aspy, tmp_path,
                                                                              spoil, expected):
     import requests
+
     from conftest import standard_config
 
     text = standard_config(upstream.url)

@@ -16,7 +16,7 @@ import subprocess
 import sys
 import time
 import uuid
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
@@ -121,7 +121,7 @@ def browser():
 def write_history(folder: Path, days: int = 20) -> None:
     """Write an earlier aspy's event log with some days of the three clients' traffic, the same every run."""
     dice = random.Random(13)
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     models = {"dev-1": SONNET, "dev-2": HAIKU, "ops": OPUS}
     lines = []
     for back in range(days, 0, -1):
@@ -135,7 +135,8 @@ def write_history(folder: Path, days: int = 20) -> None:
                 base = {"user_id": client, "session_id": session, "tracked_at": at}
                 lines.append(base | {"type": "Request", "id": f"{back}-{client}-{n}", "timestamp": at,
                                      "method": "POST", "path": "/v1/messages", "body_size": 100,
-                                     "body": {"model": model, "messages": [{"role": "user", "content": "earlier work"}]}})
+                                     "body": {"model": model,
+                                              "messages": [{"role": "user", "content": "earlier work"}]}})
                 lines.append(base | {"type": "ApiUsage", "timestamp": at, "model": model,
                                      "input_tokens": dice.randint(5, 50), "output_tokens": dice.randint(200, 3000),
                                      "cache_creation_tokens": dice.randint(0, 5000),
@@ -277,7 +278,8 @@ def test_charts_are_drawn_from_recorded_traffic_by_client_model_and_tag(browser,
         for row in shown[by]["rows"]:
             expect[row[by]] = expect.get(row[by], 0) + row["cost_usd"]
         drawn = browser.execute_script(
-            "return Object.fromEntries(aspyDashboard.chartGroups.map(g => [g.name, g.values.reduce((a, b) => a + b, 0)]))")
+            "return Object.fromEntries(aspyDashboard.chartGroups.map("
+            "g => [g.name, g.values.reduce((a, b) => a + b, 0)]))")
         assert drawn == pytest.approx(expect, abs=1e-12)
         # The tallest bar of the stack is the day's total over every group.
         top = browser.execute_script("return aspyDashboard.chart.data[1].reduce((a, b) => a + b, 0)")
@@ -328,7 +330,8 @@ def test_a_new_session_appears_without_a_reload(browser, served):
     assert {k: levels[k] for k in ("dash-dev-1", "dash-dev-2", "dash-ops")} == {
         "dash-dev-1": "gauge warning", "dash-dev-2": "gauge normal", "dash-ops": "gauge high"}
     # The event feed shows its request too.
-    wait(browser, f"[...document.querySelectorAll('#events li')].some(li => li.innerText.includes('{session['session'][:8]}'))")
+    wait(browser, "[...document.querySelectorAll('#events li')]"
+                  f".some(li => li.innerText.includes('{session['session'][:8]}'))")
     assert not console_errors(browser)
 
 
@@ -385,7 +388,8 @@ def test_a_token_in_the_fragment_is_used_then_wiped_and_a_proxy_token_sees_its_c
     assert browser.execute_script(
         "return [...document.getElementById('client-filter').options].map(o => o.value)") == ["", "ops"]
     sessions = browser.execute_script(
-        "return [...document.querySelectorAll('#sessions li[data-claude-session]')].map(li => li.dataset.claudeSession)")
+        "return [...document.querySelectorAll('#sessions li[data-claude-session]')]"
+        ".map(li => li.dataset.claudeSession)")
     assert sessions == ["dash-ops"]
     clients = browser.execute_script(
         "return [...new Set([...document.querySelectorAll('#events .who')].map(w => w.innerText.split(' ')[0]))]")

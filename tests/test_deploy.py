@@ -12,9 +12,9 @@ import time
 import pytest
 import requests
 
+from aspy.serving import LONGEST_STREAM
 from conftest import ROOT, AspyProcess, free_port, standard_config, wait_for_health
 from test_sessions_api import eventually
-from aspy.serving import LONGEST_STREAM
 
 UNIT = ROOT / "systemd" / "aspy.service"
 SITE = ROOT / "conf" / "nginx" / "aspy.conf"
@@ -41,8 +41,8 @@ def test_systemd_unit_is_hardened_and_outlives_graceful_shutdown():
     assert one["ProtectSystem"] == "strict" and one["ProtectHome"] == "yes" and one["PrivateTmp"] == "yes"
     assert one["CapabilityBoundingSet"] == ""
     assert "-HUP" in one["ExecReload"]
-    from aspy.serving import gunicorn_settings
     from aspy.config import Server
+    from aspy.serving import gunicorn_settings
     graceful = gunicorn_settings(Server())["graceful_timeout"]
     assert graceful > LONGEST_STREAM
     assert int(one["TimeoutStopSec"]) > graceful

@@ -521,9 +521,9 @@ def json_bytes(value) -> bytes:
 REQUEST_BODIES = st.one_of(st.binary(max_size=3000), JSON.map(json_bytes), MESSAGES_REQUEST.map(json_bytes))
 # Header values gunicorn takes (visible ASCII and latin-1's upper half): a request it refuses never reaches aspy.
 HEADER_VALUES = st.text(st.characters(codec="latin-1", exclude_categories=("Cc", "Zs")), min_size=1, max_size=40)
-USAGE = st.fixed_dictionaries({}, optional={k: NUMBERS | JSON for k in (
+USAGE = st.fixed_dictionaries({}, optional=dict.fromkeys((
     "input_tokens", "output_tokens", "cache_read_input_tokens", "cache_creation_input_tokens", "cache_creation",
-    "server_tool_use", "iterations", "speed", "service_tier")})
+    "server_tool_use", "iterations", "speed", "service_tier"), NUMBERS | JSON))
 EVENT = st.fixed_dictionaries(
     {"type": st.sampled_from(["message_start", "content_block_start", "content_block_delta", "content_block_stop",
                               "message_delta", "message_stop", "error", "ping"]) | JSON},

@@ -50,11 +50,10 @@ def call_tools(env: dict, calls: list[tuple[str, dict]]) -> tuple[list, list]:
     async def main():
         params = StdioServerParameters(command=sys.executable, args=["-m", "aspy", "mcp"],
                                        env={"PATH": os.environ["PATH"], **env})
-        async with stdio_client(params) as (read, write):
-            async with ClientSession(read, write) as session:
-                await session.initialize()
-                listed = (await session.list_tools()).tools
-                return listed, [await session.call_tool(name, args) for name, args in calls]
+        async with stdio_client(params) as (read, write), ClientSession(read, write) as session:
+            await session.initialize()
+            listed = (await session.list_tools()).tools
+            return listed, [await session.call_tool(name, args) for name, args in calls]
     return anyio.run(main)
 
 
@@ -83,7 +82,8 @@ def test_each_tool_answers_for_its_own_client_as_structured_content_and_text(two
     mine, everyone, events, context, sessions, search, search_all = (r.structured_content for r in results)
     assert mine["requests"]["total"] == 2 and everyone["requests"]["total"] == 3
     assert [e["tool"] for e in events["events"]] == ["Read"] and events["events"][0]["client"] == "mcp-a"
-    assert context["client"] == "mcp-a" and context["current_tokens"] == 150_000 and context["warning_level"] == "warning"
+    assert context["client"] == "mcp-a" and context["current_tokens"] == 150_000
+    assert context["warning_level"] == "warning"
     # aspy_sessions lists every client's sessions; is_me tells the caller's apart.
     assert {s["client"] for s in sessions["sessions"]} == {"mcp-a", "mcp-b"}
     assert [r["client"] for r in search["results"]] == ["mcp-a"]

@@ -52,7 +52,8 @@ def stats(server, **params) -> dict:
 
 def send(server, key: str, path: str = "/v1/messages") -> None:
     r = requests.post(f"{server.url}{path}", headers={"x-api-key": key},
-                      json={"model": "claude-sonnet-4-5", "max_tokens": 8, "messages": [{"role": "user", "content": "x"}]})
+                      json={"model": "claude-sonnet-4-5", "max_tokens": 8,
+                            "messages": [{"role": "user", "content": "x"}]})
     assert r.status_code == 200
 
 
@@ -109,7 +110,8 @@ def test_apply_twice_writes_clients_once_keeping_comments_and_re_attributes_hist
     carol = stats(server, client="carol")
     assert carol["requests"]["total"] == 2
     assert stats(server, user=h(KEY_C)) == carol
-    assert requests.get(f"{server.url}/api/sessions", params={"client": "carol"}).json()["sessions"][0]["user"] == h(KEY_C)
+    sessions = requests.get(f"{server.url}/api/sessions", params={"client": "carol"}).json()["sessions"]
+    assert sessions[0]["user"] == h(KEY_C)
     send(server, KEY_C)
     eventually(lambda: stats(server, client="carol")["requests"]["total"] == 3)
     assert stats(server, user=h(KEY_C))["requests"]["total"] == 3

@@ -49,7 +49,8 @@ def test_two_hosts_on_one_database_share_one_session_with_exact_totals(upstream,
         expect_read = sum(1000 * n for n in range(40))
         cost = (expect_in * RATES[0] + expect_out * RATES[1] + expect_read * RATES[4]) / 1e6
         for host in hosts:
-            stats = eventually(lambda host=host: (s := requests.get(f"{host.url}/api/stats", params={"session": session}))
+            stats = eventually(lambda host=host: (s := requests.get(f"{host.url}/api/stats",
+                                                                    params={"session": session}))
                                .status_code == 200 and s.json()["requests"]["total"] == 40 and s.json())
             assert stats["tokens"]["input"] == expect_in and stats["tokens"]["output"] == expect_out
             assert stats["tokens"]["cache_read"] == expect_read

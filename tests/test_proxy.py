@@ -145,7 +145,8 @@ def test_bedrock_event_stream_is_relayed_byte_for_byte_and_observed(aspy):
     stats = eventually(lambda: (s := requests.get(f"{aspy.url}/api/stats", params={"session": session})).ok
                        and s.json()["requests"]["total"] == 1 and s.json())
     assert stats["tokens"]["input"] == 17 and stats["tokens"]["output"] == 322
-    assert stats["cost"]["by_model"] == {"claude-sonnet-4-20250514": pytest.approx((17 * 3 + 322 * 15) / 1e6, abs=1e-12)}
+    cost = pytest.approx((17 * 3 + 322 * 15) / 1e6, abs=1e-12)
+    assert stats["cost"]["by_model"] == {"claude-sonnet-4-20250514": cost}
     assert stats["requests"]["failed"] == 0
 
 
@@ -159,7 +160,8 @@ def test_upstream_error_body_passes_through_unchanged(aspy):
 
 
 def test_upstream_429_keeps_status_and_body(aspy):
-    body = '{"type":"error","error":{"type":"rate_limit_error","message":"Number of request tokens has exceeded your per-minute rate limit"}}'
+    body = ('{"type":"error","error":{"type":"rate_limit_error",'
+            '"message":"Number of request tokens has exceeded your per-minute rate limit"}}')
     r = requests.post(f"{aspy.url}/dev-1/v1/messages", json=MESSAGE,
                       headers={"x-fake-status": "429", "x-fake-body": body})
     assert r.status_code == 429 and r.text == body

@@ -23,7 +23,8 @@ MODEL = "claude-sonnet-4-5-20250929"
 # Sonnet 4.5 list prices per million tokens: input, output, 5m write, 1h write, cache read.
 RATES = (3, 15, 3.75, 6, 0.30)
 EXTRA_CLIENTS = "".join(f'\n[clients.{c}]\nname = "{c.title()}"\nprovider = "fake"\n'
-                        for c in ("team-a", "team-b", "solo", "reg", "keys", "tools", "ctx", "finder", "other", "probe"))
+                        for c in ("team-a", "team-b", "solo", "reg", "keys", "tools", "ctx", "finder", "other",
+                                  "probe"))
 
 
 def usage(i: int, o: int, read: int = 0, w5: int = 0, w1: int = 0) -> dict:
@@ -179,7 +180,8 @@ def test_keyless_requests_share_the_implicit_session(tracked):
 
 
 def test_a_registered_session_takes_keyless_traffic(tracked):
-    r = requests.post(f"{tracked.url}/api/session/start", json={"client": "reg", "session_id": "reg-1", "source": "hook"})
+    r = requests.post(f"{tracked.url}/api/session/start",
+                      json={"client": "reg", "session_id": "reg-1", "source": "hook"})
     assert r.status_code == 201 and r.json()["created"] is True
     again = requests.post(f"{tracked.url}/api/session/start", json={"client": "reg", "session_id": "reg-1"})
     assert again.status_code == 200 and again.json()["session"]["id"] == r.json()["session"]["id"]
@@ -264,7 +266,10 @@ def test_search_finds_prompts_and_answers_with_snippets_and_time_ranges(tracked)
     word = "zebra" + uuid.uuid4().hex[:6]
     send(tracked, "finder", prompt=f"where does the {word} sleep at night", stream=True,
          headers={"x-fake-text": f"The {word} sleeps standing up in quiet meadows."})
-    search = lambda **kw: requests.post(f"{tracked.url}/api/search", json={"keyword": word, **kw}).json()
+
+    def search(**kw):
+        return requests.post(f"{tracked.url}/api/search", json={"keyword": word, **kw}).json()
+
     found = eventually(lambda: (r := search())["total_matches"] == 2 and r)
     assert {h["role"] for h in found["results"]} == {"user", "assistant"}
     for hit in found["results"]:
@@ -275,7 +280,8 @@ def test_search_finds_prompts_and_answers_with_snippets_and_time_ranges(tracked)
     assert search(time_range="today")["total_matches"] == 2
     assert search(time_range="yesterday")["total_matches"] == 0
     assert search(time_range={"since": "2999-01-01T00:00:00Z"})["total_matches"] == 0
-    assert search(time_range={"since": "2000-01-01T00:00:00+00:00", "until": "2999-01-01T00:00:00Z"})["total_matches"] == 2
+    everything = {"since": "2000-01-01T00:00:00+00:00", "until": "2999-01-01T00:00:00Z"}
+    assert search(time_range=everything)["total_matches"] == 2
     assert search(client="other")["total_matches"] == 0
     assert search(client="finder", keyword=f"{word} meadows")["total_matches"] == 1
 

@@ -14,7 +14,8 @@ import requests
 
 from conftest import API_KEY, AspyProcess
 
-CLIENTS = '\n[clients.alpha]\nname = "Alpha Laptop"\nprovider = "fake"\n[clients.beta]\nname = "Beta Runner"\nprovider = "fake"\n'
+CLIENTS = ('\n[clients.alpha]\nname = "Alpha Laptop"\nprovider = "fake"\n'
+           '[clients.beta]\nname = "Beta Runner"\nprovider = "fake"\n')
 
 
 def two_clients(upstream_url: str) -> str:

@@ -15,7 +15,7 @@ import sys
 import uuid
 from collections import defaultdict
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo
 
 import pytest
@@ -36,7 +36,7 @@ LEGACY_USER = "0123456789abcdef"
 
 def utc(text: str) -> float:
     """Return the epoch seconds of a UTC time written 2026-11-22T08:00:30."""
-    return datetime.fromisoformat(text).replace(tzinfo=timezone.utc).timestamp()
+    return datetime.fromisoformat(text).replace(tzinfo=UTC).timestamp()
 
 
 # (instant, client, session key, model, tokens, failed): the in-process part, around midnights.
@@ -185,7 +185,7 @@ def expected(records: list[Sent], by: tuple[str, ...], tz: str, since: float | N
         local = day_of(r.done, tz).date()
         values = {"day": local.isoformat(), "week": (local - timedelta(days=local.weekday())).isoformat(),
                   "month": local.strftime("%Y-%m"), "client": r.client, "model": r.model, "session": r.key}
-        tags = [t for t in CLIENTS.get(r.client or "", [])] or [None]
+        tags = list(CLIENTS.get(r.client or "", [])) or [None]
         for tag in tags if "tag" in by else [None]:
             group = groups[tuple(tag if k == "tag" else values[k] for k in by)]
             group[0] += 1
@@ -451,11 +451,11 @@ def test_report_says_what_is_wrong(served):
 @pytest.fixture
 def book(store_kind, tmp_path):
     """A sessions book on a new, empty store."""
-    from conftest import postgres_database
     from aspy.config import parse_config
     from aspy.models import load_models
     from aspy.sessions import Sessions
     from aspy.store import open_store
+    from conftest import postgres_database
 
     name = f"aspy_test_{uuid.uuid4().hex[:12]}"
     url = f"sqlite:///{tmp_path / 'aspy.db'}" if store_kind == "sqlite" else postgres_database(name, create=True)
@@ -616,8 +616,11 @@ def test_report_reads_a_store_as_it_is_and_never_migrates_it(book, tmp_path, sto
     config = tmp_path / "config.toml"
     clients = "".join(f'[clients.{c}]\nname = "{c}"\nprovider = "anthropic"\n' for c in CLIENTS)
     config.write_text(f'[store]\nurl = "{book.config.store.url}"\n{clients}')
-    run = lambda: subprocess.run([sys.executable, "-m", "aspy", "report", "monthly", "--json", "--tz", "UTC",
-                                  "--config", str(config)], capture_output=True, text=True, timeout=120)
+
+    def run() -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "aspy", "report", "monthly", "--json", "--tz", "UTC",
+                               "--config", str(config)], capture_output=True, text=True, timeout=120)
+
     assert json.loads(run().stdout)["rows"][0]["tokens"]["input"] == 100
     book.store.close()
     downgrade(book.config.store.url)

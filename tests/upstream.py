@@ -382,7 +382,7 @@ class FakeUpstream:
         """Pause between events; say whether the client hung up meanwhile (seen at once, not at the next write)."""
         try:
             return await asyncio.wait_for(reader.read(1), delay) == b""
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return False
 
 

@@ -142,7 +142,7 @@ class Scope:
 
 @dataclass
 class UsageBucket:
-    """Figures of one 15-minute bucket: a session's (or, without one, its client's traffic) for one model and price class.
+    """Figures of one 15-minute bucket: a session's (or, without one, its client's traffic) for a model and price class.
 
     ``model`` is None for requests that no answer billed (probes, failures before any usage).
     """
@@ -336,12 +336,12 @@ class Store(ABC):
     @abstractmethod
     def sessions(self, scope: Scope, status: str | None, horizon: Horizon, limit: int,
                  since: float | None = None, until: float | None = None) -> list[Session]:
-        """Return sessions (active in a window, if given), newest activity first, with their per-model and per-tool figures."""
+        """Return sessions (active in a window, if given), newest activity first, with per-model, per-tool figures."""
 
     @abstractmethod
     def totals(self, scope: Scope, horizon: Horizon, since: float | None = None,
                until: float | None = None) -> Totals:
-        """Sum the figures of every session in a scope; with a window, of the exchanges in it and the sessions active in it."""
+        """Sum the figures of every session in a scope; with a window, of its exchanges and the sessions active then."""
 
     @abstractmethod
     def usage(self, scope: Scope, since: float | None, until: float | None, by: tuple[str, ...],

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from decimal import Decimal
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 import psycopg
+from psycopg.abc import Buffer
 from psycopg.adapt import Loader
 from psycopg_pool import ConnectionPool, PoolTimeout
 
@@ -143,7 +145,7 @@ MIGRATIONS: dict[int, list[str]] = {
 class WholeNumberLoader(Loader):
     """Load NUMERIC (what SUM over BIGINT gives) as int when whole, else float."""
 
-    def load(self, data: bytes) -> int | float:
+    def load(self, data: Buffer) -> int | float:
         value = Decimal(bytes(data).decode())
         return int(value) if value == value.to_integral_value() else float(value)
 
@@ -234,8 +236,8 @@ class PostgresStore(SqlStore):
     def _connection(self) -> Iterator[psycopg.Connection]:
         """Lend a connection: the writer thread's own (the pool belongs to the hub), or one of the pool's."""
         if not getattr(self._thread, "own", False):
-            with self._open().connection() as conn:
-                yield conn
+            with self._open().connection() as pooled:
+                yield pooled
             return
         conn = getattr(self._thread, "conn", None)
         if conn is None or conn.closed:
@@ -284,7 +286,8 @@ class PostgresStore(SqlStore):
     def inspect(self) -> dict[str, Any]:
         try:
             with psycopg.connect(self.url, connect_timeout=5) as conn:
-                has_meta = conn.execute("SELECT to_regclass('meta')").fetchone()[0]
+                row = conn.execute("SELECT to_regclass('meta')").fetchone()
+                has_meta = row is not None and row[0]
                 version = self._version(conn) if has_meta else None
         except psycopg.Error as exc:
             raise StoreError(f"cannot reach the PostgreSQL store {self._where()}: {exc}") from None

@@ -9,12 +9,29 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any
 
 from ..observe import Usage
-from . import (ACTIVE, BUCKET_SECONDS, ENDED, IDLE, LIVE, Event, Horizon, LegacyUser, ModelUsage, Scope, Session,
-               Store, Totals, Transaction, UsageBucket, UsageRow)
+from . import (
+    ACTIVE,
+    BUCKET_SECONDS,
+    ENDED,
+    IDLE,
+    LIVE,
+    Event,
+    Horizon,
+    LegacyUser,
+    ModelUsage,
+    Scope,
+    Session,
+    Store,
+    Totals,
+    Transaction,
+    UsageBucket,
+    UsageRow,
+)
 
 SESSION_COLUMNS = (
     "id", "claude_session_id", "source", "client_id", "client_name", "provider", "user_hash",
@@ -117,9 +134,12 @@ def needs_buckets(scope: Scope, by: tuple[str, ...]) -> bool:
 
 def bucket_window(since: float | None, until: float | None) -> tuple[int | None, int | None]:
     """Return a window as bucket starts: a bucket counts when it starts in [since, until)."""
-    def up(t: float | None) -> int | None:
-        return None if t is None else math.ceil(t / BUCKET_SECONDS) * BUCKET_SECONDS
-    return up(since), up(until)
+    return (None if since is None else bucket_start(since)), (None if until is None else bucket_start(until))
+
+
+def bucket_start(t: float) -> int:
+    """Return the start of the first bucket at or after an instant."""
+    return math.ceil(t / BUCKET_SECONDS) * BUCKET_SECONDS
 
 
 def sums(sign: str = "") -> str:
@@ -156,7 +176,7 @@ def plan(since: int, until: int, by_day: bool, offsets: list[tuple[float, float,
     if by_day and offsets:
         # A bucket takes the offset in force at its start. The offsets cover the window; whatever
         # lies beyond them (written meanwhile) takes the nearest one.
-        starts = [since] + [bucket_window(start, None)[0] for start, _, _ in offsets[1:]]
+        starts = [since] + [bucket_start(start) for start, _, _ in offsets[1:]]
         ends = starts[1:] + [until]
         segments = [(max(a, since), min(b, until), offset) for a, b, (_, _, offset) in zip(starts, ends, offsets)]
     pieces = []
@@ -168,7 +188,8 @@ def plan(since: int, until: int, by_day: bool, offsets: list[tuple[float, float,
         if fine_only or first >= last:
             pieces.append(Piece(True, start, end, offset))
             continue
-        pieces += [Piece(True, start, first, offset)] * (start < first) + [Piece(True, last, end, offset)] * (last < end)
+        pieces += ([Piece(True, start, first, offset)] * (start < first)
+                   + [Piece(True, last, end, offset)] * (last < end))
         # Local midnight, as a UTC time of day, and how far into its block it falls.
         midnight = -offset % DAY
         into = midnight % BLOCK_SECONDS
@@ -189,7 +210,8 @@ def plan(since: int, until: int, by_day: bool, offsets: list[tuple[float, float,
 
 def message_filters(since: float | None, until: float | None, scope: Scope, role: str | None) -> tuple[str, list[Any]]:
     """Return the AND-ed conditions (and parameters) that narrow a search of messages ``m``."""
-    where, params = "", []
+    where = ""
+    params: list[Any] = []
     if since is not None:
         where += " AND m.timestamp >= ?"
         params.append(since)
@@ -416,7 +438,8 @@ class SqlTransaction(Transaction):
     def add_traffic(self, client, user, requests, failed, last_seen):
         # A legacy user's traffic has client "" here: NULL would never match the primary key.
         self.execute("INSERT INTO traffic (client_id, user_hash, requests, failed, last_seen) VALUES (?, ?, ?, ?, ?) "
-                     "ON CONFLICT (client_id, user_hash) DO UPDATE SET requests = traffic.requests + excluded.requests, "
+                     "ON CONFLICT (client_id, user_hash) DO UPDATE SET "
+                     "requests = traffic.requests + excluded.requests, "
                      "failed = traffic.failed + excluded.failed, "
                      "last_seen = CASE WHEN excluded.last_seen > traffic.last_seen "
                      "THEN excluded.last_seen ELSE traffic.last_seen END",
@@ -627,7 +650,8 @@ class SqlStore(Store):
         if piece.moved is not None:
             # Each bucket twice: in its own day, and taken out of the day its block counted in. (A
             # CROSS JOIN keeps SQLite reading the buckets once, in the outer loop.)
-            tables += f" CROSS JOIN (SELECT {shift} AS shift, 1 AS sign UNION ALL SELECT {int(piece.moved)}, -1) AS moves"
+            tables += (f" CROSS JOIN (SELECT {shift} AS shift, 1 AS sign"
+                       f" UNION ALL SELECT {int(piece.moved)}, -1) AS moves")
             shift, sign = "moves.shift", "moves.sign * "
         keys = [f"({column} + {shift}) / {DAY} AS day" if n == "day" else n for n in names]
         if "session_id" in names:
@@ -641,8 +665,8 @@ class SqlStore(Store):
             params += list(piece.times)
         scoped, scope_params = usage_scope(scope, piece.fine)
         grouped = f" GROUP BY {', '.join(str(i + 1) for i in range(len(names)))}" if names else ""
-        return (f"SELECT {', '.join([*keys, sums(sign)])} FROM {tables} WHERE {' AND '.join(where)} AND {scoped}{grouped}",
-                [*params, *scope_params])
+        return (f"SELECT {', '.join([*keys, sums(sign)])} FROM {tables} "
+                f"WHERE {' AND '.join(where)} AND {scoped}{grouped}", [*params, *scope_params])
 
     def usage_span(self, scope):
         fine = needs_buckets(scope, ())
@@ -696,7 +720,8 @@ class SqlStore(Store):
     def client_activity(self, horizon):
         live, live_params = status_clause(LIVE, horizon)
         rows = self.query(f"SELECT client_id, SUM(CASE WHEN {live} THEN 1 ELSE 0 END), "
-                          "MAX(last_activity) FROM sessions WHERE client_id IS NOT NULL GROUP BY client_id", live_params)
+                          "MAX(last_activity) FROM sessions WHERE client_id IS NOT NULL GROUP BY client_id",
+                          live_params)
         activity = {client: (live, last) for client, live, last in rows}
         for client, last in self.query("SELECT client_id, MAX(last_seen) FROM traffic WHERE client_id <> '' "
                                        "GROUP BY client_id"):

@@ -59,7 +59,9 @@ def send(server, key: str, path: str = "/v1/messages") -> None:
 @pytest.fixture
 def old(start_aspy, upstream, fresh_store):
     """An old setup that has seen legacy traffic from two keys (three requests)."""
-    server = start_aspy(old_setup(upstream.url) + fresh_store())
+    # The logs imported here are from December 2025: a retention long enough keeps their events
+    # (the default 90 days would let the upkeep delete them while a test reads them).
+    server = start_aspy(old_setup(upstream.url) + (fresh_store() or "\n[store]\n") + "retention_days = 36500\n")
     send(server, KEY_C)
     send(server, KEY_C)
     send(server, KEY_D)

@@ -37,7 +37,7 @@ def iso(ts: float | None) -> str | None:
 
 def bad_request(message: str) -> AspyError:
     """Return a 400 in Anthropic's shape."""
-    return AspyError(400, "invalid_request_error", message)
+    return AspyError(400, message)
 
 
 def config() -> Config:
@@ -83,7 +83,7 @@ def authorize() -> None:
         if client.proxy_token and given and hmac.compare_digest(given.encode(), client.proxy_token.encode()):
             g.only_client = client.id
             return
-    raise AspyError(401, "authentication_error",
+    raise AspyError(401,
                     "This API needs Authorization: Bearer <api_token> (or a client's proxy token)")
 
 
@@ -110,10 +110,10 @@ def scope(args: dict[str, Any] | None = None) -> Scope:
     tagged = None if tag is None else tuple(c.id for c in config().clients.values() if tag in c.tags)
     if g.only_client:
         if client not in (None, g.only_client):
-            raise AspyError(403, "permission_error", "This token can only read its own client's data")
+            raise AspyError(403, "This token can only read its own client's data")
         client = g.only_client
     if client is not None and client not in config().clients:
-        raise AspyError(404, "not_found_error", f"Unknown client {client!r}")
+        raise AspyError(404, f"Unknown client {client!r}")
     user_clients: tuple[str, ...] = ()
     if user is not None:
         if not isinstance(user, str) or not USER_HASH.fullmatch(user):
@@ -122,7 +122,7 @@ def scope(args: dict[str, Any] | None = None) -> Scope:
     if session is not None:
         found = store().get_session(session)
         if found is None or (g.only_client and found.client != g.only_client):
-            raise AspyError(404, "not_found_error", f"Unknown session {session!r}")
+            raise AspyError(404, f"Unknown session {session!r}")
     return Scope(client=client, user=user, user_clients=user_clients, session=session, clients=tagged)
 
 
@@ -325,9 +325,9 @@ def start_session():
     if (client is None) == (user is None):
         raise bad_request('give exactly one of "client" or "user"')
     if g.only_client and client != g.only_client:
-        raise AspyError(403, "permission_error", "This token can only start sessions for its own client")
+        raise AspyError(403, "This token can only start sessions for its own client")
     if client is not None and client not in config().clients:
-        raise AspyError(404, "not_found_error", f"Unknown client {client!r}")
+        raise AspyError(404, f"Unknown client {client!r}")
     if user is not None and not USER_HASH.fullmatch(user):
         raise bad_request("user must be a 16-character lowercase hex key hash, or 'anonymous'")
     session, created = sessions().start(client, user, key, source)
@@ -343,7 +343,7 @@ def end_session():
     reason = text_field(body, "reason") or "api"
     found = store().get_session(key)
     if found is None or (g.only_client and found.client != g.only_client):
-        raise AspyError(404, "not_found_error", f"Unknown session {key!r}")
+        raise AspyError(404, f"Unknown session {key!r}")
     sessions().end(found.id, reason)
     return jsonify({"session": session_json(store().get_session(found.id))})
 
@@ -397,4 +397,4 @@ def usage_figures():
 @bp.route("/<path:_unknown>", methods=["GET", "POST", "PUT", "PATCH", "DELETE"])
 def unknown(_unknown: str):
     """Answer an unknown API path with 404."""
-    raise AspyError(404, "not_found_error", f"No API endpoint /api/{_unknown}")
+    raise AspyError(404, f"No API endpoint /api/{_unknown}")

@@ -52,4 +52,4 @@ def trailing_slash() -> BaseResponse:
 @bp.route("/<path:_rest>")
 def unknown(_rest: str):
     """Answer any other path under /dashboard with 404 (never the proxy's "Unknown client")."""
-    raise AspyError(404, "not_found_error", f"No dashboard page /dashboard/{_rest}")
+    raise AspyError(404, f"No dashboard page /dashboard/{_rest}")

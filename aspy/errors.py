@@ -26,6 +26,7 @@ ERROR_TYPES = {
     401: "authentication_error",
     403: "permission_error",
     404: "not_found_error",
+    408: "timeout_error",
     413: "request_too_large",
     429: "rate_limit_error",
     500: "api_error",
@@ -40,12 +41,12 @@ BROKEN_BODY = (NoMoreData, ParseException, ConnectionError)
 
 
 class AspyError(Exception):
-    """An error to answer with, in Anthropic's shape."""
+    """An error to answer with, in Anthropic's shape; its type follows from its status."""
 
-    def __init__(self, status: int, kind: str, message: str):
+    def __init__(self, status: int, message: str):
         super().__init__(message)
         self.status = status
-        self.kind = kind
+        self.kind = error_type(status)
         self.message = message
 
 

@@ -295,9 +295,9 @@ def _authorize() -> None:
     if given and any(c.proxy_token and hmac.compare_digest(given, c.proxy_token.encode())
                      for c in config.clients.values()):
         # Metrics speak for every client and the whole host: they are the operator's.
-        raise AspyError(403, "permission_error", "/metrics needs the api_token; a client's proxy token "
+        raise AspyError(403, "/metrics needs the api_token; a client's proxy token "
                                                  "reads only its own client's data, under /api/")
-    raise AspyError(401, "authentication_error", "/metrics needs Authorization: Bearer <api_token>")
+    raise AspyError(401, "/metrics needs Authorization: Bearer <api_token>")
 
 
 def host_gauges() -> HostGauges:
@@ -322,5 +322,5 @@ def metrics() -> Response:
     _authorize()
     meter: Metrics | None = current_app.extensions["aspy.metrics"]
     if meter is None:
-        raise AspyError(503, "api_error", "This worker cannot keep its metrics (see aspy's log)")
+        raise AspyError(503, "This worker cannot keep its metrics (see aspy's log)")
     return Response(meter.exposition(host_gauges()), content_type=CONTENT_TYPE)

@@ -26,7 +26,7 @@ from werkzeug.routing import PathConverter
 from werkzeug.wsgi import ClosingIterator
 
 from .config import Config
-from .errors import BROKEN_BODY, AspyError, error_body, error_response
+from .errors import BROKEN_BODY, AspyError, error_body, error_response, error_type
 from .native import readable
 from .observe import CLIENT_WENT_AWAY, STREAM_TYPES, Exchange, observer_for
 from .routing import resolve, user_hash
@@ -126,11 +126,11 @@ def read_body(environ: dict, pause: float | None = None) -> bytes:
     than chunked (``gzip, chunked``) would reach the upstream still encoded: it gets 400 too. A
     client that sends nothing for ``pause`` seconds mid-body gets 408 (under gunicorn).
     """
-    too_large = AspyError(413, "request_too_large",
+    too_large = AspyError(413,
                           f"Request body is larger than the proxy's limit of {MAX_BODY} bytes (32 MiB)")
     codings = [c.strip().lower() for c in environ.get("HTTP_TRANSFER_ENCODING", "").split(",") if c.strip()]
     if codings and codings != ["chunked"]:
-        raise AspyError(400, "invalid_request_error",
+        raise AspyError(400,
                         f"Transfer-Encoding {environ['HTTP_TRANSFER_ENCODING']!r} is not accepted: "
                         "send the body as it is, with Content-Length or chunked")
     length = None
@@ -139,7 +139,7 @@ def read_body(environ: dict, pause: float | None = None) -> bytes:
         if not declared:
             return b""
         if not (declared.isascii() and declared.isdigit()):
-            raise AspyError(400, "invalid_request_error", "Content-Length is not a number of bytes")
+            raise AspyError(400, "Content-Length is not a number of bytes")
         length = int(declared)
         if length > MAX_BODY:
             raise too_large
@@ -160,20 +160,20 @@ def read_body(environ: dict, pause: float | None = None) -> bytes:
                 raise too_large
             parts.append(part)
     except BROKEN_BODY:
-        raise AspyError(400, "invalid_request_error",
+        raise AspyError(400,
                         f"The request body broke off after {size} bytes; nothing was forwarded") from None
     except TimeoutError:
         # Read no more from this client: the answer goes out, then the connection closes.
         if client is not None:
             client.shutdown(socket.SHUT_RD)
-        raise AspyError(408, "timeout_error",
+        raise AspyError(408,
                         f"The request body stalled: nothing arrived for {pause:g} seconds after {size} bytes; "
                         "nothing was forwarded") from None
     finally:
         if client is not None and pause is not None:
             client.settimeout(None)
     if length is not None and size < length:
-        raise AspyError(400, "invalid_request_error",
+        raise AspyError(400,
                         f"The request body ended after {size} of its declared {length} bytes; "
                         "nothing was forwarded")
     return b"".join(parts)
@@ -221,7 +221,7 @@ def forward(_path: str) -> Response:
         exchange.body = body = read_body(environ, config.server.read_timeout)
     except AspyError as exc:
         # The request reached aspy, so it is recorded, as failed; nothing went upstream.
-        return _failed(exchange, record, exc.status, exc.kind, exc.message)
+        return _failed(exchange, record, exc.status, exc.message)
     # From here the request reaches the provider: the journal notes it, so that it is recorded
     # (as failed) even if this worker dies before the answer ends.
     current_app.extensions["aspy.recorder"].opened(exchange)
@@ -231,13 +231,13 @@ def forward(_path: str) -> Response:
     try:
         upstream = send_upstream(request.method, route.url, headers, body, timeout)
     except requests.exceptions.ConnectTimeout:
-        return _failed(exchange, record, 502, "upstream_error", "Upstream unreachable")
+        return _failed(exchange, record, 502, "Upstream unreachable")
     except requests.exceptions.ReadTimeout:
-        return _failed(exchange, record, 504, "timeout_error",
+        return _failed(exchange, record, 504,
                        f"Upstream sent no response headers within {config.server.upstream_timeout:g} seconds")
     except requests.exceptions.RequestException as exc:
         log.warning("upstream %s unreachable: %s", route.provider.id, type(exc).__name__)
-        return _failed(exchange, record, 502, "upstream_error", "Upstream unreachable")
+        return _failed(exchange, record, 502, "Upstream unreachable")
 
     exchange.status = upstream.status_code
     exchange.ttfb_ms = (time.time() - started) * 1000
@@ -415,12 +415,11 @@ def _finish(exchange: Exchange, record: Callable[[Exchange], None]) -> None:
         log.exception("recording an exchange failed; the proxy goes on")
 
 
-def _failed(exchange: Exchange, record: Callable[[Exchange], None], status: int, kind: str,
-            message: str) -> Response:
+def _failed(exchange: Exchange, record: Callable[[Exchange], None], status: int, message: str) -> Response:
     """Answer a failure in Anthropic's shape (the upstream's, or the request's own), and record it."""
     exchange.status = status
     exchange.failure = message
     exchange.complete = True
-    response = error_response(status, kind, message)
+    response = error_response(status, error_type(status), message)
     response.call_on_close(lambda: _finish(exchange, record))
     return response

@@ -36,21 +36,21 @@ def resolve(config: Config, raw_path: str, query: str) -> Route:
     if segment.startswith("pt_"):
         client = _client_by_token(config, segment)
         if client is None:
-            raise AspyError(401, "authentication_error", "Unknown proxy token")
+            raise AspyError(401, "Unknown proxy token")
     elif segment in config.clients:
         client = config.clients[segment]
         if client.proxy_token:
-            raise AspyError(401, "authentication_error",
+            raise AspyError(401,
                             f"Client {segment!r} must be reached with its proxy token, "
                             "not its id: use http://HOST:PORT/<proxy_token>/")
     elif segment == "v1":
         if not config.legacy.enabled:
-            raise AspyError(404, "not_found_error",
+            raise AspyError(404,
                             "Requests without a client segment are disabled; "
                             "use http://HOST:PORT/<client-id>/v1/...")
         client, rest = None, raw_path
     else:
-        raise AspyError(404, "not_found_error", f"Unknown client {unquote(segment)[:80]!r}")
+        raise AspyError(404, f"Unknown client {unquote(segment)[:80]!r}")
     check_path(rest)
     provider = config.providers[client.provider if client else config.legacy.provider]
     url = provider.base_url + rest + (f"?{query}" if query else "")
@@ -67,14 +67,14 @@ def check_path(rest: str) -> None:
             break
         decoded = once
     else:
-        raise AspyError(400, "invalid_request_error", "Path is encoded too many times")
+        raise AspyError(400, "Path is encoded too many times")
     if "\\" in decoded or any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in decoded):
-        raise AspyError(400, "invalid_request_error", "Path may not contain backslashes or control characters")
+        raise AspyError(400, "Path may not contain backslashes or control characters")
     segments = decoded.split("/")[1:]
     if any(s in (".", "..") for s in segments):
-        raise AspyError(400, "invalid_request_error", "Path may not contain . or .. segments")
+        raise AspyError(400, "Path may not contain . or .. segments")
     if "" in segments[:-1]:
-        raise AspyError(400, "invalid_request_error", "Path may not contain empty segments (//)")
+        raise AspyError(400, "Path may not contain empty segments (//)")
 
 
 def _client_by_token(config: Config, token: str) -> Client | None:

@@ -24,6 +24,7 @@ import pytest
 import requests
 
 from conftest import API_KEY, AspyProcess
+from test_sessions_api import eventually
 
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -77,18 +78,6 @@ def send(server: AspyProcess, segment: str, model: str, session: str, prompt: st
 def api(server: AspyProcess, path: str, token: str = API_TOKEN, **params) -> requests.Response:
     """GET an API path with a bearer token."""
     return requests.get(f"{server.url}/api/{path}", params=params, headers={"Authorization": f"Bearer {token}"})
-
-
-def eventually(check, timeout: float = TIMEOUT):
-    """Poll until check() returns something truthy; return it."""
-    deadline = time.time() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.time() > deadline:
-            raise AssertionError("condition not met in time")
-        time.sleep(0.1)
 
 
 @pytest.fixture(scope="module")
@@ -163,7 +152,7 @@ def served(upstream, tmp_path_factory):
     for n in range(2):
         send(server, "dev-2", HAIKU, "dash-dev-2", f"run the test suite {n}", context=30_000 * (n + 1))
     send(server, OPS_TOKEN, OPUS, "dash-ops", "rotate the certificates", context=176_000)
-    eventually(lambda: api(server, "stats", time_range="last_hour").json()["requests"]["total"] == 6)
+    eventually(lambda: api(server, "stats", time_range="last_hour").json()["requests"]["total"] == 6, TIMEOUT)
     yield server
     server.stop()
 
@@ -319,7 +308,7 @@ def test_a_new_session_appears_without_a_reload(browser, served):
     assert "CI runner" in card.text and "active" in card.text and "1 request" in card.text
     # Its context gauge, as /api/context has it.
     session = eventually(lambda: [c for c in api(served, "context").json()["contexts"]
-                                  if c.get("claude_session_id") == key])[0]
+                                  if c.get("claude_session_id") == key], TIMEOUT)[0]
     gauge = card.find_element("css selector", "[role=meter]")
     assert float(gauge.get_attribute("aria-valuenow")) == session["usage_pct"]
     assert f"{session['current_tokens']:,} / {session['limit_tokens']:,} tokens" in card.text

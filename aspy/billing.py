@@ -13,7 +13,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from .observe import FIVE_MINUTES, ONE_HOUR, Exchange, Usage, count
+from .observe import Exchange, count
+from .records import FIVE_MINUTES, ONE_HOUR, Usage
 
 # Iteration types (usage.iterations[].type) and what they are.
 MESSAGE, ADVISOR, COMPACTION, FALLBACK = "message", "advisor_message", "compaction", "fallback_message"

@@ -16,7 +16,7 @@ from pydantic import Field
 
 from . import __version__
 from .apiclient import ApiClient, ApiError, Target
-from .store import EVENT_TYPES
+from .records import EVENT_TYPES
 from .timerange import NAMED
 
 INSTRUCTIONS = ("aspy records this Claude Code's traffic through its proxy: ask it about tokens, cost, "

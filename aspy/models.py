@@ -19,7 +19,7 @@ import yaml
 
 from .billing import Sampling
 from .config import ConfigError
-from .observe import Usage
+from .records import Usage
 
 RATE_KEYS = ("input", "output", "cache_write_5m", "cache_write_1h", "cache_read")
 # Table-wide numbers: per 1,000 web searches, and the US-only and Batch API multipliers.

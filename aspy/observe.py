@@ -18,13 +18,12 @@ from typing import Any
 
 from . import claude_code as claude_code_rules
 from .bedrock import BedrockDecoder
+from .records import FIVE_MINUTES, ONE_HOUR
 
 log = logging.getLogger(__name__)
 
 # Non-streaming answers are parsed only up to this size; past it they are counted.
 MAX_JSON_BODY = 32 * 1024 * 1024
-# Cache lifetimes a request can ask for (cache_control.ttl).
-FIVE_MINUTES, ONE_HOUR = "5m", "1h"
 # A Message Batch holds at most 100,000 requests; a results download is observed up to that many
 # (about 60 MB at most, for the largest batch), past it counted only.
 MAX_BATCH_RESULTS = 100_000
@@ -35,41 +34,6 @@ MAX_TEXT = 256 * 1024
 # No real response has a trillion tokens; a larger count is clamped so sums stay in 64 bits.
 MAX_COUNT = 10**12
 SURROGATE = re.compile("[\ud800-\udfff]")
-
-
-@dataclass
-class Usage:
-    """Tokens of one response as billed: cache writes split by lifetime, web searches counted."""
-
-    input_tokens: int = 0
-    output_tokens: int = 0
-    cache_read: int = 0
-    cache_write_5m: int = 0
-    cache_write_1h: int = 0
-    web_search_requests: int = 0
-
-    @property
-    def cache_write(self) -> int:
-        """Return cache writes of both lifetimes."""
-        return self.cache_write_5m + self.cache_write_1h
-
-    @property
-    def prompt_tokens(self) -> int:
-        """Return the whole prompt: new input, cache reads and cache writes."""
-        return self.input_tokens + self.cache_read + self.cache_write
-
-    @property
-    def context_tokens(self) -> int:
-        """Return what this response held in its context window."""
-        return self.prompt_tokens
-
-    def __add__(self, other: Usage) -> Usage:
-        return Usage(*(a + b for a, b in zip(self.astuple(), other.astuple())))
-
-    def astuple(self) -> tuple[int, ...]:
-        """Return the counts in field order."""
-        return (self.input_tokens, self.output_tokens, self.cache_read, self.cache_write_5m,
-                self.cache_write_1h, self.web_search_requests)
 
 
 def count(value: Any) -> int:

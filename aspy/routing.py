@@ -14,8 +14,7 @@ from urllib.parse import unquote
 
 from .config import Client, Config, Provider
 from .errors import AspyError
-
-ANONYMOUS = "anonymous"
+from .records import ANONYMOUS
 
 
 @dataclass(frozen=True)

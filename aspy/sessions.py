@@ -22,8 +22,8 @@ from typing import Any
 from .billing import answering, bill, context_of
 from .config import Client, Config
 from .models import STANDARD, Cost, ModelTable
-from .observe import Exchange, Usage, clean_text, is_messages_call
-from .routing import ANONYMOUS
+from .observe import Exchange, clean_text, is_messages_call
+from .records import ANONYMOUS, Usage
 from .store import (
     ACTIVE,
     BUCKET_SECONDS,

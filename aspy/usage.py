@@ -18,7 +18,7 @@ from datetime import date, datetime, timedelta, tzinfo
 from operator import attrgetter
 from typing import Any
 
-from .observe import Usage
+from .records import Usage
 from .store import BUCKET_SECONDS, Scope, Store, UsageRow
 
 GROUP_KEYS = ("day", "week", "month", "client", "model", "tag", "session")

@@ -79,7 +79,7 @@ def generate(store_url: str, exchanges: int) -> dict[str, float]:
     """Write a year of the team's figures to a new store; return how many exchanges, buckets and seconds."""
     sys.path.insert(0, str(ROOT))
     from aspy.models import load_models
-    from aspy.observe import Usage
+    from aspy.records import Usage
     from aspy.store import ENDED, Session, UsageBucket, open_store
 
     table = load_models()

@@ -6,7 +6,7 @@ import pytest
 from aspy.billing import Sampling
 from aspy.config import ConfigError
 from aspy.models import family, load_models
-from aspy.observe import Usage
+from aspy.records import Usage
 from test_observe import EXPECTED, SSE, billed, parse, vercel_stream
 
 # List prices per million tokens, copied by hand from Anthropic's pricing page:

@@ -10,7 +10,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from aspy.billing import context_of, samplings, tokens, total
-from aspy.observe import JsonObserver, SseObserver, Usage, read_request
+from aspy.observe import JsonObserver, SseObserver, read_request
+from aspy.records import Usage
 
 SSE = Path(__file__).resolve().parent / "fixtures" / "real" / "sse"
 JSON = SSE.parent / "json"

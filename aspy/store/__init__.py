@@ -13,12 +13,19 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..observe import Usage
+from ..records import (  # noqa: F401 (the records the store keeps, named from here too)
+    ACTIVE,
+    ENDED,
+    EVENT_TYPES,
+    IDLE,
+    LIVE,
+    Event,
+    Message,
+    ModelUsage,
+    Session,
+    Usage,
+)
 
-# Stored status is "active" or "ended"; "idle" is derived from last_activity when read.
-ACTIVE, IDLE, ENDED = "active", "idle", "ended"
-# Not ended: active or idle.
-LIVE = "live"
 # Figures over time are kept per 15-minute bucket of UTC time: every time zone in use today is
 # a whole number of quarter hours from UTC, so its days (and DST changes) fall on bucket starts.
 BUCKET_SECONDS = 900
@@ -26,82 +33,6 @@ BUCKET_SECONDS = 900
 
 class StoreError(Exception):
     """The store could not do what was asked (unreachable, locked, read-only, corrupt)."""
-
-
-@dataclass
-class Session:
-    """One session of one identity, with its running statistics."""
-
-    id: str
-    claude_session_id: str | None
-    source: str
-    client: str | None
-    client_name: str | None
-    provider: str | None
-    user: str
-    started: float
-    last_activity: float
-    status: str = ACTIVE
-    ended: float | None = None
-    end_reason: str | None = None
-    requests: int = 0
-    failed: int = 0
-    usage: Usage = field(default_factory=Usage)
-    cost_usd: float = 0.0
-    savings_usd: float = 0.0
-    tool_calls: int = 0
-    tool_failed: int = 0
-    thinking_blocks: int = 0
-    ttfb_total_ms: float = 0.0
-    ttfb_count: int = 0
-    context_model: str | None = None
-    context_tokens: int = 0
-    context_limit: int | None = None
-    compactions: int = 0
-    # Filled when read for the API: {model: ModelUsage}, {tool: [calls, failed]}.
-    by_model: dict[str, ModelUsage] = field(default_factory=dict)
-    by_tool: dict[str, list[int]] = field(default_factory=dict)
-
-
-@dataclass
-class ModelUsage:
-    """One model's share of a session (or of a total)."""
-
-    requests: int = 0
-    usage: Usage = field(default_factory=Usage)
-    cost_usd: float = 0.0
-    savings_usd: float = 0.0
-    priced: bool = True
-
-
-# Every kind of event, as /api/events names them.
-EVENT_TYPES = ("request", "response", "tool_call", "tool_result", "thinking", "error", "rate_limit",
-               "context_compact", "session_start", "session_end")
-
-
-@dataclass
-class Event:
-    """One thing that happened, as listed by /api/events."""
-
-    type: str
-    timestamp: float
-    session: str | None
-    client: str | None
-    user: str | None
-    data: dict[str, Any] = field(default_factory=dict)
-    id: int | None = None
-
-
-@dataclass
-class Message:
-    """A user prompt or assistant answer kept for search."""
-
-    session: str
-    client: str | None
-    user: str
-    role: str
-    timestamp: float
-    text: str
 
 
 @dataclass

@@ -13,7 +13,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from ..observe import Usage
+from ..records import Usage
 from . import (
     ACTIVE,
     BUCKET_SECONDS,

@@ -6,8 +6,9 @@ from the status by :data:`ERROR_TYPES`), and :func:`init_app` registers the app'
 that answer it: an :class:`AspyError`, an HTTP error from Werkzeug itself (404, 405, 400 for
 a body it cannot decode, 413), a request body that broke off while it was read, and any
 unexpected exception (500, logged) all leave as JSON in that shape, never as an HTML page.
-Every such answer goes through :func:`error_response`, which takes every secret out of the
-message first: a proxy token, an API key, the api_token, or the credentials of the request.
+Every such answer, and those the gunicorn worker and a broken stream write, is made by
+:func:`error_body`, which takes every secret out of the message first: a proxy token, an API
+key, a URL's password, the api_token, or the credentials of the request being answered.
 """
 from __future__ import annotations
 
@@ -67,13 +68,13 @@ def error_type(status: int) -> str:
 
 
 def error_body(kind: str, message: str) -> bytes:
-    """Return the JSON bytes of an Anthropic-shaped error."""
-    return json.dumps({"type": "error", "error": {"type": kind, "message": message}}).encode()
+    """Return the JSON bytes of an Anthropic-shaped error, its message without secrets."""
+    return json.dumps({"type": "error", "error": {"type": kind, "message": without_secrets(message)}}).encode()
 
 
 def error_response(status: int, kind: str, message: str) -> Response:
-    """Return an Anthropic-shaped error response, its message without secrets."""
-    return Response(error_body(kind, without_secrets(message)), status=status, content_type="application/json")
+    """Return an Anthropic-shaped error response."""
+    return Response(error_body(kind, message), status=status, content_type="application/json")
 
 
 def without_secrets(message: str) -> str:

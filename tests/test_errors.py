@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 
 import pytest
 import requests
@@ -292,6 +293,16 @@ def test_no_message_carries_a_secret(client, upstream, method, path, headers):
     message = assert_error(r, r.status_code)
     for secret in (KEY, API_TOKEN, TOKEN, TOKEN[3:], "basic-secret-in-the-header", "my-own-credential-0001"):
         assert secret not in message, message
+
+
+def test_gunicorns_own_error_answers_carry_no_token():
+    from aspy.worker import write_error
+
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        write_error(ours, 400, "Bad Request", f"Invalid HTTP request line: 'GET /{TOKEN}/v1/messages HTTP/1.1 x'")
+        answer = theirs.recv(65536)
+    assert TOKEN.encode() not in answer and b"/pt_\\u2026/v1/messages" in answer
 
 
 @pytest.mark.parametrize("text, expected", [

@@ -163,13 +163,11 @@ PG_EXTRA = "pip install 'aspy[postgres]'"
 
 
 def postgres_url_problem(url: str) -> str | None:
-    """Ask libpq whether it understands a PostgreSQL URL; say what is wrong, or return None.
-
-    Without psycopg no PostgreSQL store can open, so that is a mistake too. If the question
-    cannot be asked at all (no interpreter to run), the URL passes: opening it will tell.
-    """
+    """Ask libpq whether it understands a PostgreSQL URL; say what is wrong, or return None."""
+    # Without psycopg no PostgreSQL store can open, so that is a mistake too.
     if importlib.util.find_spec("psycopg") is None or importlib.util.find_spec("psycopg_pool") is None:
         return f"a PostgreSQL store needs psycopg and psycopg_pool: {PG_EXTRA}"
+    # If the question cannot be asked at all (no interpreter to run), the URL passes: opening it will tell.
     if not sys.executable:
         return None
     try:

@@ -8,7 +8,8 @@ import sys
 from datetime import datetime
 from pathlib import Path
 
-from .config import MAX_WORKERS, Config, ConfigError, config_path, load_config, split_listen
+from .addresses import split_listen
+from .config import MAX_WORKERS, Config, ConfigError, config_path, load_config
 
 
 def main(argv: list[str] | None = None) -> int:

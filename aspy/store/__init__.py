@@ -1,10 +1,15 @@
 """Where sessions, events and conversation text live: the records, and the store interface.
 
-Only the store modules know SQL. ``open_store(url)`` picks the implementation from the
-``[store] url``: ``sqlite:///PATH`` (embedded, the default) or ``postgresql://...``. Writes
-happen in a :meth:`Store.transaction` whose methods the sessions module calls; every write
-of one batch of exchanges is one short transaction, so all worker processes (and all hosts
-on one PostgreSQL database) see the same figures.
+Only the store modules know SQL. ``schema`` holds the tables of both dialects and ``sql`` the
+store they share, put together from ``ledger`` (sessions and their figures), ``events``
+(events, conversation text, what counted already) and ``rollup`` (figures over time, which
+``pieces`` plans), reading columns by name through ``rows`` with the WHERE fragments of
+``clauses``; ``sqlite`` and ``postgres`` give connections, locking and text search.
+
+``open_store(url)`` picks the implementation from the ``[store] url``: ``sqlite:///PATH``
+(embedded, the default) or ``postgresql://...``. Writes happen in a :meth:`Store.transaction`
+whose methods the sessions module calls; every write of one batch of exchanges is one short
+transaction, so all worker processes (and all hosts on one PostgreSQL database) see the same figures.
 """
 from __future__ import annotations
 

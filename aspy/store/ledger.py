@@ -1,8 +1,8 @@
 """The session ledger in SQL: sessions with their per-model and per-tool figures, and traffic outside them.
 
 :class:`LedgerReads` answers the API's questions about sessions and their all-time totals;
-:class:`LedgerWrites` is what a transaction does to them. Figures over time are the rollup's
-(``rollup``), events and conversation text ``events``'.
+:class:`LedgerWrites` is what a transaction does to them. Figures over time live in ``rollup``,
+events and conversation text in ``events``.
 """
 from __future__ import annotations
 

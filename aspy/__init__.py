@@ -11,7 +11,7 @@ if TYPE_CHECKING:
 
     from .config import Config
     from .models import ModelTable
-    from .observe import Exchange
+    from .records import Exchange
 
 __version__ = "0.1.0"
 

@@ -12,12 +12,19 @@ every rule here.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import Any
 
-from .observe import Exchange, count
-from .records import FIVE_MINUTES, ONE_HOUR, Usage
+from .records import FIVE_MINUTES, ONE_HOUR, Exchange, Usage
 
 # Iteration types (usage.iterations[].type) and what they are.
 MESSAGE, ADVISOR, COMPACTION, FALLBACK = "message", "advisor_message", "compaction", "fallback_message"
+# No real response has a trillion tokens; a larger count is clamped so sums stay in 64 bits.
+MAX_COUNT = 10**12
+
+
+def count(value: Any) -> int:
+    """Return a token count, treating a missing or odd value as 0 and an absurd one as the ceiling."""
+    return min(value, MAX_COUNT) if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
 
 
 @dataclass(frozen=True)
@@ -124,7 +131,7 @@ def total(parts: list[Sampling]) -> Usage:
 
 def bill(exchange: Exchange) -> list[Sampling]:
     """Return every sampling an exchange is billed for: its response's, or each batch result's."""
-    obs, facts = exchange.observation, exchange.request
+    obs, facts = exchange.observation, exchange.request.facts
     if obs.batch_results:
         return [part for result in obs.batch_results
                 for part in samplings(result.usage, result.model, batch=True,

@@ -1,7 +1,8 @@
 """Requests in flight on this host: what every worker is forwarding right now.
 
-A worker notes an exchange when it goes upstream and forgets it when it ends: the request's
-path pays a dict update and an event. A greenlet of the worker writes its list to
+A worker notes an exchange when it goes upstream (the proxy's :class:`~aspy.proxy.Flight`,
+read here through :class:`Relayed`) and forgets it when it ends: the request's path pays a
+dict update and an event. A greenlet of the worker writes its list to
 ``$XDG_STATE_HOME/aspy/in_flight/<pid>.json`` a moment after it changes, and every second
 while anything is open (so that time to first byte and the model show as they become known).
 Any worker reads every living worker's list, for ``GET /api/in_flight``, ``aspy top`` and
@@ -15,10 +16,10 @@ import re
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from .config import Config
-from .observe import STREAM_TYPES, Exchange
+from .records import STREAM_TYPES, Exchange
 
 # A change is written this long after it happens, so that a burst of requests is one write.
 SETTLE = 0.05
@@ -29,20 +30,37 @@ MODEL_NAMED = re.compile(rb'"model"\s*:\s*"([^"\\]{1,200})"')
 MODEL_WITHIN = 4096
 
 
+class Relayed(Protocol):
+    """An exchange while the proxy relays it: what the list shows of it as it goes."""
+
+    # The record as it stood when the request went upstream.
+    opened: Exchange
+    # The request body, until the answer has ended.
+    body: bytes
+    ttfb_ms: float | None
+    # The answer's content type, once its headers came.
+    content_type: str
+    # True once its record is made.
+    done: bool
+
+    def answering_model(self) -> str | None:
+        """Return the model the answer has named so far, if it has."""
+
+
 class InFlight:
     """This worker's open exchanges, and the greenlet that shares them with the host's other workers."""
 
     def __init__(self, config: Config, folder: Path | None):
         self.folder = folder
-        self.open: dict[str, Exchange] = {}
+        self.open: dict[str, Relayed] = {}
         # Legacy key hashes a client has taken over count as that client's, as in the store.
         self.hash_owner = {h: c.id for c in config.clients.values() for h in c.legacy_user_hashes}
         self._changed: threading.Event | None = None
         self._pid: int | None = None
 
-    def opened(self, exchange: Exchange) -> None:
+    def opened(self, flight: Relayed) -> None:
         """Note an exchange that is going upstream."""
-        self.open[exchange.id] = exchange
+        self.open[flight.opened.id] = flight
         if self._changed is not None:
             self._changed.set()
 
@@ -61,8 +79,8 @@ class InFlight:
 
     def entries(self) -> list[dict[str, Any]]:
         """Return this worker's exchanges in flight, as plain data."""
-        # An exchange whose end was not reported (a bug on the way) leaves once it has a duration.
-        return [self._entry(e) for e in list(self.open.values()) if not e.duration_ms]
+        # An exchange whose end was not reported (a bug on the way) leaves once its record is made.
+        return [self._entry(f) for f in list(self.open.values()) if not f.done]
 
     def host(self) -> list[dict[str, Any]]:
         """Return every living worker's exchanges in flight (this one's as they are now), oldest first."""
@@ -72,14 +90,15 @@ class InFlight:
                 found += _living_workers_list(path)
         return sorted(found, key=lambda e: e["started"])
 
-    def _entry(self, exchange: Exchange) -> dict[str, Any]:
-        headers = exchange.headers
+    def _entry(self, flight: Relayed) -> dict[str, Any]:
+        exchange = flight.opened
+        headers = exchange.request.headers
         client = exchange.client or self.hash_owner.get(exchange.user)
         return {"client": client, "user": exchange.user,
                 "session": headers.get("x-claude-code-session-id") or headers.get("x-session-id"),
-                "model": _model(exchange), "method": exchange.method, "path": exchange.path,
-                "started": exchange.started_at, "ttfb_ms": exchange.ttfb_ms,
-                "streaming": exchange.response_type.startswith(STREAM_TYPES),
+                "model": _model(flight), "method": exchange.request.method, "path": exchange.request.path,
+                "started": exchange.started_at, "ttfb_ms": flight.ttfb_ms,
+                "streaming": flight.content_type.startswith(STREAM_TYPES),
                 "agent_id": headers.get("x-claude-code-agent-id")}
 
     def _run(self, folder: Path, changed: threading.Event) -> None:
@@ -116,10 +135,10 @@ def _living_workers_list(path: Path) -> list[dict[str, Any]]:
     return []
 
 
-def _model(exchange: Exchange) -> str | None:
+def _model(flight: Relayed) -> str | None:
     """Return the model that answers (once the answer said), else the one the request names near its start."""
-    observed = getattr(getattr(exchange.observer, "obs", None), "model", None)
+    observed = flight.answering_model()
     if observed:
         return observed
-    named = MODEL_NAMED.search(exchange.body, 0, MODEL_WITHIN)
+    named = MODEL_NAMED.search(flight.body, 0, MODEL_WITHIN)
     return named.group(1).decode("utf-8", "replace") if named else None

@@ -9,22 +9,27 @@ exchanges back to be recorded: a finished one as it was, an opened one that neve
 as failed. The store skips what it already has, so each exchange is recorded exactly once.
 
 Appends are plain writes to the page cache (no fsync): they survive the death of the
-process, which is what the journal is for, not the loss of the machine.
+process, which is what the journal is for, not the loss of the machine. Records are pickled
+:class:`~aspy.records.Exchange` objects; a segment written by aspy before the exchange record
+had its request, response and error parts is read too (:class:`_Unpickler`).
 """
 from __future__ import annotations
 
 import fcntl
+import io
 import logging
 import os
 import pickle
 import struct
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from . import records
 from .config import state_dir
 from .native import native
-from .observe import Exchange
+from .records import WORKER_STOPPED, Exchange, Request, Response
 
 log = logging.getLogger(__name__)
 
@@ -71,16 +76,13 @@ class Journal:
         self._pid = 0
 
     def opened(self, exchange: Exchange) -> None:
-        """Note that an exchange began (so a worker killed mid-stream still has it recorded, as failed)."""
-        self._append(exchange.id, (OPENED, exchange.id, _opening(exchange)))
+        """Note that an exchange began, as its record stood then (so a worker killed mid-stream still has it
+        recorded, as failed)."""
+        self._append(exchange.id, (OPENED, exchange.id, exchange))
 
     def finished(self, exchange: Exchange) -> None:
         """Keep a finished exchange until the store has it."""
-        observer, exchange.observer = exchange.observer, None
-        try:
-            self._append(exchange.id, (FINISHED, exchange.id, exchange))
-        finally:
-            exchange.observer = observer
+        self._append(exchange.id, (FINISHED, exchange.id, exchange))
 
     def stored(self, ids: list[str]) -> None:
         """Forget exchanges now in the store; delete the segments left with nothing to keep."""
@@ -121,11 +123,9 @@ class Journal:
             taken.append((Segment(path, fd), _read(path)))
         # An exchange may have opened in one segment and finished in the next: read them all first.
         finished = {e.id: e for _, contents in taken for e in contents.finished}
-        opened = {eid: info for _, contents in taken for eid, info in contents.opened.items()}
-        exchanges = list(finished.values()) + [_unfinished(info) for eid, info in opened.items()
-                                               if eid not in finished]
-        for exchange in exchanges:
-            exchange.replayed = True
+        opened = {eid: e for _, contents in taken for eid, e in contents.opened.items()}
+        exchanges = [replace(e, replayed=True) for e in finished.values()] + [
+            replace(e, error=WORKER_STOPPED, replayed=True) for eid, e in opened.items() if eid not in finished]
         for segment, contents in taken:
             segment.unstored = set(contents.opened) | contents.finished_ids
             if contents.damaged:
@@ -176,7 +176,7 @@ class Contents:
     """What one segment holds."""
 
     def __init__(self) -> None:
-        self.opened: dict[str, dict] = {}
+        self.opened: dict[str, Exchange] = {}
         self.finished: list[Exchange] = []
         self.finished_ids: set[str] = set()
         self.damaged = 0
@@ -197,7 +197,8 @@ def _read(path: Path) -> Contents:
             contents.damaged += 1
             break
         try:
-            kind, exchange_id, payload = pickle.loads(data[at:at + size])
+            kind, exchange_id, payload = _Unpickler(data[at:at + size]).load()
+            payload = _from_earlier(payload)
         except Exception:
             contents.damaged += 1
             at += size
@@ -211,14 +212,33 @@ def _read(path: Path) -> Contents:
     return contents
 
 
-def _opening(exchange: Exchange) -> dict:
-    """Return what is known of an exchange when it opens: enough to record it as failed."""
-    return {name: getattr(exchange, name) for name in ("id", "started_at", "method", "path", "client", "provider",
-                                                        "user", "headers", "content_type")}
+class _Unpickler(pickle.Unpickler):
+    """Read records, including those of aspy before the exchange record moved to aspy.records."""
+
+    def __init__(self, data: bytes):
+        super().__init__(io.BytesIO(data))
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module == "aspy.observe":
+            # Its exchange is converted by _from_earlier; its other records moved as they were.
+            return _EarlierExchange if name == "Exchange" else getattr(records, name)
+        return super().find_class(module, name)
 
 
-def _unfinished(info: dict) -> Exchange:
-    """Return the record of an exchange whose worker stopped before it ended."""
-    exchange = Exchange(**info)
-    exchange.failure = "aspy's worker stopped before the exchange ended"
-    return exchange
+class _EarlierExchange:
+    """An exchange as aspy pickled it before its record had request, response and error parts."""
+
+
+def _from_earlier(payload: Any) -> Exchange:
+    """Return a journal record's exchange: as it is, or converted from an earlier aspy's record."""
+    if isinstance(payload, Exchange):
+        return payload
+    old = payload if isinstance(payload, dict) else vars(payload)
+    request = Request(old["method"], old["path"], old["headers"], old["content_type"], old.get("body_bytes", 0),
+                      old.get("request") or records.RequestFacts())
+    # An opened record was a dict of what was known then: no answer yet.
+    response = None if isinstance(payload, dict) else Response(
+        old["status"], old["duration_ms"], old["ttfb_ms"], old["response_type"], old["request_id"],
+        old["rate_limits"], old["response_bytes"], old["complete"], old["observation"])
+    return Exchange(old["started_at"], old["client"], old["provider"], old["user"], request, response,
+                    old.get("failure"), old["id"])

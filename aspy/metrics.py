@@ -36,7 +36,7 @@ from .config import Config
 from .errors import ERROR_TYPES, AspyError, error_type
 from .models import ModelTable
 from .native import gevent_patched, native
-from .observe import CLIENT_WENT_AWAY, Exchange
+from .records import CLIENT_WENT_AWAY, Exchange
 from .routing import api_caller
 from .sessions import Accounted, failed_exchange
 from .status import host_status
@@ -81,9 +81,9 @@ def failure_kind(exchange: Exchange) -> str:
         return "api_error"
     if not exchange.status:
         return "worker_stopped"
-    if exchange.failure == CLIENT_WENT_AWAY:
+    if exchange.error == CLIENT_WENT_AWAY:
         return "client_gone"
-    if exchange.failure:
+    if exchange.error:
         return "stream_broken"
     return "stream_incomplete"
 
@@ -155,10 +155,11 @@ class Metrics:
             counts.append((self.requests, (client, status_class(exchange.status)), 1))
             if failed_exchange(exchange):
                 counts.append((self.failures, (client, failure_kind(exchange)), 1))
-            if exchange.ttfb_ms is not None:
-                observed.append((self.ttfb, client, exchange.ttfb_ms / 1000))
-            if exchange.status:
-                observed.append((self.duration, client, exchange.duration_ms / 1000))
+            response = exchange.response
+            if response is not None and response.ttfb_ms is not None:
+                observed.append((self.ttfb, client, response.ttfb_ms / 1000))
+            if response is not None and response.status:
+                observed.append((self.duration, client, response.duration_ms / 1000))
             for model, usage, usd in record.samplings:
                 model = model if self.models.find(model) else OTHER_MODEL
                 for kind, tokens in zip(TOKEN_KINDS, usage.astuple()):

@@ -25,7 +25,7 @@ import tomlkit
 from .billing import samplings
 from .config import Config, ConfigError, client_id_problem, config_path, parse_config
 from .models import STANDARD, ModelTable
-from .observe import read_request
+from .prompts import read_request
 from .records import ANONYMOUS, FIVE_MINUTES
 from .sessions import Batch
 from .store import ENDED, Event, Message, Session, Store, Transaction

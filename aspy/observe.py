@@ -1,24 +1,22 @@
-"""Turn the bytes of one exchange into plain facts, without ever holding a byte back.
+"""Turn the bytes of one answer into plain facts, without ever holding a byte back.
 
 The proxy hands every response chunk to an observer *after* relaying it. An
 :class:`SseObserver` parses ``text/event-stream`` incrementally and gives the same result
-however the bytes were split; a :class:`JsonObserver` reads a whole JSON message; any other
-body is only counted. A parser that fails stops observing and says so in the record; the
-stream itself is never touched. Request facts are read from the body once the response is
-done, so a large body costs the client nothing.
+however the bytes were split (:class:`BedrockObserver` the same events in Bedrock's binary
+frames); a :class:`JsonObserver` reads a whole JSON message; a
+:class:`BatchResultsObserver` reads a Message Batch's results file; any other body is only
+counted. Each gives an :class:`~aspy.records.Observation`. A parser that fails stops
+observing and says so in the observation; the stream itself is never touched.
 """
 from __future__ import annotations
 
 import json
 import logging
-import re
-import uuid
-from dataclasses import dataclass, field
 from typing import Any
 
-from . import claude_code as claude_code_rules
 from .bedrock import BedrockDecoder
-from .records import FIVE_MINUTES, ONE_HOUR
+from .prompts import BATCH_RESULTS_PATH
+from .records import BatchResult, Observation, ToolUse, clean_text
 
 log = logging.getLogger(__name__)
 
@@ -31,14 +29,6 @@ MAX_BATCH_RESULTS = 100_000
 MAX_EVENT = 4 * 1024 * 1024
 # Assistant text, thinking and each tool input are kept up to this size (for search and events).
 MAX_TEXT = 256 * 1024
-# No real response has a trillion tokens; a larger count is clamped so sums stay in 64 bits.
-MAX_COUNT = 10**12
-SURROGATE = re.compile("[\ud800-\udfff]")
-
-
-def count(value: Any) -> int:
-    """Return a token count, treating a missing or odd value as 0 and an absurd one as the ceiling."""
-    return min(value, MAX_COUNT) if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
 
 
 def _dict(value: Any) -> dict:
@@ -54,64 +44,6 @@ def _key(value: Any) -> Any:
 def _text(value: Any) -> str | None:
     """Return a string field as clean text (no NUL, no lone surrogate), or None when it is not a string."""
     return clean_text(value) if isinstance(value, str) else None
-
-
-def clean_text(text: str) -> str:
-    """Return text that every store can hold: lone surrogates and NUL replaced with U+FFFD."""
-    if "\x00" in text:
-        text = text.replace("\x00", "\ufffd")
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        # JSON decodes a valid pair to one character: any surrogate left in a str is alone.
-        text = SURROGATE.sub("\ufffd", text)
-    return text
-
-
-@dataclass
-class ToolUse:
-    """A ``tool_use`` (or server-side ``server_tool_use``) block the model produced."""
-
-    id: str
-    name: str
-    input: Any
-    server: bool = False
-    # False when the stream ended before the input JSON was complete.
-    complete: bool = True
-
-
-@dataclass
-class BatchResult:
-    """One succeeded request of a Message Batch, as its results file reports it."""
-
-    model: str | None
-    usage: dict
-    stop_reason: str | None
-    produced_output: bool
-
-
-@dataclass
-class Observation:
-    """What the response said: model, stop reason, usage, content, errors."""
-
-    model: str | None = None
-    stop_reason: str | None = None
-    # The final usage object as the API reported it (message_delta's fields over message_start's),
-    # and message_start's own: the bill is read from them once the request is known too.
-    usage: dict | None = None
-    start_usage: dict = field(default_factory=dict)
-    # Whether any content came back: a refusal before any output is not billed.
-    produced_output: bool = False
-    # A Message Batches results download: each succeeded result, billed at batch rates.
-    batch_results: list[BatchResult] = field(default_factory=list)
-    tool_uses: list[ToolUse] = field(default_factory=list)
-    thinking: list[str] = field(default_factory=list)
-    text: str = ""
-    errors: list[dict] = field(default_factory=list)
-    message_id: str | None = None
-    parse_error: str | None = None
-    # An event stream that ended without message_stop (and without an error event).
-    unfinished: bool = False
 
 
 def produced_output(content: Any) -> bool:
@@ -427,10 +359,6 @@ class CountingObserver:
         return self.obs
 
 
-# Answers that stream: an SSE stream, or Bedrock's binary event stream.
-STREAM_TYPES = ("text/event-stream", "application/vnd.amazon.eventstream")
-
-
 def observer_for(content_type: str, path: str = "") -> Observer:
     """Pick how to observe a response by its content type (or, for batch results, its path)."""
     if BATCH_RESULTS_PATH.search(path.split("?", 1)[0]):
@@ -445,172 +373,5 @@ def observer_for(content_type: str, path: str = "") -> Observer:
     return CountingObserver()
 
 
-# The paths of a Messages call on each provider: Anthropic and Azure Foundry, Vertex, Bedrock.
-MESSAGES_PATH = re.compile(r"(?:/v1/messages|/publishers/anthropic/models/[^/]+:(?:stream)?rawPredict"
-                           r"|/model/[^/]+/invoke(?:-with-response-stream)?)$", re.IGNORECASE)
-# Downloading a Message Batch's results: where the batch's messages, and their bill, arrive.
-BATCH_RESULTS_PATH = re.compile(r"/v1/messages/batches/[^/]+/results$")
-
-
-def is_messages_call(method: str, path: str) -> bool:
-    """Tell whether a request brings back messages to bill (not a probe, a model list or count_tokens)."""
-    path = path.split("?", 1)[0]
-    if method == "GET":
-        return BATCH_RESULTS_PATH.search(path) is not None
-    return method == "POST" and MESSAGES_PATH.search(path) is not None
-
-
 Observer = SseObserver | JsonObserver | BatchResultsObserver | CountingObserver
 
-
-@dataclass
-class RequestFacts:
-    """What the request body says: model, streaming, sizes, session hints, the user's turn."""
-
-    model: str | None = None
-    stream: bool = False
-    message_count: int = 0
-    tool_count: int = 0
-    metadata_user_id: str | None = None
-    # From the last user message: its text, and the tool results it carries.
-    prompt: str = ""
-    tool_results: list[tuple[str, bool]] = field(default_factory=list)
-    # The lifetime cache writes take when the response does not split them.
-    cache_ttl: str = FIVE_MINUTES
-    # A Claude Code request beside the conversation (session title...): it never moves the gauge.
-    side: bool = False
-
-
-def read_request(body: bytes, content_type: str, claude_code: bool = False) -> RequestFacts:
-    """Read the facts of a Messages API request body; an unreadable body gives empty facts.
-
-    ``claude_code``: the request came from Claude Code, whose side requests and prompt
-    wrappers :mod:`aspy.claude_code` knows.
-    """
-    facts = RequestFacts()
-    if not body or "json" not in content_type.lower():
-        return facts
-    try:
-        data = json.loads(body)
-    except (ValueError, RecursionError):
-        return facts
-    if not isinstance(data, dict):
-        return facts
-    facts.model = _text(data.get("model"))
-    facts.stream = data.get("stream") is True
-    messages = data["messages"] if isinstance(data.get("messages"), list) else []
-    facts.message_count = len(messages)
-    facts.tool_count = len(data["tools"]) if isinstance(data.get("tools"), list) else 0
-    metadata = data.get("metadata")
-    if isinstance(metadata, dict):
-        facts.metadata_user_id = _text(metadata.get("user_id"))
-    # The user's turn is the last user message, even with system messages after it.
-    last_user = next((m for m in reversed(messages) if isinstance(m, dict) and m.get("role") != "system"), None)
-    if isinstance(last_user, dict) and last_user.get("role") == "user":
-        _read_user_turn(last_user.get("content"), facts)
-    if claude_code:
-        facts.side = claude_code_rules.is_side_request(data)
-        facts.prompt = "" if facts.side else claude_code_rules.user_words(messages)
-    facts.prompt = clean_text(facts.prompt)
-    facts.cache_ttl = _cache_ttl(data)
-    return facts
-
-
-def _cache_ttl(request: dict) -> str:
-    """Return the lifetime of the request's last cache breakpoint (tools, then system, then messages)."""
-    last = FIVE_MINUTES
-    blocks: list[Any] = []
-    for key in ("tools", "system"):
-        if isinstance(request.get(key), list):
-            blocks += request[key]
-    for message in request["messages"] if isinstance(request.get("messages"), list) else []:
-        content = message.get("content") if isinstance(message, dict) else None
-        if isinstance(content, list):
-            blocks += content
-    for block in blocks:
-        control = block.get("cache_control") if isinstance(block, dict) else None
-        if isinstance(control, dict):
-            last = ONE_HOUR if control.get("ttl") == ONE_HOUR else FIVE_MINUTES
-    return last
-
-
-def _read_user_turn(content: Any, facts: RequestFacts) -> None:
-    """Collect the text and tool results of the user's last message."""
-    if isinstance(content, str):
-        facts.prompt = claude_code_rules.REMINDER.sub("", content).strip()
-        return
-    texts = []
-    for block in content if isinstance(content, list) else []:
-        if not isinstance(block, dict):
-            continue
-        if block.get("type") == "text" and isinstance(block.get("text"), str):
-            texts.append(block["text"])
-        elif block.get("type") == "tool_result":
-            facts.tool_results.append((clean_text(str(block.get("tool_use_id", ""))), block.get("is_error") is True))
-    facts.prompt = claude_code_rules.REMINDER.sub("", "\n".join(texts)).strip()
-
-
-# The failure of an exchange whose client hung up before the end of the answer.
-CLIENT_WENT_AWAY = "client went away before the response was complete"
-
-
-@dataclass
-class Exchange:
-    """One request and its response as the proxy saw them: the record every later step reads."""
-
-    started_at: float
-    method: str
-    path: str
-    client: str | None
-    provider: str
-    user: str
-    headers: dict[str, str]
-    # The request body, kept only until its facts are read (then only its size).
-    body: bytes = field(repr=False, default=b"")
-    body_bytes: int = 0
-    content_type: str = ""
-    status: int = 0
-    ttfb_ms: float | None = None
-    duration_ms: float = 0.0
-    response_type: str = ""
-    response_bytes: int = 0
-    request_id: str | None = None
-    rate_limits: dict[str, str] = field(default_factory=dict)
-    # What aspy saw go wrong outside the upstream's own answer.
-    failure: str | None = None
-    complete: bool = False
-    observer: Any = field(default=None, repr=False)
-    observation: Observation = field(default_factory=Observation)
-    request: RequestFacts = field(default_factory=RequestFacts)
-    # Unique, so that an exchange given back by the journal is never recorded twice.
-    id: str = field(default_factory=lambda: uuid.uuid4().hex)
-    # Given back by the journal of a worker that stopped: the store may have it already.
-    replayed: bool = False
-
-    def read_body(self) -> None:
-        """Read the request's facts from its body, then let the body go (queued records stay small)."""
-        self.request = read_request(self.body, self.content_type,
-                                    claude_code="x-claude-code-session-id" in self.headers)
-        self.body_bytes, self.body = len(self.body), b""
-
-    @property
-    def model(self) -> str | None:
-        """Return the model that answered, else the one asked for."""
-        return self.observation.model or self.request.model
-
-    def summary(self) -> dict[str, Any]:
-        """Return the exchange as one flat, secret-free dict for the log."""
-        obs = self.observation
-        return {
-            "client": self.client, "provider": self.provider, "user": self.user,
-            "method": self.method, "path": self.path, "status": self.status,
-            "model": self.model, "stream": self.request.stream,
-            "messages": self.request.message_count, "tools": self.request.tool_count,
-            "body_bytes": self.body_bytes, "response_bytes": self.response_bytes,
-            "ttfb_ms": round(self.ttfb_ms, 1) if self.ttfb_ms is not None else None,
-            "duration_ms": round(self.duration_ms, 1), "stop_reason": obs.stop_reason,
-            "usage": obs.usage, "batch_results": len(obs.batch_results) or None,
-            "tool_uses": [t.name for t in obs.tool_uses], "thinking_blocks": len(obs.thinking),
-            "errors": [e.get("type") for e in obs.errors], "request_id": self.request_id,
-            "failure": self.failure, "parse_error": obs.parse_error,
-        }

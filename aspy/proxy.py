@@ -3,8 +3,10 @@
 The request body is read whole (up to 32 MiB) and sent as the same bytes; headers are
 filtered in one place (:func:`forward_headers`, :func:`relay_headers`); the response is
 streamed back chunk by chunk through ``iter_content`` and each chunk is handed to an
-observer only after it was yielded, so parsing never delays the client. When the response
-is finished (or the client left), the exchange is recorded after the last byte is out.
+observer (:mod:`aspy.observe`) only after it was yielded, so parsing never delays the client.
+While it is relayed an exchange is a :class:`Flight`, the proxy's working state; when the
+answer has ended (or the client left), after the last byte is out, the flight makes the
+exchange's record (:class:`aspy.records.Exchange`) once and hands it to the recorder.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 
 import requests
 import urllib3
@@ -26,10 +29,13 @@ from werkzeug.http import is_hop_by_hop_header
 from werkzeug.routing import PathConverter
 from werkzeug.wsgi import ClosingIterator
 
+from . import records
 from .config import Config
 from .errors import BROKEN_BODY, AspyError, error_body, error_response, error_type
 from .native import readable
-from .observe import CLIENT_WENT_AWAY, STREAM_TYPES, Exchange, observer_for
+from .observe import Observer, observer_for
+from .prompts import read_request
+from .records import CLIENT_WENT_AWAY, STREAM_TYPES, Exchange, Observation, Request
 from .routing import resolve, user_hash
 
 log = logging.getLogger(__name__)
@@ -213,46 +219,41 @@ def forward(_path: str) -> Response:
     headers = forward_headers(environ, drop_credentials=bool(api_key_env))
     if api_key_env:
         headers["x-api-key"] = os.environ.get(api_key_env, "")
-    exchange = Exchange(
-        started_at=started, method=request.method, path=route.path,
-        client=route.client.id if route.client else None, provider=route.provider.id,
-        user=user_hash(environ.get("HTTP_X_API_KEY"), environ.get("HTTP_AUTHORIZATION")),
-        headers={h: headers[h] for h in OBSERVED_HEADERS if h in headers},
-        content_type=environ.get("CONTENT_TYPE", ""),
-    )
-    record = current_app.extensions["aspy.record"]
     try:
-        exchange.body = body = read_body(environ, config.server.read_timeout)
+        body, refused = read_body(environ, config.server.read_timeout), None
     except AspyError as exc:
+        body, refused = b"", exc
+    flight = Flight(Exchange(
+        started_at=started, client=route.client.id if route.client else None, provider=route.provider.id,
+        user=user_hash(environ.get("HTTP_X_API_KEY"), environ.get("HTTP_AUTHORIZATION")),
+        request=Request(request.method, route.path, {h: headers[h] for h in OBSERVED_HEADERS if h in headers},
+                        environ.get("CONTENT_TYPE", ""), len(body))), body)
+    record = current_app.extensions["aspy.record"]
+    if refused is not None:
         # The request reached aspy, so it is recorded, as failed; nothing went upstream.
-        return _failed(exchange, record, exc.status, exc.message)
+        return _failed(flight, record, refused.status, refused.message)
     # From here the request reaches the provider: the journal notes it, so that it is recorded
     # (as failed) even if this worker dies before the answer ends.
-    current_app.extensions["aspy.recorder"].opened(exchange)
+    current_app.extensions["aspy.recorder"].opened(flight.opened)
     # Shown in flight (GET /api/in_flight, aspy top, /metrics) until it ends.
-    current_app.extensions["aspy.in_flight"].opened(exchange)
+    current_app.extensions["aspy.in_flight"].opened(flight)
     timeout = (config.server.connect_timeout, config.server.upstream_timeout)
     try:
         upstream = send_upstream(request.method, route.url, headers, body, timeout)
     except requests.exceptions.ConnectTimeout:
-        return _failed(exchange, record, 502, "Upstream unreachable")
+        return _failed(flight, record, 502, "Upstream unreachable")
     except requests.exceptions.ReadTimeout:
-        return _failed(exchange, record, 504,
+        return _failed(flight, record, 504,
                        f"Upstream sent no response headers within {config.server.upstream_timeout:g} seconds")
     except requests.exceptions.RequestException as exc:
         log.warning("upstream %s unreachable: %s", route.provider.id, type(exc).__name__)
-        return _failed(exchange, record, 502, "Upstream unreachable")
+        return _failed(flight, record, 502, "Upstream unreachable")
 
-    exchange.status = upstream.status_code
-    exchange.ttfb_ms = (time.time() - started) * 1000
-    exchange.response_type = upstream.headers.get("content-type", "")
-    exchange.request_id = upstream.headers.get("request-id")
-    exchange.rate_limits = {k.lower(): v for k, v in upstream.headers.items()
-                            if k.lower().startswith("anthropic-ratelimit-")}
+    flight.answered(upstream, started)
     # The record is made on close, after the server wrote the last byte; direct passthrough
     # skips werkzeug's own close hooks, so the iterator carries it.
-    relayed = ClosingIterator(_relay(upstream, exchange, environ.get("gunicorn.socket")),
-                              lambda: _finish(exchange, record))
+    relayed = ClosingIterator(_relay(upstream, flight, environ.get("gunicorn.socket")),
+                              lambda: _finish(flight, record))
     response = Response(relayed, status=upstream.status_code, headers=relay_headers(upstream),
                         direct_passthrough=True)
     if "content-type" not in upstream.headers:
@@ -261,10 +262,66 @@ def forward(_path: str) -> Response:
     return response
 
 
-def _relay(upstream: requests.Response, exchange: Exchange, client: socket.socket | None) -> Iterator[bytes]:
+class Flight:
+    """One exchange while the proxy relays it: what is known so far, its body until read, its parser.
+
+    Filled as the exchange goes (the answer's head when it comes, the bytes as they pass), it
+    makes the exchange's record once, in :meth:`ended`. The journal keeps :attr:`opened`, the
+    record as it stands when the request goes upstream; the in-flight list reads the flight
+    itself while it lasts.
+    """
+
+    __slots__ = ("opened", "body", "observer", "status", "ttfb_ms", "content_type", "request_id",
+                 "rate_limits", "bytes", "complete", "error", "done")
+
+    def __init__(self, opened: Exchange, body: bytes):
+        self.opened = opened
+        # Kept until its facts are read, once the answer is out.
+        self.body = body
+        self.observer: Observer | None = None
+        # The answer's head: the upstream's headers, or aspy's own answer.
+        self.status = 0
+        self.ttfb_ms: float | None = None
+        self.content_type = ""
+        self.request_id: str | None = None
+        self.rate_limits: dict[str, str] = {}
+        self.bytes = 0
+        self.complete = False
+        self.error: str | None = None
+        self.done = False
+
+    def answered(self, upstream: requests.Response, started: float) -> None:
+        """Note the upstream's response headers: status, time to them, type, request id, rate limits."""
+        self.status = upstream.status_code
+        self.ttfb_ms = (time.time() - started) * 1000
+        self.content_type = upstream.headers.get("content-type", "")
+        self.request_id = upstream.headers.get("request-id")
+        self.rate_limits = {k.lower(): v for k, v in upstream.headers.items()
+                            if k.lower().startswith("anthropic-ratelimit-")}
+
+    def answering_model(self) -> str | None:
+        """Return the model the answer has named so far, if it has."""
+        return self.observer.obs.model if self.observer is not None else None
+
+    def ended(self) -> Exchange:
+        """Return the exchange's record, now that its answer has ended; let the body go."""
+        opened = self.opened
+        duration_ms = (time.time() - opened.started_at) * 1000
+        # A HEAD answer has no body: the server closes it without reading one.
+        complete = self.complete or opened.request.method == "HEAD"
+        observation = self.observer.finish() if self.observer is not None else Observation()
+        body, self.body, self.done = self.body, b"", True
+        facts = read_request(body, opened.request.content_type,
+                             claude_code="x-claude-code-session-id" in opened.request.headers)
+        return replace(opened, request=replace(opened.request, facts=facts),
+                       response=records.Response(self.status, duration_ms, self.ttfb_ms, self.content_type,
+                                                 self.request_id, self.rate_limits, self.bytes, complete, observation),
+                       error=self.error or (None if complete else CLIENT_WENT_AWAY))
+
+
+def _relay(upstream: requests.Response, flight: Flight, client: socket.socket | None) -> Iterator[bytes]:
     """Yield the upstream body as it arrives, observing each chunk after it went out."""
-    observer = observer_for(exchange.response_type, exchange.path)
-    exchange.observer = observer
+    flight.observer = observer = observer_for(flight.content_type, flight.opened.request.path)
     gone = threading.Event()
 
     def hang_up() -> None:
@@ -275,30 +332,29 @@ def _relay(upstream: requests.Response, exchange: Exchange, client: socket.socke
             connection.sock.shutdown(socket.SHUT_RDWR)
 
     # Only streams can keep an upstream busy for minutes; other answers end on their own.
-    stop_watching = _watch_client(client, hang_up) if exchange.response_type.startswith(STREAM_TYPES) \
+    stop_watching = _watch_client(client, hang_up) if flight.content_type.startswith(STREAM_TYPES) \
         else lambda: None
     pause = _cooperate()
     try:
-        for chunk in _chunks(upstream, exchange.response_type):
+        for chunk in _chunks(upstream, flight.content_type):
             if not chunk:
                 continue
             yield chunk
-            exchange.response_bytes += len(chunk)
+            flight.bytes += len(chunk)
             observer.feed(chunk)
             # A fast upstream (or a gzip body inflating) never blocks a read: let the worker's
             # other requests run between two chunks.
             pause()
-        exchange.complete = True
+        flight.complete = True
     except Exception as exc:
         if gone.is_set():
             # The client hung up and its upstream was closed under the read: nobody is listening.
             return
         if not isinstance(exc, (requests.exceptions.RequestException, urllib3.exceptions.HTTPError)):
             raise
-        exchange.failure = f"upstream stream broke off: {type(exc).__name__}"
-        log.warning("upstream stream broke off after %d bytes: %s", exchange.response_bytes,
-                    type(exc).__name__)
-        if exchange.response_type.startswith("text/event-stream"):
+        flight.error = f"upstream stream broke off: {type(exc).__name__}"
+        log.warning("upstream stream broke off after %d bytes: %s", flight.bytes, type(exc).__name__)
+        if flight.content_type.startswith("text/event-stream"):
             # Tell the client in the stream's own terms; the SDKs raise it as an API error.
             yield b"event: error\ndata: " + error_body(
                 "api_error", "Upstream stream broke off before it was complete") + b"\n\n"
@@ -403,27 +459,17 @@ def _coalesced(pieces: Iterator[bytes], arrived: Callable[[], bool]) -> Iterator
         yield b"".join(held)
 
 
-def _finish(exchange: Exchange, record: Callable[[Exchange], None]) -> None:
-    """Complete the record of an exchange and hand it on; observation never raises."""
-    exchange.duration_ms = (time.time() - exchange.started_at) * 1000
-    if exchange.method == "HEAD":
-        # A HEAD answer has no body: the server closes it without reading one.
-        exchange.complete = True
-    if not exchange.complete and not exchange.failure:
-        exchange.failure = CLIENT_WENT_AWAY
+def _finish(flight: Flight, record: Callable[[Exchange], None]) -> None:
+    """Make the record of an exchange whose answer has ended, and hand it on; observation never raises."""
     try:
-        exchange.observation = exchange.observer.finish() if exchange.observer else exchange.observation
-        exchange.read_body()
-        record(exchange)
+        record(flight.ended())
     except Exception:
         log.exception("recording an exchange failed; the proxy goes on")
 
 
-def _failed(exchange: Exchange, record: Callable[[Exchange], None], status: int, message: str) -> Response:
+def _failed(flight: Flight, record: Callable[[Exchange], None], status: int, message: str) -> Response:
     """Answer a failure in Anthropic's shape (the upstream's, or the request's own), and record it."""
-    exchange.status = status
-    exchange.failure = message
-    exchange.complete = True
+    flight.status, flight.error, flight.complete = status, message, True
     response = error_response(status, error_type(status), message)
-    response.call_on_close(lambda: _finish(exchange, record))
+    response.call_on_close(lambda: _finish(flight, record))
     return response

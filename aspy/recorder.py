@@ -21,17 +21,14 @@ import os
 import queue
 import threading
 from dataclasses import replace
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from .journal import Journal
 from .native import gevent_patched, native
-from .observe import Exchange, Observation, RequestFacts, clean_text
+from .records import Exchange, Observation, RequestFacts, clean_text
 from .sessions import Accounted, Sessions
 from .status import WorkerStatus
 from .store import StoreError
-
-if TYPE_CHECKING:
-    from .metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -44,11 +41,21 @@ RETRY_AFTER = 1.0
 MAX_RETRY_AFTER = 30.0
 
 
+class Counter(Protocol):
+    """Where exchanges are counted once the store has them: the host's Prometheus figures (aspy.metrics)."""
+
+    def accounted(self, records: list[Accounted]) -> None:
+        """Count exchanges the store has just taken."""
+
+    def write_failed(self) -> None:
+        """Count a failed write to the store."""
+
+
 class Recorder:
     """Queue exchanges and write them in batches from a background thread."""
 
     def __init__(self, sessions: Sessions, journal: Journal | None = None, status: WorkerStatus | None = None,
-                 metrics: Metrics | None = None):
+                 metrics: Counter | None = None):
         self.sessions = sessions
         self.journal = journal
         # This worker's recording status, for the /health of whichever worker is asked.
@@ -222,10 +229,14 @@ class Recorder:
 
 def unreadable(exchange: Exchange, error: Exception) -> Exchange:
     """Return an exchange the store refused, with only what is sure to be storable: figures, no content."""
-    kept = replace(exchange, observer=None, headers={k: clean_text(v) for k, v in exchange.headers.items()},
-                   rate_limits={}, request=RequestFacts(model=exchange.request.model, stream=exchange.request.stream))
-    obs = exchange.observation
-    kept.observation = Observation(model=obs.model, stop_reason=obs.stop_reason, usage=obs.usage,
-                                   start_usage=obs.start_usage, produced_output=obs.produced_output,
-                                   parse_error=f"the store refused its content: {type(error).__name__}")
-    return kept
+    request = exchange.request
+    kept = replace(request, headers={k: clean_text(v) for k, v in request.headers.items()},
+                   facts=RequestFacts(model=request.facts.model, stream=request.facts.stream))
+    response = exchange.response
+    if response is not None:
+        obs = response.observation
+        response = replace(response, rate_limits={}, observation=Observation(
+            model=obs.model, stop_reason=obs.stop_reason, usage=obs.usage, start_usage=obs.start_usage,
+            produced_output=obs.produced_output,
+            parse_error=f"the store refused its content: {type(error).__name__}"))
+    return replace(exchange, request=kept, response=response)

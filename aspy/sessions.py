@@ -22,8 +22,8 @@ from typing import Any
 from .billing import answering, bill, context_of
 from .config import Client, Config
 from .models import STANDARD, Cost, ModelTable
-from .observe import Exchange, clean_text, is_messages_call
-from .records import ANONYMOUS, Usage
+from .prompts import is_messages_call
+from .records import ANONYMOUS, Exchange, Response, Usage, clean_text
 from .store import (
     ACTIVE,
     BUCKET_SECONDS,
@@ -74,12 +74,12 @@ def status_of(session: Session, now: float, idle_after: float, end_after: float)
 
 def session_key(exchange: Exchange) -> tuple[str | None, str | None]:
     """Return (key, source) from the request, by the documented order; (None, None) if it has none."""
-    headers = exchange.headers
+    headers = exchange.request.headers
     if headers.get("x-claude-code-session-id"):
         return headers["x-claude-code-session-id"], CLAUDE_CODE
     if headers.get("x-session-id"):
         return headers["x-session-id"], HEADER
-    user_id = exchange.request.metadata_user_id
+    user_id = exchange.request.facts.metadata_user_id
     if user_id:
         try:
             decoded = json.loads(user_id)
@@ -104,7 +104,7 @@ def bounded_input(value: Any) -> Any:
 def failed_exchange(exchange: Exchange) -> bool:
     """Tell whether an exchange failed: an error status, an error in the answer, a broken exchange or stream."""
     obs = exchange.observation
-    return exchange.status >= 400 or exchange.failure is not None or bool(obs.errors) or obs.unfinished
+    return exchange.status >= 400 or exchange.error is not None or bool(obs.errors) or obs.unfinished
 
 
 def new_session_id() -> str:
@@ -256,11 +256,10 @@ class Sessions:
             for exchange in exchanges:
                 if exchange.id in known:
                     continue
-                if not is_messages_call(exchange.method, exchange.path):
+                if not is_messages_call(exchange.request.method, exchange.request.path):
                     identity = self.identity(exchange.client, exchange.user)
                     client_id = identity.client.id if identity.client else None
-                    batch.add_traffic(client_id, identity.user,
-                                      failed_exchange(exchange), exchange.started_at + exchange.duration_ms / 1000)
+                    batch.add_traffic(client_id, identity.user, failed_exchange(exchange), exchange.ended_at)
                     batch.accounted.append(Accounted(exchange, client_id))
                     continue
                 session = self._session_for(tx, exchange, batch)
@@ -362,8 +361,8 @@ class Sessions:
 
     def _apply(self, tx: Transaction, s: Session, ex: Exchange, batch: Batch) -> None:
         """Add one exchange to its session and emit its events."""
-        obs, facts = ex.observation, ex.request
-        done_at = ex.started_at + ex.duration_ms / 1000
+        obs, request, facts, response = ex.observation, ex.request, ex.request.facts, ex.response
+        done_at = ex.ended_at
         model = ex.model
         s.last_activity = max(s.last_activity, done_at)
         if s.user == ANONYMOUS and ex.user != ANONYMOUS:
@@ -372,11 +371,11 @@ class Sessions:
         failed = failed_exchange(ex)
         s.requests += 1
         s.failed += failed
-        agent = ex.headers.get("x-claude-code-agent-id")
+        agent = request.headers.get("x-claude-code-agent-id")
         thread = SUBAGENT if agent else SIDE if facts.side else MAIN
-        events = [self._event(s, "request", ex.started_at, method=ex.method, path=ex.path, model=facts.model,
-                              stream=facts.stream, messages=facts.message_count, tools=facts.tool_count,
-                              body_bytes=ex.body_bytes, agent_id=agent, thread=thread)]
+        events = [self._event(s, "request", ex.started_at, method=request.method, path=request.path,
+                              model=facts.model, stream=facts.stream, messages=facts.message_count,
+                              tools=facts.tool_count, body_bytes=request.body_bytes, agent_id=agent, thread=thread)]
         for tool_use_id, is_error in facts.tool_results:
             pending = tx.take_tool_call(tool_use_id)
             if pending is None:
@@ -414,8 +413,9 @@ class Sessions:
             batch.add_bucket(done_at, s, model or None, STANDARD, requests=1, failed=int(failed))
         s.usage = s.usage + usage
         self._tell_unpriced(unpriced)
-        if ex.ttfb_ms is not None:
-            s.ttfb_total_ms += ex.ttfb_ms
+        ttfb_ms = response.ttfb_ms if response is not None else None
+        if ttfb_ms is not None:
+            s.ttfb_total_ms += ttfb_ms
             s.ttfb_count += 1
         events.append(self._event(
             s, "response", done_at, status=ex.status, model=model, stop_reason=obs.stop_reason,
@@ -423,8 +423,9 @@ class Sessions:
                    "cache_read": usage.cache_read, "cache_write_5m": usage.cache_write_5m,
                    "cache_write_1h": usage.cache_write_1h, "web_search_requests": usage.web_search_requests},
             cost_usd=round(cost_usd, 10), unpriced_models=sorted(unpriced) or None,
-            ttfb_ms=round(ex.ttfb_ms, 1) if ex.ttfb_ms is not None else None,
-            duration_ms=round(ex.duration_ms, 1), request_id=ex.request_id, agent_id=agent,
+            ttfb_ms=round(ttfb_ms, 1) if ttfb_ms is not None else None,
+            duration_ms=round(response.duration_ms if response is not None else 0.0, 1),
+            request_id=response.request_id if response is not None else None, agent_id=agent,
             # Why the answer was only partly read (a bound reached, a broken stream), if it was.
             observation_error=obs.parse_error))
         capture = self.config.capture_content
@@ -445,10 +446,10 @@ class Sessions:
         for error in obs.errors:
             events.append(self._event(s, "error", done_at, status=ex.status, error_type=error.get("type"),
                                       message=str(error.get("message", ""))[:500]))
-        if ex.failure:
-            events.append(self._event(s, "error", done_at, status=ex.status, error_type="proxy", message=ex.failure))
-        if self._rate_limited(ex):
-            events.append(self._event(s, "rate_limit", done_at, status=ex.status, headers=ex.rate_limits))
+        if ex.error:
+            events.append(self._event(s, "error", done_at, status=ex.status, error_type="proxy", message=ex.error))
+        if response is not None and self._rate_limited(response):
+            events.append(self._event(s, "rate_limit", done_at, status=ex.status, headers=response.rate_limits))
         # Only the main thread moves the gauge: a subagent or a side request has its own, smaller context.
         if thread == MAIN and obs.usage is not None and ex.status < 400:
             compact = self._move_context(s, ex)
@@ -466,8 +467,9 @@ class Sessions:
     @staticmethod
     def _first_billing(tx: Transaction, ex: Exchange) -> bool:
         """Tell whether this download of a batch's results is the one to bill: the first complete one."""
-        batch_id = ex.path.split("?", 1)[0].rstrip("/").split("/")[-2]
-        return ex.complete and ex.failure is None and tx.first_billing_of_batch(batch_id, ex.started_at)
+        batch_id = ex.request.path.split("?", 1)[0].rstrip("/").split("/")[-2]
+        complete = ex.response is not None and ex.response.complete
+        return complete and ex.error is None and tx.first_billing_of_batch(batch_id, ex.started_at)
 
     def reprice(self, tx: Transaction) -> int:
         """Price the shares recorded while the table did not know their model; return how many."""
@@ -497,22 +499,22 @@ class Sessions:
 
     def _move_context(self, s: Session, ex: Exchange) -> dict[str, int] | None:
         """Set the context gauge from a main-thread response; return a detected compaction."""
-        current = context_of(ex.observation.usage or {}, ex.request.cache_ttl).context_tokens
+        current = context_of(ex.observation.usage or {}, ex.request.facts.cache_ttl).context_tokens
         before = s.context_tokens
         s.context_tokens = current
         s.context_model = ex.model
-        s.context_limit = self.models.context_limit(ex.model, ex.headers.get("anthropic-beta", ""))
+        s.context_limit = self.models.context_limit(ex.model, ex.request.headers.get("anthropic-beta", ""))
         if before > COMPACTION_FLOOR and current < COMPACTION_DROP * before:
             s.compactions += 1
             return {"before_tokens": before, "after_tokens": current}
         return None
 
     @staticmethod
-    def _rate_limited(ex: Exchange) -> bool:
-        """Tell whether an exchange hit, or came close to, a rate limit."""
-        if ex.status == 429:
+    def _rate_limited(response: Response) -> bool:
+        """Tell whether an answer hit, or came close to, a rate limit."""
+        if response.status == 429:
             return True
-        limits = ex.rate_limits
+        limits = response.rate_limits
         for name, value in limits.items():
             if name.endswith("-remaining"):
                 limit = limits.get(name[:-len("-remaining")] + "-limit")

@@ -205,20 +205,20 @@ def freshness(port: int, prefix: str, count: int) -> dict[str, float]:
 def bench_exchanges(count: int) -> list:
     """Return recorded-like exchanges of a real tool-use stream, in ten sessions."""
     sys.path.insert(0, str(ROOT))
-    from aspy.observe import Exchange, SseObserver
+    from aspy.observe import SseObserver
+    from aspy.prompts import read_request
+    from aspy.records import Exchange, Request, Response
 
     stream = ROOT / "tests" / "fixtures" / "real" / "sse" / "sdkpy_snapshot_555fb399_0_tool_use_haiku45.sse"
 
     def exchange(n: int) -> Exchange:
         observer = SseObserver()
         observer.feed(stream.read_bytes())
-        ex = Exchange(started_at=time.time(), method="POST", path="/bench/v1/messages", client="bench",
-                      provider="anthropic", user="b0acf41e12907b7b",
-                      headers={"x-claude-code-session-id": f"bench-{n % 10}"}, body=STREAM_BODY,
-                      content_type="application/json", status=200, ttfb_ms=1.0, duration_ms=5.0)
-        ex.observation = observer.finish()
-        ex.read_body()
-        return ex
+        facts = read_request(STREAM_BODY, "application/json", claude_code=True)
+        return Exchange(started_at=time.time(), client="bench", provider="anthropic", user="b0acf41e12907b7b",
+                        request=Request("POST", "/bench/v1/messages", {"x-claude-code-session-id": f"bench-{n % 10}"},
+                                        "application/json", len(STREAM_BODY), facts),
+                        response=Response(200, duration_ms=5.0, ttfb_ms=1.0, observation=observer.finish()))
 
     return [exchange(n) for n in range(count)]
 

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import requests
 
-from aspy.observe import Exchange, Observation, is_messages_call, read_request
+from aspy.prompts import is_messages_call, read_request
+from aspy.records import Exchange, Observation, Request, Response
 from aspy.store import Horizon, Scope
 from conftest import API_KEY, standard_config
 from test_clients import claude_cli
@@ -94,13 +95,12 @@ def exchange_of(name: str, usage: dict, at: float) -> Exchange:
     request = capture(name)
     headers = {k: v for k, v in request["headers"].items()
                if k in ("x-claude-code-session-id", "x-claude-code-agent-id", "anthropic-beta")}
-    exchange = Exchange(started_at=at, method=request["method"], path=request["path"], client="dev",
-                        provider="anthropic", user="0123456789abcdef", headers=headers, status=200,
-                        ttfb_ms=1.0, duration_ms=2.0, body=json.dumps(request["body"]).encode(),
-                        content_type="application/json")
-    exchange.read_body()
-    exchange.observation = Observation(model=request["body"]["model"], usage=usage, text="an answer")
-    return exchange
+    body = json.dumps(request["body"]).encode()
+    facts = read_request(body, "application/json", claude_code="x-claude-code-session-id" in headers)
+    return Exchange(started_at=at, client="dev", provider="anthropic", user="0123456789abcdef",
+                    request=Request(request["method"], request["path"], headers, "application/json", len(body), facts),
+                    response=Response(200, duration_ms=2.0, ttfb_ms=1.0, observation=Observation(
+                        model=request["body"]["model"], usage=usage, text="an answer")))
 
 
 def test_the_session_title_counts_but_leaves_the_gauge_and_is_not_a_compaction(tmp_path):
@@ -108,7 +108,7 @@ def test_the_session_title_counts_but_leaves_the_gauge_and_is_not_a_compaction(t
     main = exchange_of("main_turn_first_prompt.json", {"input_tokens": 1_425, "cache_read_input_tokens": 20_000,
                                                        "output_tokens": 30}, 1000.0)
     title = exchange_of("session_title.json", {"input_tokens": 554, "output_tokens": 9}, 1001.0)
-    title.headers["x-claude-code-session-id"] = main.headers["x-claude-code-session-id"]
+    title.request.headers["x-claude-code-session-id"] = main.request.headers["x-claude-code-session-id"]
     sessions.record([main])
     sessions.record([title])
     [session] = sessions.store.sessions(sessions_scope(), None, Horizon(0, 0), 5)

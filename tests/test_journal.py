@@ -9,11 +9,12 @@ import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import requests
 
 from aspy.journal import Journal
-from aspy.observe import Exchange
+from aspy.records import Exchange, Request, Response
 from conftest import API_KEY, standard_config
 from test_sessions_api import eventually
 
@@ -21,9 +22,10 @@ MESSAGE = {"model": "claude-sonnet-4-5-20250929", "max_tokens": 8, "stream": Tru
            "messages": [{"role": "user", "content": "hello"}]}
 
 
-def exchange(**extra) -> Exchange:
-    return Exchange(started_at=time.time(), method="POST", path="/v1/messages", client="dev-1",
-                    provider="fake", user="anonymous", headers={}, **extra)
+def exchange(status: int | None = None, complete: bool = False) -> Exchange:
+    return Exchange(started_at=time.time(), client="dev-1", provider="fake", user="anonymous",
+                    request=Request("POST", "/v1/messages"),
+                    response=None if status is None else Response(status, duration_ms=1.0, complete=complete))
 
 
 def test_a_claimed_journal_gives_back_finished_exchanges_and_unfinished_ones_as_failed(tmp_path):
@@ -38,8 +40,8 @@ def test_a_claimed_journal_gives_back_finished_exchanges_and_unfinished_ones_as_
     heir = Journal(tmp_path)
     back = {e.id: e for e in heir.claim()}
     assert set(back) == {done.id, cut.id} and all(e.replayed for e in back.values())
-    assert back[done.id].status == 200 and back[done.id].failure is None
-    assert back[cut.id].failure == "aspy's worker stopped before the exchange ended"
+    assert back[done.id].status == 200 and back[done.id].error is None
+    assert back[cut.id].error == "aspy's worker stopped before the exchange ended"
     heir.stored(list(back))
     assert list(tmp_path.glob("*.log")) == []
 
@@ -60,7 +62,7 @@ def test_an_exchange_opened_in_one_segment_and_finished_in_the_next_is_given_bac
     for segment in dead.segments:
         os.close(segment.fd)
     [back] = Journal(tmp_path).claim()
-    assert back.id == long_stream.id and back.failure is None
+    assert back.id == long_stream.id and back.error is None
 
 
 def test_a_torn_record_is_skipped_and_the_rest_given_back(tmp_path):
@@ -71,6 +73,19 @@ def test_a_torn_record_is_skipped_and_the_rest_given_back(tmp_path):
     os.write(segment.fd, b"\x00\x00\x10\x00torn")
     os.close(segment.fd)
     assert [e.id for e in Journal(tmp_path).claim()] == [first.id]
+
+
+def test_a_segment_written_before_the_exchange_record_had_parts_is_given_back(tmp_path):
+    # Written by aspy at 0d082fc: a finished exchange opened and finished, and one opened only.
+    earlier = Path(__file__).parent / "fixtures" / "journal" / "earlier-aspy-segment.log"
+    (tmp_path / "1-1.log").write_bytes(earlier.read_bytes())
+    back = {e.id: e for e in Journal(tmp_path).claim()}
+    done, cut = back["0" * 32], back["1" * 32]
+    assert done.request.method == "POST" and done.request.headers == {"x-claude-code-session-id": "s-1"}
+    assert done.request.body_bytes == 99 and done.request.facts.prompt == "hello"
+    assert done.status == 200 and done.response.ttfb_ms == 12.5 and done.response.complete
+    assert done.observation.tool_uses[0].name == "Read" and done.error is None and done.replayed
+    assert cut.response is None and cut.error == "aspy's worker stopped before the exchange ended"
 
 
 def test_segments_are_deleted_once_stored(tmp_path, monkeypatch):

@@ -19,7 +19,7 @@ import pytest
 import requests
 
 from aspy.metrics import failure_kind, status_class
-from aspy.observe import CLIENT_WENT_AWAY, Exchange
+from aspy.records import CLIENT_WENT_AWAY, Exchange, Observation, Request, Response
 from aspy.sessions import failed_exchange
 from conftest import API_KEY, free_port, standard_config
 from test_journal import workers_of
@@ -366,9 +366,11 @@ def test_a_model_the_table_does_not_know_is_counted_as_other(start_aspy, upstrea
     (200, None, [], True, "stream_incomplete"),
 ])
 def test_a_failure_is_labelled_with_a_bounded_error_type(status, failure, errors, unfinished, kind):
-    exchange = Exchange(started_at=0.0, method="POST", path="/v1/messages", client="dev-1", provider="fake",
-                        user="anonymous", headers={}, status=status, failure=failure)
-    exchange.observation.errors, exchange.observation.unfinished = errors, unfinished
+    # No answer came (status 0) when the worker stopped first.
+    answer = Response(status, duration_ms=1.0, observation=Observation(errors=errors, unfinished=unfinished)) \
+        if status else None
+    exchange = Exchange(started_at=0.0, client="dev-1", provider="fake", user="anonymous",
+                        request=Request("POST", "/v1/messages"), response=answer, error=failure)
     assert failed_exchange(exchange) and failure_kind(exchange) == kind
 
 

@@ -10,7 +10,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from aspy.billing import context_of, samplings, tokens, total
-from aspy.observe import JsonObserver, SseObserver, read_request
+from aspy.observe import JsonObserver, SseObserver
+from aspy.prompts import read_request
 from aspy.records import Usage
 
 SSE = Path(__file__).resolve().parent / "fixtures" / "real" / "sse"
@@ -226,14 +227,15 @@ def test_unreadable_request_body_gives_empty_facts():
 
 
 def test_an_exchange_lets_its_body_go_once_read():
-    from aspy.observe import Exchange
+    from aspy.proxy import Flight
+    from aspy.records import Exchange, Request
 
     body = json.dumps({"model": "claude-haiku-4-5", "messages": [{"role": "user", "content": "x" * 100_000}]}).encode()
-    ex = Exchange(started_at=0, method="POST", path="/v1/messages", client=None, provider="p", user="anonymous",
-                  headers={}, body=body, content_type="application/json")
-    ex.read_body()
-    assert ex.request.model == "claude-haiku-4-5" and ex.body_bytes == len(body)
-    assert ex.body == b"" and ex.summary()["body_bytes"] == len(body)
+    flight = Flight(Exchange(started_at=0, client=None, provider="p", user="anonymous",
+                             request=Request("POST", "/v1/messages", {}, "application/json", len(body))), body)
+    ex = flight.ended()
+    assert ex.request.facts.model == "claude-haiku-4-5" and ex.request.body_bytes == len(body)
+    assert flight.body == b"" and ex.summary()["body_bytes"] == len(body)
 
 
 def test_one_huge_event_stops_observation_in_linear_time_with_bounded_memory():
@@ -283,7 +285,7 @@ def test_a_stream_that_ends_without_message_stop_is_unfinished():
 
 
 def test_clean_text_replaces_nul_and_lone_surrogates():
-    from aspy.observe import clean_text
+    from aspy.records import clean_text
     assert clean_text("a\x00b\ud800c") == "a\ufffdb\ufffdc"
     assert clean_text("plain ☃") == "plain ☃"
 

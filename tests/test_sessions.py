@@ -8,7 +8,7 @@ import pytest
 
 from aspy.config import parse_config
 from aspy.models import load_models
-from aspy.observe import Exchange, Observation, RequestFacts
+from aspy.records import Exchange, Observation, Request, RequestFacts, Response
 from aspy.sessions import Sessions, session_key, warning_level
 from aspy.store import Horizon, Scope, open_store
 
@@ -24,12 +24,11 @@ def exchange(key: str | None = "s1", input_tokens: int = 10, agent: str | None =
     h = {"x-claude-code-session-id": key} if key else {}
     if agent:
         h["x-claude-code-agent-id"] = agent
-    ex = Exchange(started_at=at or time.time(), method="POST", path="/v1/messages", client="dev",
-                  provider="anthropic", user="0123456789abcdef", headers=h | headers, status=200,
-                  ttfb_ms=1.0, duration_ms=2.0)
-    ex.observation = Observation(model="claude-sonnet-4-5", usage={"input_tokens": input_tokens, "output_tokens": 1})
-    ex.request = RequestFacts(model="claude-sonnet-4-5", metadata_user_id=metadata)
-    return ex
+    return Exchange(started_at=at or time.time(), client="dev", provider="anthropic", user="0123456789abcdef",
+                    request=Request("POST", "/v1/messages", h | headers,
+                                    facts=RequestFacts(model="claude-sonnet-4-5", metadata_user_id=metadata)),
+                    response=Response(200, duration_ms=2.0, ttfb_ms=1.0, observation=Observation(
+                        model="claude-sonnet-4-5", usage={"input_tokens": input_tokens, "output_tokens": 1})))
 
 
 @pytest.mark.parametrize("pct,level", [(0, "normal"), (69.99, "normal"), (70, "warning"), (84.99, "warning"),
@@ -99,7 +98,7 @@ def test_events_and_text_older_than_the_retention_are_removed(tmp_path):
 def test_a_tool_result_without_a_known_call_is_ignored(tmp_path):
     sessions = book(tmp_path)
     ex = exchange()
-    ex.request.tool_results = [("toolu_unknown", True)]
+    ex.request.facts.tool_results = [("toolu_unknown", True)]
     sessions.record([ex])
     [s] = sessions.store.sessions(Scope(), None, Horizon(0, 0), 5)
     assert s.tool_failed == 0
@@ -118,7 +117,7 @@ def test_traffic_after_end_after_opens_a_new_session_even_before_the_upkeep(tmp_
 def test_a_large_tool_input_is_kept_only_in_part_in_its_event(tmp_path):
     sessions = book(tmp_path)
     ex = exchange()
-    from aspy.observe import ToolUse
+    from aspy.records import ToolUse
     ex.observation.tool_uses = [ToolUse("toolu_big", "Write", {"content": "x" * 5_000_000}),
                                 ToolUse("toolu_small", "Read", {"file_path": "/a"})]
     sessions.record([ex])

@@ -154,17 +154,15 @@ def sent(served) -> list[Sent]:
 def exchange(at: float, client: str | None, key: str | None, model: str, tokens: dict | None = None,
              failed: bool = False, user: str = LEGACY_USER, path: str = "/v1/messages", tool: str | None = None):
     """Return an exchange as the proxy records it, that ended at an instant."""
-    from aspy.observe import Exchange, Observation, RequestFacts, ToolUse
+    from aspy.records import Exchange, Observation, Request, RequestFacts, Response, ToolUse
 
-    ex = Exchange(started_at=at - 0.002, method="POST" if path.endswith("messages") else "GET", path=path,
-                  client=client, provider="fake", user=user,
-                  headers={"x-claude-code-session-id": key} if key else {}, status=529 if failed else 200,
-                  ttfb_ms=1.0, duration_ms=2.0)
-    ex.observation = Observation(model=model, usage=usage(**tokens) if tokens else None)
+    observation = Observation(model=model, usage=usage(**tokens) if tokens else None)
     if tool:
-        ex.observation.tool_uses = [ToolUse(id=f"toolu_{uuid.uuid4().hex[:12]}", name=tool, input={})]
-    ex.request = RequestFacts(model=model)
-    return ex
+        observation.tool_uses = [ToolUse(id=f"toolu_{uuid.uuid4().hex[:12]}", name=tool, input={})]
+    return Exchange(started_at=at - 0.002, client=client, provider="fake", user=user,
+                    request=Request("POST" if path.endswith("messages") else "GET", path,
+                                    {"x-claude-code-session-id": key} if key else {}, facts=RequestFacts(model=model)),
+                    response=Response(529 if failed else 200, duration_ms=2.0, ttfb_ms=1.0, observation=observation))
 
 
 def day_of(at: float, tz: str) -> datetime:

@@ -25,8 +25,8 @@ LAYERS: list[tuple[str, set[str]]] = [
     ("what it costs", {"billing", "models"}),
     ("figures over time", {"usage"}),
     ("where it lives", {"store"}),
-    ("what everyone may import", {"prompts", "claude_code", "records", "config", "addresses", "errors", "logs", "native",
-                                  "timerange", "status"}),
+    ("what everyone may import", {"prompts", "claude_code", "records", "config", "addresses", "errors", "logs",
+                                  "native", "timerange", "status"}),
 ]
 # The API's clients talk to a server over HTTP: they import none of its modules.
 CLIENTS = {"apiclient", "top", "mcp_server"}

@@ -4,7 +4,8 @@ In this process, with aspy's own parts as a worker runs them: the observer fed t
 stream's events as they arrive, the request's facts read from its body, the journal, and
 the :class:`~aspy.recorder.Recorder` writing to a store (its ``flush``, which the writer
 thread runs: the store transaction and the journal's bookkeeping). Each stage is timed
-with ``time.thread_time`` (CPU of this thread alone, so waiting on the disk is not in it).
+with ``time.thread_time`` (CPU of this thread alone, so waiting on the disk is not in it,
+nor, on PostgreSQL, the database server's own work).
 The writer is timed in batches of 1 (each exchange its own transaction, as when traffic
 is light) and of 50 (as under load, when exchanges queue during a transaction).
 """

@@ -296,7 +296,7 @@ ROWS = [
     ("duration p50 / p99 (ms; aspy: added)", "w2", ("dur_p50", "dur_p99"), 1, "+", ""),
     ("CPU per request (ms)", "w2", ("cpu_ms",), 2, "", "<= 5"),
     ("  of which threads beside the hub: aspy's writer (ms)", "w2", ("side_ms",), 2, "", ""),
-    ("  the load client's, this process (ms)", "w2", ("client_ms",), 2, "", ""),
+    ("  the load client's, this Python process (ms)", "w2", ("client_ms",), 2, "", ""),
     ("memory, all processes: peak RSS / PSS (MiB)", "w3", ("rss", "pss"), 0, "", "<= 120"),
     ("an extra request while they are open, median (ms)", "w3", ("extra_p50",), 1, "", "<= 3"),
     ("streams completed", "w3", ("completed",), 0, "", ""),
@@ -345,7 +345,11 @@ def report(results: dict[str, dict[str, list[dict]]], knobs: Knobs, rounds: int)
             verdict = "exact" if check["served"] == check["recorded"] else \
                 f"NOT exact: {check['served'] - check['recorded']:+} after {SETTLE:g} s"
             print(f"  {name.upper()} round {i + 1}: {check['recorded']:,} recorded of {check['served']:,} served, "
-                  f"{verdict} (shown {check['settled_s']:.1f} s after the upstream's last stream ended)")
+                  f"{verdict} (shown {check['settled_s']:.1f} s after the upstream's last stream ended; "
+                  f"{check['failed']:,} recorded as failed)")
+    if "w1" in results:
+        print("  (W1's failed: wrk hangs up on the requests in flight when its time is up; aspy records them as "
+              "failed, client went away)")
     for name, figures in results.items():
         for target, rounds_ in figures.items():
             for i, result in enumerate(rounds_):

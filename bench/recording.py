@@ -23,8 +23,8 @@ from aspy.journal import Journal
 from aspy.models import load_models
 from aspy.observe import observer_for
 from aspy.proxy import OBSERVED_HEADERS, Flight
-from aspy.records import Exchange, Request
 from aspy.recorder import Recorder
+from aspy.records import Exchange, Request
 from aspy.routing import user_hash
 from aspy.sessions import Sessions
 from aspy.store import open_store

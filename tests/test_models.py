@@ -7,7 +7,7 @@ from aspy.billing import Sampling
 from aspy.config import ConfigError
 from aspy.models import family, load_models
 from aspy.records import Usage
-from test_observe import EXPECTED, SSE, billed, parse, vercel_stream
+from helpers import EXPECTED, SSE, billed, parse, vercel_stream
 
 # List prices per million tokens, copied by hand from Anthropic's pricing page:
 # input, output, 5m cache write, 1h cache write, cache read.

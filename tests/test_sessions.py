@@ -6,30 +6,9 @@ import time
 
 import pytest
 
-from aspy.config import parse_config
-from aspy.models import load_models
-from aspy.observe import Exchange, Observation, RequestFacts
-from aspy.sessions import Sessions, session_key, warning_level
-from aspy.store import Horizon, Scope, open_store
-
-
-def book(tmp_path, **sessions) -> Sessions:
-    config = parse_config({"store": {"url": f"sqlite:///{tmp_path / 'aspy.db'}", "retention_days": 1},
-                           "sessions": sessions, "clients": {"dev": {"name": "Dev", "provider": "anthropic"}}}, None)
-    return Sessions(config, open_store(config.store.url), load_models())
-
-
-def exchange(key: str | None = "s1", input_tokens: int = 10, agent: str | None = None, at: float | None = None,
-             metadata: str | None = None, **headers) -> Exchange:
-    h = {"x-claude-code-session-id": key} if key else {}
-    if agent:
-        h["x-claude-code-agent-id"] = agent
-    ex = Exchange(started_at=at or time.time(), method="POST", path="/v1/messages", client="dev",
-                  provider="anthropic", user="0123456789abcdef", headers=h | headers, status=200,
-                  ttfb_ms=1.0, duration_ms=2.0)
-    ex.observation = Observation(model="claude-sonnet-4-5", usage={"input_tokens": input_tokens, "output_tokens": 1})
-    ex.request = RequestFacts(model="claude-sonnet-4-5", metadata_user_id=metadata)
-    return ex
+from aspy.sessions import session_key, warning_level
+from aspy.store import Horizon, Scope
+from helpers import book, exchange
 
 
 @pytest.mark.parametrize("pct,level", [(0, "normal"), (69.99, "normal"), (70, "warning"), (84.99, "warning"),

@@ -12,8 +12,11 @@ import uuid
 
 import pytest
 
-from helpers import POSTGRES_URL, AspyProcess, Traffic, make_app, postgres_database, standard_config
-from upstream import FakeUpstream
+# The helpers assert too: their failures then say what they found, as the tests' own do.
+pytest.register_assert_rewrite("helpers")
+
+from helpers import POSTGRES_URL, AspyProcess, Traffic, make_app, postgres_database, standard_config  # noqa: E402
+from upstream import FakeUpstream  # noqa: E402
 
 # The fixtures that start a server: a test using any of them (even through another fixture) is e2e.
 E2E_FIXTURES = frozenset({"upstream", "aspy", "start_aspy"})

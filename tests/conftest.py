@@ -15,7 +15,7 @@ import pytest
 # The helpers assert too: their failures then say what they found, as the tests' own do.
 pytest.register_assert_rewrite("helpers")
 
-from helpers import POSTGRES_URL, AspyProcess, Traffic, make_app, postgres_database, standard_config  # noqa: E402
+from helpers import POSTGRES_URL, AspyProcess, PostgresDatabases, Traffic, make_app, postgres_database, standard_config  # noqa: E402
 from upstream import FakeUpstream  # noqa: E402
 
 # The fixtures that start a server: a test using any of them (even through another fixture) is e2e.
@@ -82,6 +82,14 @@ def store_kind(request) -> str:
     if request.param == "postgresql" and not POSTGRES_URL:
         pytest.skip("PostgreSQL tests need ASPY_TEST_POSTGRES_URL, e.g. postgresql://postgres@127.0.0.1:5432/test")
     return request.param
+
+
+@pytest.fixture(scope="session")
+def postgres_databases():
+    """Empty PostgreSQL databases for in-process stores: take one, give it back when done."""
+    databases = PostgresDatabases()
+    yield databases
+    databases.drop_all()
 
 
 @pytest.fixture(scope="module")

@@ -135,6 +135,45 @@ def postgres_database(name: str, create: bool) -> str:
     return urlsplit(POSTGRES_URL)._replace(path=f"/{name}").geturl()
 
 
+class PostgresDatabases:
+    """Empty databases on the test PostgreSQL server, each made once and emptied for its next user.
+
+    Dropping a database makes the server write a checkpoint (a second or more on a busy machine);
+    emptying one is dropping its one schema and making it again.
+    """
+
+    def __init__(self):
+        self.made: list[str] = []
+        self.free: list[str] = []
+
+    def take(self) -> str:
+        """Return the URL of an empty database nobody else uses."""
+        import uuid
+
+        import psycopg
+
+        if not self.free:
+            name = f"aspy_test_{uuid.uuid4().hex[:12]}"
+            self.made.append(name)
+            return postgres_database(name, create=True)
+        url = self.free.pop()
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                         "WHERE datname = current_database() AND pid <> pg_backend_pid()")
+            conn.execute("DROP SCHEMA public CASCADE")
+            conn.execute("CREATE SCHEMA public")
+        return url
+
+    def give_back(self, url: str) -> None:
+        """Let the next user have this database (emptied first); its user must have closed its connections."""
+        self.free.append(url)
+
+    def drop_all(self) -> None:
+        """Drop every database made."""
+        for name in self.made:
+            postgres_database(name, create=False)
+
+
 def wait_for_health(url: str, proc: subprocess.Popen | None = None, timeout: float = 30) -> dict:
     """Wait until a server answers /health; return the answer. Fail early if its process died."""
     deadline = time.time() + timeout

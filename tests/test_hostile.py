@@ -22,7 +22,7 @@ import requests
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from helpers import MESSAGE, ROOT, eventually, free_port, postgres_database, standard_config, wait_for_health
+from helpers import MESSAGE, ROOT, eventually, free_port, standard_config, wait_for_health
 
 BODY = json.dumps(MESSAGE).encode()
 TOKEN = "pt_HostileTestToken0123456789abcdefXY"
@@ -272,23 +272,24 @@ def bodies(path: str) -> st.SearchStrategy[bytes]:
 
 
 @pytest.fixture(scope="module")
-def api_client(store_kind, tmp_path_factory):
+def api_client(store_kind, tmp_path_factory, postgres_databases, model_table):
     """Flask's test client on an app with an API token and a proxy-token client, on SQLite or PostgreSQL."""
     from aspy import create_app
     from aspy.config import parse_config
 
-    database = f"aspy_test_{uuid.uuid4().hex[:12]}"
     url = (f"sqlite:///{tmp_path_factory.mktemp('hostile-api') / 'aspy.db'}" if store_kind == "sqlite"
-           else postgres_database(database, create=True))
+           else postgres_databases.take())
     config = parse_config({
         "server": {"api_token": API_TOKEN}, "store": {"url": url},
         "providers": {"fake": {"base_url": "http://127.0.0.1:9"}},
         "clients": {"dev-1": {"name": "Dev", "provider": "fake"},
                     "tok": {"name": "Token client", "provider": "fake", "proxy_token": TOKEN}},
     }, None)
-    yield create_app(config, {"TESTING": True}).test_client()
+    app = create_app(config, {"TESTING": True}, models=model_table)
+    yield app.test_client()
     if store_kind == "postgresql":
-        postgres_database(database, create=False)
+        app.extensions["aspy.store"].close()
+        postgres_databases.give_back(url)
 
 
 @settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])

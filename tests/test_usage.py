@@ -450,23 +450,20 @@ def test_report_says_what_is_wrong(served):
 # store, a migration, or more exchanges than a test should send through a server.
 
 @pytest.fixture
-def book(store_kind, tmp_path):
+def book(store_kind, tmp_path, postgres_databases, model_table):
     """A sessions book on a new, empty store."""
     from aspy.config import parse_config
-    from aspy.models import load_models
     from aspy.sessions import Sessions
     from aspy.store import open_store
-    from helpers import postgres_database
 
-    name = f"aspy_test_{uuid.uuid4().hex[:12]}"
-    url = f"sqlite:///{tmp_path / 'aspy.db'}" if store_kind == "sqlite" else postgres_database(name, create=True)
+    url = f"sqlite:///{tmp_path / 'aspy.db'}" if store_kind == "sqlite" else postgres_databases.take()
     config = parse_config({"store": {"url": url}, "clients": {
         c: {"name": c, "provider": "anthropic", "tags": t} for c, t in CLIENTS.items()}}, None)
-    sessions = Sessions(config, open_store(url), load_models())
+    sessions = Sessions(config, open_store(url), model_table)
     yield sessions
     sessions.store.close()
     if store_kind != "sqlite":
-        postgres_database(name, create=False)
+        postgres_databases.give_back(url)
 
 
 def ask(store, by: tuple[str, ...], tz: str = "UTC", since: float | None = None, until: float | None = None,

@@ -27,7 +27,7 @@ API_KEY = "sk-ant-test-0123456789abcdef"
 MODEL = "claude-sonnet-4-5-20250929"
 # Sonnet 4.5 list prices per million tokens: input, output, 5m write, 1h write, cache read.
 RATES = (3, 15, 3.75, 6, 0.30)
-# The in-process app's API token, its token client's proxy token, and its provider's URL (faked by responses).
+# The in-process app's API token, its token client's proxy token, and its providers' URL (faked by responses).
 APP_TOKEN = "api-token-for-the-tests-0123456789"
 APP_PROXY_TOKEN = "pt_InProcessTestToken0123456789abcd"
 FAKE_UPSTREAM = "http://upstream.test"
@@ -35,7 +35,7 @@ FAKE_UPSTREAM = "http://upstream.test"
 MESSAGE = {"model": MODEL, "max_tokens": 8, "messages": [{"role": "user", "content": "hello"}]}
 
 
-# Configs and processes
+# Configs
 
 def free_port() -> int:
     """Return a loopback port nobody listens on right now."""
@@ -80,99 +80,7 @@ provider = "dead"
 """
 
 
-def app_config(store_url: str, extra: str = "") -> str:
-    """Return the in-process app's config: an API token, three clients (one with a proxy token) on a fake URL."""
-    return f"""
-[server]
-api_token = "{APP_TOKEN}"
-
-[store]
-url = "{store_url}"
-
-[legacy]
-provider = "fake"
-
-[providers.fake]
-base_url = "{FAKE_UPSTREAM}"
-
-[providers.fakebase]
-base_url = "{FAKE_UPSTREAM}/base/path"
-
-[clients.dev-1]
-name = "Dev Laptop"
-provider = "fake"
-tags = ["dev", "team-a"]
-
-[clients.dev-2]
-name = "CI runner"
-provider = "fakebase"
-tags = ["team-a"]
-
-[clients.tok]
-name = "Token client"
-provider = "fake"
-proxy_token = "{APP_PROXY_TOKEN}"
-{extra}
-"""
-
-
-def make_app(folder: Path, extra: str = "", models=None):
-    """Return aspy made in-process by create_app (testing) with app_config, its SQLite store in folder."""
-    from aspy import create_app
-    from aspy.config import load_config
-
-    path = folder / "config.toml"
-    path.write_text(app_config(f"sqlite:///{folder / 'aspy.db'}", extra))
-    return create_app(load_config(path), {"TESTING": True}, models=models)
-
-
-def postgres_database(name: str, create: bool) -> str:
-    """Create (or drop) a database on the test PostgreSQL server; return its URL."""
-    import psycopg
-
-    with psycopg.connect(POSTGRES_URL, autocommit=True) as conn:
-        conn.execute(f"CREATE DATABASE {name}" if create else f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-    return urlsplit(POSTGRES_URL)._replace(path=f"/{name}").geturl()
-
-
-class PostgresDatabases:
-    """Empty databases on the test PostgreSQL server, each made once and emptied for its next user.
-
-    Dropping a database makes the server write a checkpoint (a second or more on a busy machine);
-    emptying one is dropping its one schema and making it again.
-    """
-
-    def __init__(self):
-        self.made: list[str] = []
-        self.free: list[str] = []
-
-    def take(self) -> str:
-        """Return the URL of an empty database nobody else uses."""
-        import uuid
-
-        import psycopg
-
-        if not self.free:
-            name = f"aspy_test_{uuid.uuid4().hex[:12]}"
-            self.made.append(name)
-            return postgres_database(name, create=True)
-        url = self.free.pop()
-        with psycopg.connect(url, autocommit=True) as conn:
-            conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                         "WHERE datname = current_database() AND pid <> pg_backend_pid()")
-            conn.execute("DROP SCHEMA public CASCADE")
-            conn.execute("CREATE SCHEMA public")
-        return url
-
-    def give_back(self, url: str) -> None:
-        """Let the next user have this database (emptied first); its user must have closed its connections."""
-        self.free.append(url)
-
-    def drop_all(self) -> None:
-        """Drop every database made."""
-        for name in self.made:
-            postgres_database(name, create=False)
-
+# A served aspy
 
 def wait_for_health(url: str, proc: subprocess.Popen | None = None, timeout: float = 30) -> dict:
     """Wait until a server answers /health; return the answer. Fail early if its process died."""
@@ -265,7 +173,55 @@ def claude_cli() -> str:
     return path
 
 
-# Figures
+# Stores and figures
+
+def postgres_database(name: str, create: bool) -> str:
+    """Create (or drop) a database on the test PostgreSQL server; return its URL."""
+    import psycopg
+
+    with psycopg.connect(POSTGRES_URL, autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name}" if create else f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    return urlsplit(POSTGRES_URL)._replace(path=f"/{name}").geturl()
+
+
+class PostgresDatabases:
+    """Empty databases on the test PostgreSQL server, each made once and emptied for its next user.
+
+    Dropping a database makes the server write a checkpoint (a second or more on a busy machine);
+    emptying one is dropping its one schema and making it again.
+    """
+
+    def __init__(self):
+        self.made: list[str] = []
+        self.free: list[str] = []
+
+    def take(self) -> str:
+        """Return the URL of an empty database nobody else uses."""
+        import uuid
+
+        import psycopg
+
+        if not self.free:
+            name = f"aspy_test_{uuid.uuid4().hex[:12]}"
+            self.made.append(name)
+            return postgres_database(name, create=True)
+        url = self.free.pop()
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                         "WHERE datname = current_database() AND pid <> pg_backend_pid()")
+            conn.execute("DROP SCHEMA public CASCADE")
+            conn.execute("CREATE SCHEMA public")
+        return url
+
+    def give_back(self, url: str) -> None:
+        """Let the next user have this database (emptied first); its user must have closed its connections."""
+        self.free.append(url)
+
+    def drop_all(self) -> None:
+        """Drop every database made."""
+        for name in self.made:
+            postgres_database(name, create=False)
+
 
 def key_hash(key: str) -> str:
     """Return the legacy user hash of a key, computed the documented way."""
@@ -372,7 +328,7 @@ EXPECTED = {
 }
 
 
-# Talking to a served aspy
+# Requests to a served aspy
 
 def bearer(token: str | None) -> dict[str, str]:
     """Return the Authorization header of a bearer token (none without one)."""
@@ -412,7 +368,24 @@ def assert_anthropic_error(response, status: int, kind: str) -> str:
     return body["error"]["message"]
 
 
-# Talking to an in-process aspy
+# An in-process aspy
+
+def app_config(store_url: str, extra: str = "") -> str:
+    """Return the in-process app's config: the standard clients on the fake URL, a proxy-token client, an API token."""
+    token_client = f'\n[clients.tok]\nname = "Token client"\nprovider = "fake"\ntags = ["dev", "solo"]\n' \
+                   f'proxy_token = "{APP_PROXY_TOKEN}"\n'
+    return standard_config(FAKE_UPSTREAM, f'{token_client}\n[store]\nurl = "{store_url}"\n{extra}', APP_TOKEN)
+
+
+def make_app(folder: Path, extra: str = "", models=None):
+    """Return aspy made in-process by create_app (testing) with app_config, its SQLite store in folder."""
+    from aspy import create_app
+    from aspy.config import load_config
+
+    path = folder / "config.toml"
+    path.write_text(app_config(f"sqlite:///{folder / 'aspy.db'}", extra))
+    return create_app(load_config(path), {"TESTING": True}, models=models)
+
 
 class Traffic:
     """Requests through an in-process aspy (Flask's test client), each answered by ``responses`` as asked.

@@ -34,7 +34,7 @@ def run(capsys, *args: str) -> tuple[int, str, str]:
 def test_check_reports_the_config_and_a_store_not_created_yet(capsys, config, tmp_path):
     status, out, _ = run(capsys, "check", "--config", config)
     assert status == 0 and out.endswith("ok\n")
-    assert "clients: dev-1, dev-2, tok" in out and "legacy requests: to fake" in out
+    assert "clients: dev-1, dev-2, gone, tok" in out and "legacy requests: to fake" in out
     assert "not created yet; aspy creates it on first use" in out and not (tmp_path / "aspy.db").exists()
 
 

@@ -31,6 +31,8 @@ RATES = (3, 15, 3.75, 6, 0.30)
 APP_TOKEN = "api-token-for-the-tests-0123456789"
 APP_PROXY_TOKEN = "pt_InProcessTestToken0123456789abcd"
 FAKE_UPSTREAM = "http://upstream.test"
+# Where aspy's own API clients (report --url, top, mcp) find the in-process app's API.
+ASPY_URL = "http://aspy.test"
 # A small non-streamed Messages request.
 MESSAGE = {"model": MODEL, "max_tokens": 8, "messages": [{"role": "user", "content": "hello"}]}
 
@@ -428,6 +430,20 @@ class Traffic:
         def counted():
             return self.client.get("/api/stats", headers=bearer(APP_TOKEN)).json["requests"]["total"] == self.recorded
         eventually(counted, timeout=10, interval=0.002)
+
+
+def serve_api(answers, client, url: str = ASPY_URL) -> None:
+    """Answer requests to ``url`` with the in-process app, as if it were served there (for aspy's API clients)."""
+    from urllib.parse import urlsplit
+
+    def answer(request):
+        parts = urlsplit(request.url)
+        r = client.open(parts.path, method=request.method, query_string=parts.query, data=request.body,
+                        headers={k: v for k, v in request.headers.items() if k.lower() != "content-length"})
+        return r.status_code, {"Content-Type": r.headers["Content-Type"]}, r.data
+
+    for method in ("GET", "POST"):
+        answers.add_callback(method, re.compile(re.escape(url) + r"/.*"), callback=answer)
 
 
 # Waiting

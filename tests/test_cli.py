@@ -13,9 +13,10 @@ import sqlite3
 import pytest
 
 from aspy.cli import main
-from helpers import API_KEY, APP_TOKEN, bearer, key_hash, usage
+from helpers import API_KEY, APP_TOKEN, FIXTURES, bearer, key_hash, usage
 
 LEGACY_KEY = "sk-ant-an-old-laptop-key-0001"
+LEGACY_LOGS = FIXTURES / "legacy-aspy-logs"
 
 
 @pytest.fixture
@@ -113,3 +114,22 @@ def test_token_new_makes_a_token_and_can_store_it_keeping_comments(capsys, tmp_p
     assert re.search(r'proxy_token = "pt_[A-Za-z0-9_-]{32}"', text)
     status, _, err = run(capsys, "token", "new", "nobody", "--config", str(config))
     assert status == 2 and "unknown client 'nobody'" in err
+
+
+def test_migrate_imports_old_logs_once_with_their_figures_at_their_time(capsys, tmp_path):
+    config = tmp_path / "config.toml"
+    # The logs are from December 2025: kept past the default 90 days' retention.
+    config.write_text(f'[store]\nurl = "sqlite:///{tmp_path / "aspy.db"}"\nretention_days = 36500\n')
+    status, out, _ = run(capsys, "migrate", "--import-logs", str(LEGACY_LOGS), "--config", str(config))
+    assert status == 0 and "aspy-20251207-140322-a1b2.jsonl: 8 lines" in out and "Nothing changed" in out
+    for said in ("imported", "already imported, skipped"):
+        status, out, _ = run(capsys, "migrate", "--import-logs", str(LEGACY_LOGS), "--apply", "--config", str(config))
+        assert status == 0 and out.strip().endswith(said)
+    status, out, _ = run(capsys, "report", "--json", "--tz", "UTC", "--since", "2025-12-01", "--until", "2026-01-01",
+                         "--config", str(config))
+    [day] = json.loads(out)["rows"]
+    assert day["day"] == "2025-12-07" and day["requests"] == 1
+    assert day["tokens"] == {"input": 3, "output": 412, "cache_read": 88231, "cache_write_5m": 1204,
+                             "cache_write_1h": 0, "web_search_requests": 0}
+    # Opus 4.5 at list price: $5 in, $25 out, $6.25 per 5m cache write, $0.50 per cache read.
+    assert day["cost_usd"] == pytest.approx((3 * 5 + 412 * 25 + 1204 * 6.25 + 88231 * 0.5) / 1e6)

@@ -15,7 +15,15 @@ import pytest
 # The helpers assert too: their failures then say what they found, as the tests' own do.
 pytest.register_assert_rewrite("helpers")
 
-from helpers import POSTGRES_URL, AspyProcess, PostgresDatabases, Traffic, make_app, postgres_database, standard_config  # noqa: E402
+from helpers import (  # noqa: E402 (imported once registered above)
+    POSTGRES_URL,
+    AspyProcess,
+    PostgresDatabases,
+    Traffic,
+    make_app,
+    postgres_database,
+    standard_config,
+)
 from upstream import FakeUpstream  # noqa: E402
 
 # The fixtures that start a server: a test using any of them (even through another fixture) is e2e.
@@ -74,7 +82,7 @@ def traffic(client, upstream_answers) -> Traffic:
     return Traffic(client, upstream_answers)
 
 
-# End to end
+# Stores, in process and end to end
 
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])
 def store_kind(request) -> str:
@@ -91,6 +99,8 @@ def postgres_databases():
     yield databases
     databases.drop_all()
 
+
+# End to end
 
 @pytest.fixture(scope="module")
 def fresh_store(store_kind):

@@ -18,7 +18,6 @@ from helpers import API_KEY, MESSAGE, eventually, standard_config, workers_of
 STREAMED = MESSAGE | {"stream": True}
 
 
-
 def exchange(**extra) -> Exchange:
     return Exchange(started_at=time.time(), method="POST", path="/v1/messages", client="dev-1",
                     provider="fake", user="anonymous", headers={}, **extra)

@@ -1,140 +1,88 @@
-"""Shared fixtures: a real fake upstream, and aspy under real gunicorn with gevent workers."""
+"""Shared fixtures, for the two layers of tests.
+
+In process (fast): ``app`` and ``client``, aspy made by create_app with a test config, its
+upstream faked by ``responses`` (``upstream_answers``). End to end (``-m e2e``): a real fake
+upstream on loopback, and aspy under real gunicorn with gevent workers. A test that uses the
+end-to-end fixtures is marked ``e2e`` here; a module that starts processes of its own says so with
+``pytestmark = pytest.mark.e2e``. ``python -m pytest -m "not e2e"`` runs the fast layer alone.
+"""
 from __future__ import annotations
 
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
 import uuid
-from pathlib import Path
-from urllib.parse import urlsplit
 
 import pytest
-import requests
 
-from upstream import FakeUpstream
+# The helpers assert too: their failures then say what they found, as the tests' own do.
+pytest.register_assert_rewrite("helpers")
 
-ROOT = Path(__file__).resolve().parents[1]
-POSTGRES_URL = os.environ.get("ASPY_TEST_POSTGRES_URL")
-FIXTURES = ROOT / "tests" / "fixtures"
-API_KEY = "sk-ant-test-0123456789abcdef"
+from helpers import (  # noqa: E402 (imported once registered above)
+    POSTGRES_URL,
+    AspyProcess,
+    PostgresDatabases,
+    Traffic,
+    make_app,
+    postgres_database,
+    standard_config,
+)
+from upstream import FakeUpstream  # noqa: E402
 
-
-def free_port() -> int:
-    """Return a loopback port nobody listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for_health(url: str, proc: subprocess.Popen | None = None, timeout: float = 30) -> dict:
-    """Wait until a server answers /health; return the answer. Fail early if its process died."""
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"the server exited early with status {proc.returncode}")
-        try:
-            # The first /health of a worker opens the store (and may create its schema).
-            response = requests.get(url + "/health", timeout=10)
-            if response.ok:
-                return response.json()
-        except requests.ConnectionError:
-            time.sleep(0.1)
-    raise RuntimeError(f"{url} did not answer /health within {timeout:g} s")
+# The fixtures that start a server: a test using any of them (even through another fixture) is e2e.
+E2E_FIXTURES = frozenset({"upstream", "aspy", "start_aspy"})
 
 
-class AspyProcess:
-    """``aspy serve`` running in a subprocess with its own config and log."""
-
-    def __init__(self, tmp: Path, config_text: str, workers: int = 2, env: dict | None = None,
-                 port: int | None = None):
-        self.port = port or free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.config = tmp / "config.toml"
-        self.config.write_text(config_text)
-        self.log = tmp / "aspy.log"
-        self.env = {**os.environ, "XDG_STATE_HOME": str(tmp / "state"), **(env or {})}
-        self.workers = workers
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> AspyProcess:
-        """Start the server and wait until /health answers."""
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "aspy", "serve", "--config", str(self.config),
-             "--listen", f"127.0.0.1:{self.port}", "--workers", str(self.workers)],
-            stdout=self.log.open("ab"), stderr=subprocess.STDOUT, env=self.env, cwd=ROOT)
-        try:
-            wait_for_health(self.url, self.proc)
-        except RuntimeError as exc:
-            raise RuntimeError(f"{exc}; aspy's log:\n{self.log.read_text()}") from None
-        return self
-
-    def stop(self) -> None:
-        """Stop the server at once (gunicorn's quick shutdown)."""
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-    def store_url(self) -> str | None:
-        """Return the [store] url of this server's config, if it names one."""
-        import tomllib
-
-        return tomllib.loads(self.config.read_text()).get("store", {}).get("url")
-
-    def log_text(self) -> str:
-        """Return everything the server logged."""
-        return self.log.read_text(errors="replace")
+def pytest_collection_modifyitems(config, items) -> None:
+    """Mark e2e every test that uses a real fake upstream or a served aspy."""
+    for item in items:
+        if E2E_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.e2e)
 
 
-def standard_config(upstream_url: str, extra: str = "") -> str:
-    """Return a config with clients on the fake upstream, at its root and under a base path."""
-    return f"""
-[server]
-upstream_timeout = "20s"
+# In process
 
-[legacy]
-provider = "fake"
+@pytest.fixture
+def upstream_answers():
+    """``responses`` faking the provider for the test: add answers with ``.post(url, json=...)``."""
+    import responses
 
-[providers.fake]
-base_url = "{upstream_url}"
-name = "Fake upstream"
-
-[providers.fakebase]
-base_url = "{upstream_url}/base/path"
-
-[providers.dead]
-base_url = "http://127.0.0.1:{free_port()}"
-
-[clients.dev-1]
-name = "Dev Laptop"
-provider = "fake"
-tags = ["dev"]
-
-[clients.dev-2]
-name = "CI runner"
-provider = "fakebase"
-
-[clients.gone]
-name = "Nobody listens"
-provider = "dead"
-{extra}
-"""
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as mock:
+        yield mock
 
 
-def postgres_database(name: str, create: bool) -> str:
-    """Create (or drop) a database on the test PostgreSQL server; return its URL."""
-    import psycopg
+@pytest.fixture
+def app_config_extra() -> str:
+    """TOML appended to the in-process app's config (override in a module for more keys or clients)."""
+    return ""
 
-    with psycopg.connect(POSTGRES_URL, autocommit=True) as conn:
-        conn.execute(f"CREATE DATABASE {name}" if create else f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-    return urlsplit(POSTGRES_URL)._replace(path=f"/{name}").geturl()
 
+@pytest.fixture(scope="session")
+def model_table():
+    """aspy's own model table, read once: parsing models.yaml costs more than making an app."""
+    from aspy.models import load_models
+
+    return load_models()
+
+
+@pytest.fixture
+def app(tmp_path, monkeypatch, upstream_answers, app_config_extra, model_table):
+    """aspy made by create_app with the test config and a SQLite store of the test's own."""
+    # Whatever aspy would keep under $XDG_STATE_HOME stays in the test's folder.
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    return make_app(tmp_path, app_config_extra, model_table)
+
+
+@pytest.fixture
+def client(app):
+    """Flask's test client of the in-process app."""
+    return app.test_client()
+
+
+@pytest.fixture
+def traffic(client, upstream_answers) -> Traffic:
+    """Send requests through the in-process proxy; each returns once it is recorded."""
+    return Traffic(client, upstream_answers)
+
+
+# Stores, in process and end to end
 
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])
 def store_kind(request) -> str:
@@ -143,6 +91,16 @@ def store_kind(request) -> str:
         pytest.skip("PostgreSQL tests need ASPY_TEST_POSTGRES_URL, e.g. postgresql://postgres@127.0.0.1:5432/test")
     return request.param
 
+
+@pytest.fixture(scope="session")
+def postgres_databases():
+    """Empty PostgreSQL databases for in-process stores: take one, give it back when done."""
+    databases = PostgresDatabases()
+    yield databases
+    databases.drop_all()
+
+
+# End to end
 
 @pytest.fixture(scope="module")
 def fresh_store(store_kind):
@@ -190,28 +148,3 @@ def start_aspy(tmp_path):
     yield start
     for server in started:
         server.stop()
-
-
-# The in-process layer: aspy's app under Flask's test client, its upstream faked with `responses`.
-FAKE_UPSTREAM = "https://upstream.test"
-
-
-def in_process_app(tmp_path: Path, tables: dict | None = None):
-    """Return aspy's app in test mode on a SQLite store in tmp_path, its providers on FAKE_UPSTREAM.
-
-    The config has providers ``fake`` (the legacy one) and ``fakebase`` (under a base path) and
-    clients ``dev-1`` and ``dev-2`` on them; ``tables`` adds to it, table by table.
-    """
-    from aspy import create_app
-    from aspy.config import parse_config
-
-    data: dict = {
-        "store": {"url": f"sqlite:///{tmp_path / 'aspy.db'}"},
-        "legacy": {"provider": "fake"},
-        "providers": {"fake": {"base_url": FAKE_UPSTREAM}, "fakebase": {"base_url": FAKE_UPSTREAM + "/base/path"}},
-        "clients": {"dev-1": {"name": "Dev Laptop", "provider": "fake"},
-                    "dev-2": {"name": "CI runner", "provider": "fakebase"}},
-    }
-    for name, table in (tables or {}).items():
-        data[name] = {**data.get(name, {}), **table}
-    return create_app(parse_config(data, None), {"TESTING": True})

@@ -15,8 +15,7 @@ import pytest
 import requests
 
 from aspy.store import Horizon, Scope
-from conftest import API_KEY, standard_config
-from test_sessions_api import eventually
+from helpers import API_KEY, AspyProcess, eventually, send_message, standard_config, stats_when
 
 M = 1e6
 # https://platform.claude.com/docs/en/about-claude/pricing: "5-minute cache write tokens are 1.25 times
@@ -55,8 +54,6 @@ CLIENT = '\n[clients.bill]\nname = "Billing"\nprovider = "fake"\n'
 
 @pytest.fixture(scope="module")
 def billing(upstream, tmp_path_factory):
-    from conftest import AspyProcess
-
     server = AspyProcess(tmp_path_factory.mktemp("billing"), standard_config(upstream.url, CLIENT)).start()
     yield server
     server.stop()
@@ -65,21 +62,15 @@ def billing(upstream, tmp_path_factory):
 def send(server, model: str, usage: dict, stream: bool = True, body: dict | None = None, **headers) -> str:
     """Send one turn answered with this usage; return its session key."""
     session = str(uuid.uuid4())
-    payload = {"model": model, "max_tokens": 64, "stream": stream,
-               "messages": [{"role": "user", "content": "bill me"}]} | (body or {})
-    r = requests.post(f"{server.url}/bill/v1/messages", json=payload, headers={
-        "x-api-key": API_KEY, "x-claude-code-session-id": session, "x-fake-usage": json.dumps(usage), **headers})
+    r = send_message(server, "bill", "bill me", model, stream, body=body, max_tokens=64, headers={
+        "x-claude-code-session-id": session, "x-fake-usage": json.dumps(usage), **headers})
     assert r.status_code == 200
-    r.content
     return session
 
 
 def stats(server, session: str, requests_total: int = 1) -> dict:
     """Return /api/stats of one session once its exchanges are recorded."""
-    def recorded():
-        r = requests.get(f"{server.url}/api/stats", params={"session": session})
-        return r.status_code == 200 and r.json()["requests"]["total"] == requests_total and r.json()
-    return eventually(recorded)
+    return stats_when(server, requests_total, session=session)
 
 
 @pytest.mark.parametrize("model,rates,read", [("claude-fable-5-2", FABLE_5_2, 0.025),
@@ -277,7 +268,7 @@ def test_aspy_top_says_which_models_have_no_price():
 
 def test_a_share_priced_in_part_is_repriced_exactly_once(tmp_path):
     from aspy.models import load_models
-    from test_sessions import book, exchange
+    from helpers import book, exchange
 
     (tmp_path / "models.yaml").write_text(
         "models:\n  claude-in-house-8: {input: 2, output: 4, cache_write_5m: 2.5, cache_write_1h: 4, "

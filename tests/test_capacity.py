@@ -15,9 +15,7 @@ import time
 
 import requests
 
-from conftest import standard_config
-from test_proxy import MESSAGE, assert_anthropic_error
-from test_sessions_api import stats_when
+from helpers import MESSAGE, assert_anthropic_error, standard_config, stats_when
 
 SLOTS = 20
 

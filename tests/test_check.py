@@ -11,7 +11,10 @@ import pytest
 
 from aspy.store import open_store
 from aspy.store.schema import SCHEMA_VERSION
-from conftest import POSTGRES_URL, free_port, postgres_database
+from helpers import POSTGRES_URL, free_port, postgres_database
+
+# Each test runs `aspy check` in a process of its own.
+pytestmark = pytest.mark.e2e
 
 
 def check(tmp_path, store_url: str | None = None) -> subprocess.CompletedProcess:

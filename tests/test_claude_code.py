@@ -14,10 +14,7 @@ import requests
 from aspy.prompts import is_messages_call, read_request
 from aspy.records import Exchange, Observation, Request, Response
 from aspy.store import Horizon, Scope
-from conftest import API_KEY, standard_config
-from test_clients import claude_cli
-from test_sessions import book
-from test_sessions_api import eventually
+from helpers import API_KEY, book, claude_cli, eventually, standard_config
 
 CAPTURES = Path(__file__).resolve().parent / "fixtures" / "claude_code"
 CLIENT = '\n[clients.cc]\nname = "Claude Code"\nprovider = "fake"\n'

@@ -3,28 +3,23 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
+from typing import TYPE_CHECKING
 
-import anthropic
 import pytest
 
-from conftest import API_KEY
+from helpers import API_KEY, claude_cli
+
+if TYPE_CHECKING:
+    import anthropic
 
 
 def sdk(aspy, client: str = "dev-1") -> anthropic.Anthropic:
     """Return an SDK client pointed at aspy, with no retries to hide what happened."""
+    # Imported in the tests that use it: the SDK takes two seconds to import.
+    import anthropic
+
     return anthropic.Anthropic(base_url=f"{aspy.url}/{client}", api_key=API_KEY, max_retries=0)
-
-
-def claude_cli() -> str:
-    """Return the Claude Code CLI, failing in CI (which installs it) and skipping elsewhere."""
-    path = shutil.which("claude")
-    if path is None:
-        if os.environ.get("CI"):
-            pytest.fail("the Claude Code CLI is not installed; .ci/run installs @anthropic-ai/claude-code")
-        pytest.skip("Claude Code CLI not installed (npm install -g @anthropic-ai/claude-code)")
-    return path
 
 
 def test_sdk_message_through_aspy(aspy, upstream):
@@ -58,6 +53,8 @@ def test_sdk_stream_of_a_real_capture_with_tools(aspy):
 
 
 def test_sdk_reads_upstream_errors_as_sent(aspy):
+    import anthropic
+
     with pytest.raises(anthropic.APIStatusError) as caught:
         sdk(aspy).messages.create(model="claude-x", max_tokens=1, messages=[{"role": "user", "content": "x"}],
                                   extra_headers={"x-fake-status": "529"})
@@ -66,6 +63,8 @@ def test_sdk_reads_upstream_errors_as_sent(aspy):
 
 
 def test_sdk_reads_aspy_errors(aspy):
+    import anthropic
+
     with pytest.raises(anthropic.NotFoundError) as caught:
         sdk(aspy, "nobody").messages.create(model="claude-x", max_tokens=1,
                                             messages=[{"role": "user", "content": "x"}])
@@ -73,6 +72,8 @@ def test_sdk_reads_aspy_errors(aspy):
 
 
 def test_sdk_sees_a_broken_stream_as_an_api_error(aspy):
+    import anthropic
+
     with pytest.raises(anthropic.APIStatusError) as caught, sdk(aspy).messages.stream(
             model="claude-x", max_tokens=1, messages=[{"role": "user", "content": "x"}],
             extra_headers={"x-fake-break": "3"}) as stream:

@@ -16,6 +16,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from aspy.config import ConfigError, config_path, load_config, parse_config, parse_duration
+from helpers import MESSAGE
 
 TOKEN = "pt_" + "a" * 32
 
@@ -153,6 +154,7 @@ def test_durations(text, seconds):
     assert parse_duration(text) == seconds
 
 
+@pytest.mark.e2e
 def test_aspy_check_exits_non_zero_with_the_message(tmp_path):
     path = write(tmp_path, "[clients.x]\nprovider = \"nope\"\n")
     done = subprocess.run([sys.executable, "-m", "aspy", "check", "--config", str(path)],
@@ -161,6 +163,7 @@ def test_aspy_check_exits_non_zero_with_the_message(tmp_path):
     assert "[clients.x] provider: unknown provider 'nope'" in done.stderr
 
 
+@pytest.mark.e2e
 def test_aspy_check_warns_when_a_provider_key_variable_is_unset(tmp_path):
     path = write(tmp_path,
                  '[providers.central]\nbase_url = "https://example.invalid"\napi_key_env = "ASPY_NOT_SET_X"\n')
@@ -170,6 +173,7 @@ def test_aspy_check_warns_when_a_provider_key_variable_is_unset(tmp_path):
     assert done.returncode == 0 and "$ASPY_NOT_SET_X is not set" in done.stderr
 
 
+@pytest.mark.e2e
 def test_aspy_check_accepts_a_good_file(tmp_path):
     path = write(tmp_path, "[clients.x]\nname = \"X\"\nprovider = \"anthropic\"\n")
     done = subprocess.run([sys.executable, "-m", "aspy", "check", "--config", str(path)],
@@ -177,10 +181,11 @@ def test_aspy_check_accepts_a_good_file(tmp_path):
     assert done.returncode == 0 and done.stdout.strip().endswith("ok")
 
 
+@pytest.mark.e2e
 def test_aspy_serve_with_no_config_at_all_runs_in_legacy_mode(tmp_path):
     import requests
 
-    from conftest import free_port, wait_for_health
+    from helpers import free_port, wait_for_health
 
     port = free_port()
     env = {**os.environ, "XDG_CONFIG_HOME": str(tmp_path / "config"), "XDG_STATE_HOME": str(tmp_path / "state")}
@@ -196,6 +201,7 @@ def test_aspy_serve_with_no_config_at_all_runs_in_legacy_mode(tmp_path):
         proc.wait(15)
 
 
+@pytest.mark.e2e
 def test_aspy_serve_refuses_a_bad_models_yaml_before_serving(tmp_path):
     path = write(tmp_path, "")
     (tmp_path / "models.yaml").write_text("models:\n  claude-x: {input: 1}\n")
@@ -205,7 +211,7 @@ def test_aspy_serve_refuses_a_bad_models_yaml_before_serving(tmp_path):
 
 
 def test_the_shipped_example_config_is_valid():
-    from conftest import ROOT
+    from helpers import ROOT
 
     config = load_config(ROOT / "conf" / "config.example.toml")
     assert set(config.clients) == {"dev-1", "ci"} and config.clients["ci"].provider == "foundry"
@@ -247,7 +253,7 @@ def readme_rows() -> list[str]:
 
 
 def test_the_readme_table_of_keys_is_the_declarations():
-    from conftest import ROOT
+    from helpers import ROOT
 
     table = (ROOT / "README.md").read_text().split("| table | key | default | meaning |\n|---|---|---|---|\n")[1]
     assert table.split("\n\n")[0].splitlines() == readme_rows()
@@ -255,7 +261,7 @@ def test_the_readme_table_of_keys_is_the_declarations():
 
 def test_the_example_config_shows_every_declared_key():
     from aspy.config import keys
-    from conftest import ROOT
+    from helpers import ROOT
 
     shown, heading = set(), None
     for line in (ROOT / "conf" / "config.example.toml").read_text().splitlines():
@@ -414,6 +420,7 @@ def test_a_postgresql_store_without_psycopg_is_a_mistake_not_a_crash(tmp_path, m
     assert "[store] url: a PostgreSQL store needs psycopg and psycopg_pool: pip install 'aspy[postgres]'" in problem
 
 
+@pytest.mark.e2e
 def test_the_checker_never_imports_psycopg_into_this_process(tmp_path):
     # In gunicorn's master an import would come before the gevent workers patch the standard library.
     path = write(tmp_path, '[store]\nurl = "postgresql://u@h/db"\n')
@@ -502,10 +509,11 @@ def write_files(folder, files: dict) -> None:
         (folder / name).write_bytes(content if isinstance(content, bytes) else content.encode())
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("command", ["check", "serve"])
 @pytest.mark.parametrize("files,expected", BAD_FILES)
 def test_aspy_check_and_serve_report_a_bad_config_without_a_traceback(tmp_path, command, files, expected):
-    from conftest import free_port
+    from helpers import free_port
 
     write_files(tmp_path, files)
     extra = ["--listen", f"127.0.0.1:{free_port()}"] if command == "serve" else []
@@ -516,6 +524,7 @@ def test_aspy_check_and_serve_report_a_bad_config_without_a_traceback(tmp_path, 
     assert "Traceback" not in done.stdout + done.stderr
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("flags,expected", [
     (["--listen", "::1:8080"], "--listen: expected an IPv6 address in brackets"),
     (["--listen", "127.0.0.1:0"], "--listen: expected a port from 1 to 65535"),
@@ -537,8 +546,9 @@ def test_worker_connections_is_a_server_key_that_reaches_gunicorn(tmp_path):
     assert AspyServer(config, load_models()).cfg.worker_connections == 250
 
 
+@pytest.mark.e2e
 def test_the_shipped_gunicorn_conf_takes_worker_connections(tmp_path):
-    from conftest import ROOT
+    from helpers import ROOT
 
     config = write(tmp_path, "[server]\nworker_connections = 321\n")
     probe = f"import runpy; print(runpy.run_path({str(ROOT / 'conf' / 'gunicorn.conf.py')!r})['worker_connections'])"
@@ -548,7 +558,6 @@ def test_the_shipped_gunicorn_conf_takes_worker_connections(tmp_path):
 
 
 # A reload (HUP) with any bad config keeps gunicorn's master alive on the configuration it runs.
-MESSAGE = {"model": "claude-sonnet-4-5-20250929", "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}]}
 NOT_RELOADED = "config.toml and models.yaml were not reloaded, the running configuration stays"
 
 
@@ -646,7 +655,7 @@ def test_a_reload_with_a_bad_config_keeps_the_master_and_the_running_config(upst
                                                                              spoil, expected):
     import requests
 
-    from conftest import standard_config
+    from helpers import standard_config
 
     text = standard_config(upstream.url)
     server = start_aspy(text)
@@ -688,7 +697,7 @@ def stop(proc: subprocess.Popen) -> None:
 def test_a_reload_onto_an_address_in_use_keeps_serving_where_it_was(upstream, tmp_path):
     import socket
 
-    from conftest import free_port, standard_config, wait_for_health
+    from helpers import free_port, standard_config, wait_for_health
 
     port, taken = free_port(), socket.socket()
     taken.bind(("127.0.0.1", 0))
@@ -708,7 +717,7 @@ def test_a_reload_onto_an_address_in_use_keeps_serving_where_it_was(upstream, tm
 
 
 def test_the_shipped_gunicorn_conf_keeps_the_running_config_on_a_bad_reload(upstream, tmp_path):
-    from conftest import free_port, standard_config, wait_for_health
+    from helpers import free_port, standard_config, wait_for_health
 
     port = free_port()
     text = standard_config(upstream.url).replace("[server]\n", f'[server]\nlisten = "127.0.0.1:{port}"\n')
@@ -726,6 +735,7 @@ def test_the_shipped_gunicorn_conf_keeps_the_running_config_on_a_bad_reload(upst
         stop(proc)
 
 
+@pytest.mark.e2e
 def test_the_shipped_gunicorn_conf_refuses_to_start_on_a_bad_config_with_the_message(tmp_path):
     config = write(tmp_path, '[providers.p]\nbase_url = "http://[::1"\n')
     done = subprocess.run([sys.executable, "-m", "gunicorn", "-c", "conf/gunicorn.conf.py"], capture_output=True,

@@ -23,8 +23,7 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 import requests
 
-from conftest import API_KEY, AspyProcess
-from test_sessions_api import eventually
+from helpers import API_KEY, AspyProcess, api_get, eventually
 
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -77,7 +76,7 @@ def send(server: AspyProcess, segment: str, model: str, session: str, prompt: st
 
 def api(server: AspyProcess, path: str, token: str = API_TOKEN, **params) -> requests.Response:
     """GET an API path with a bearer token."""
-    return requests.get(f"{server.url}/api/{path}", params=params, headers={"Authorization": f"Bearer {token}"})
+    return api_get(server, path, token, **params)
 
 
 @pytest.fixture(scope="module")

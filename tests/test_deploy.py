@@ -13,12 +13,10 @@ import pytest
 import requests
 
 from aspy.serving import LONGEST_STREAM
-from conftest import ROOT, AspyProcess, free_port, standard_config, wait_for_health
-from test_sessions_api import eventually
+from helpers import MESSAGE, ROOT, AspyProcess, eventually, free_port, standard_config, wait_for_health
 
 UNIT = ROOT / "systemd" / "aspy.service"
 SITE = ROOT / "conf" / "nginx" / "aspy.conf"
-MESSAGE = {"model": "claude-sonnet-4-5-20250929", "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}]}
 TOKEN = "pt_DeployTestToken0123456789abcdefXY"
 
 
@@ -48,6 +46,7 @@ def test_systemd_unit_is_hardened_and_outlives_graceful_shutdown():
     assert int(one["TimeoutStopSec"]) > graceful
 
 
+@pytest.mark.e2e
 def test_systemd_unit_passes_systemd_analyze_verify(tmp_path):
     if shutil.which("systemd-analyze") is None:
         pytest.skip("systemd-analyze is not installed here")
@@ -60,6 +59,7 @@ def test_systemd_unit_passes_systemd_analyze_verify(tmp_path):
     assert done.returncode == 0 and not problems, done.stdout + done.stderr
 
 
+@pytest.mark.e2e
 def test_gunicorn_conf_takes_server_settings_without_loading_the_app(tmp_path):
     config = tmp_path / "config.toml"
     config.write_text('[server]\nlisten = "127.0.0.1:9123"\nworkers = 3\n')

@@ -15,7 +15,7 @@ from gunicorn.http.errors import NoMoreData
 import aspy.proxy
 from aspy.errors import ERROR_TYPES, error_type, without_secrets
 from aspy.store import StoreError
-from conftest import FAKE_UPSTREAM, in_process_app
+from helpers import FAKE_UPSTREAM, in_process_app
 
 API_TOKEN = "api-token-for-error-tests-0123"
 TOKEN = "pt_" + "T0kenForTheTokClient_abcdefghij"

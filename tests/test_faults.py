@@ -27,12 +27,21 @@ import requests
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import API_KEY, ROOT, AspyProcess, free_port, standard_config, wait_for_health
-from test_sessions_api import api, eventually, stats_when
+from helpers import (
+    API_KEY,
+    MESSAGE,
+    MODEL,
+    ROOT,
+    AspyProcess,
+    api_json,
+    eventually,
+    free_port,
+    standard_config,
+    stats_when,
+    wait_for_health,
+    workers_of,
+)
 from upstream import huge_body
-
-MODEL = "claude-sonnet-4-5-20250929"
-MESSAGE = {"model": MODEL, "max_tokens": 8, "messages": [{"role": "user", "content": "hello"}]}
 
 # The bounds, each with a wide margin over what bounded, linear observation costs (a worker grows by
 # about 5 MB, /health answers within 0.2 s, 10 MB pass in 0.2 s), and far under what the unbounded
@@ -46,22 +55,6 @@ FIFTY_MB_LINE_WITHIN = 30.0  # seconds, for 50 MB with no newline in 16 KiB chun
 
 
 # Reading the workers from /proc
-
-def worker_pids(server: AspyProcess) -> list[int]:
-    """Return the pids of the gunicorn workers of a server (children of its master)."""
-    master = server.proc.pid
-    children = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            # The command name is in parentheses and may hold spaces: the fields follow the last ")".
-            if int(stat.rsplit(")", 1)[1].split()[1]) == master:
-                children.append(int(entry.name))
-    return sorted(children)
-
 
 def reset_peak(pid: int) -> None:
     """Reset a process's peak RSS (VmHWM) to its RSS now, so that the next peak is the one that follows."""
@@ -85,7 +78,7 @@ def owner_of(server: AspyProcess, client: socket.socket) -> int | None:
         local, remote = fields[1], fields[2]
         if int(local.split(":")[1], 16) == server.port and int(remote.split(":")[1], 16) == port:
             inodes.add(fields[9])
-    for pid in worker_pids(server):
+    for pid in workers_of(server):
         for fd in Path(f"/proc/{pid}/fd").iterdir():
             try:
                 if os.readlink(fd) in {f"socket:[{inode}]" for inode in inodes}:
@@ -105,7 +98,7 @@ def exchange(connection: http.client.HTTPConnection, method: str, path: str, bod
 
 def connections_to_each_worker(server: AspyProcess) -> dict[int, http.client.HTTPConnection]:
     """Open a keep-alive connection to each worker of a server (which one accepts a connection is chance)."""
-    workers = set(worker_pids(server))
+    workers = set(workers_of(server))
     connections: dict[int, http.client.HTTPConnection] = {}
     deadline = time.time() + 20
     while set(connections) != workers:
@@ -184,7 +177,7 @@ def relay_huge(server: AspyProcess, kind: str, size: int, chunk: int | None) -> 
     headers = {"x-api-key": API_KEY, "x-fake-huge": kind, "x-fake-size": str(size)}
     if chunk:
         headers["x-fake-chunk"] = str(chunk)
-    workers = worker_pids(server)
+    workers = workers_of(server)
     connections = connections_to_each_worker(server)
     for connection in connections.values():
         # Each worker has relayed a stream before its memory is read: what a first exchange loads is not counted.
@@ -211,7 +204,7 @@ def relay_huge(server: AspyProcess, kind: str, size: int, chunk: int | None) -> 
                     digest.update(piece)
         ended = time.monotonic()
     assert not probes.failures, probes.failures
-    assert worker_pids(server) == workers, "a worker died and was replaced"
+    assert workers_of(server) == workers, "a worker died and was replaced"
     return {"received": received, "sha256": None if kind == "gzip-bomb" else digest.hexdigest(), "nonzero": nonzero,
             "seconds": ended - started,
             "slowest_health": probes.slowest(busy),
@@ -440,8 +433,8 @@ def assert_every_exchange_counted(server: AspyProcess, names: list[str], per_cas
     except AssertionError:
         pass  # say which cases are missing, below
     after = "(normal exchanges sent after them, one per worker)"
-    counted = {name: api(server, "stats", client=f"h-{i}")["requests"]["total"] for i, name in enumerate(names)}
-    counted[after] = api(server, "stats", client="after")["requests"]["total"]
+    counted = {name: api_json(server, "stats", client=f"h-{i}")["requests"]["total"] for i, name in enumerate(names)}
+    counted[after] = api_json(server, "stats", client="after")["requests"]["total"]
     want = dict.fromkeys(names, per_case) | {after: len(connections)}
     assert counted == want, {name: n for name, n in counted.items() if n != want[name]}
 
@@ -460,7 +453,8 @@ def test_hostile_requests_are_each_counted_and_never_hold_back_the_exchanges_aft
             assert (status, got) == (200, NORMAL_ANSWER.encode()), name
     assert_every_exchange_counted(server, names, len(connections), connections)
     # What could be read was: every answer's tokens, whatever its request held.
-    hostile = api(server, "stats")["tokens"]["input"] - api(server, "stats", client="after")["tokens"]["input"]
+    hostile = (api_json(server, "stats")["tokens"]["input"]
+               - api_json(server, "stats", client="after")["tokens"]["input"])
     assert hostile == 1000 * len(connections) * len(names)
 
 
@@ -558,7 +552,7 @@ def steady(upstream, tmp_path_factory):
     clients = "".join(f'\n[clients.{c}]\nname = "{c}"\nprovider = "fake"\n' for c in ("any-request", "any-stream",
                                                                                     "any-answer"))
     server = AspyProcess(tmp_path_factory.mktemp("steady"), standard_config(upstream.url, clients)).start()
-    server.workers_at_start = worker_pids(server)
+    server.workers_at_start = workers_of(server)
     server.sent = {}
     yield server
     server.stop()
@@ -578,7 +572,7 @@ def relayed_and_counted(server: AspyProcess, upstream, client: str, body: bytes,
     stats_when(server, server.sent[client], client=client)
     health = requests.get(f"{server.url}/health", timeout=10)
     assert health.status_code == 200 and health.json()["status"] == "ok"
-    assert worker_pids(server) == server.workers_at_start, "a worker died and was replaced"
+    assert workers_of(server) == server.workers_at_start, "a worker died and was replaced"
 
 
 @PROPERTY

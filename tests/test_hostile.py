@@ -22,11 +22,9 @@ import requests
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import ROOT, free_port, postgres_database, standard_config, wait_for_health
-from test_sessions_api import eventually
+from helpers import MESSAGE, ROOT, eventually, free_port, standard_config, wait_for_health
 
-MESSAGE = json.dumps({"model": "claude-sonnet-4-5-20250929", "max_tokens": 8,
-                      "messages": [{"role": "user", "content": "hello"}]}).encode()
+BODY = json.dumps(MESSAGE).encode()
 TOKEN = "pt_HostileTestToken0123456789abcdefXY"
 
 
@@ -94,7 +92,7 @@ def test_a_chunked_body_cut_off_is_never_forwarded(aspy, upstream):
     session = f"hostile-{uuid.uuid4()}"
     before = len(upstream.requests)
     sock = send_raw(aspy.port, head("POST", "/dev-1/v1/messages", session, "Transfer-Encoding: chunked"),
-                    b"%x\r\n%s\r\n" % (len(MESSAGE), MESSAGE) + b"4000\r\n" + b"a" * 1000)
+                    b"%x\r\n%s\r\n" % (len(BODY), BODY) + b"4000\r\n" + b"a" * 1000)
     assert_anthropic_shape(*answer(sock), 400, "invalid_request_error")
     assert recorded_as_failed(aspy, session) == {"total": 1, "failed": 1}
     assert len(upstream.requests) == before
@@ -117,7 +115,7 @@ def test_a_chunked_body_cut_off_on_the_way_to_the_api_gets_400(aspy):
 def test_a_request_transfer_coding_other_than_chunked_is_refused(aspy, upstream):
     session = f"hostile-{uuid.uuid4()}"
     before = len(upstream.requests)
-    packed = gzip.compress(MESSAGE)
+    packed = gzip.compress(BODY)
     sock = send_raw(aspy.port, head("POST", "/dev-1/v1/messages", session, "Transfer-Encoding: gzip, chunked"),
                     b"%x\r\n%s\r\n0\r\n\r\n" % (len(packed), packed))
     message = assert_anthropic_shape(*answer(sock), 400, "invalid_request_error")
@@ -274,23 +272,24 @@ def bodies(path: str) -> st.SearchStrategy[bytes]:
 
 
 @pytest.fixture(scope="module")
-def api_client(store_kind, tmp_path_factory):
+def api_client(store_kind, tmp_path_factory, postgres_databases, model_table):
     """Flask's test client on an app with an API token and a proxy-token client, on SQLite or PostgreSQL."""
     from aspy import create_app
     from aspy.config import parse_config
 
-    database = f"aspy_test_{uuid.uuid4().hex[:12]}"
     url = (f"sqlite:///{tmp_path_factory.mktemp('hostile-api') / 'aspy.db'}" if store_kind == "sqlite"
-           else postgres_database(database, create=True))
+           else postgres_databases.take())
     config = parse_config({
         "server": {"api_token": API_TOKEN}, "store": {"url": url},
         "providers": {"fake": {"base_url": "http://127.0.0.1:9"}},
         "clients": {"dev-1": {"name": "Dev", "provider": "fake"},
                     "tok": {"name": "Token client", "provider": "fake", "proxy_token": TOKEN}},
     }, None)
-    yield create_app(config, {"TESTING": True}).test_client()
+    app = create_app(config, {"TESTING": True}, models=model_table)
+    yield app.test_client()
     if store_kind == "postgresql":
-        postgres_database(database, create=False)
+        app.extensions["aspy.store"].close()
+        postgres_databases.give_back(url)
 
 
 @settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])

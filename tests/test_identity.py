@@ -2,7 +2,6 @@
 tokens, central provider keys, the API token, and secrets kept out of the store and logs."""
 from __future__ import annotations
 
-import hashlib
 import logging
 import re
 import subprocess
@@ -16,7 +15,7 @@ import requests
 from aspy.config import ServerSettings
 from aspy.routing import user_hash
 from aspy.serving import warn_if_exposed
-from test_sessions_api import eventually
+from helpers import MESSAGE, AspyProcess, api_get, eventually, key_hash
 
 KEY_A = "sk-ant-api03-AAAA-first-key-0001"
 KEY_B = "sk-ant-api03-BBBB-owned-key-0002"
@@ -25,14 +24,6 @@ CENTRAL = "sk-ant-central-provider-key-0004"
 TOKEN = "pt_" + "T0kenForTheTokClient_abcdefghij"
 OTHER_TOKEN = "pt_" + "0therClientsToken_abcdefghijklm"
 API_TOKEN = "admin-api-token-0123456789abcdef"
-MESSAGE = {"model": "claude-sonnet-4-5-20250929", "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}]}
-
-
-def h(key: str) -> str:
-    """Return the legacy user hash of a key, computed the documented way."""
-    return hashlib.sha256(key.encode()).hexdigest()[:16]
-
-
 def identity_config(upstream_url: str) -> str:
     return f"""
 # Team proxy
@@ -66,14 +57,12 @@ proxy_token = "{OTHER_TOKEN}"
 [clients.owner]
 name = "Owner of key B"
 provider = "fake"
-legacy_user_hashes = ["{h(KEY_B)}"]
+legacy_user_hashes = ["{key_hash(KEY_B)}"]
 """
 
 
 @pytest.fixture(scope="module")
 def team(upstream, tmp_path_factory, fresh_store):
-    from conftest import AspyProcess
-
     server = AspyProcess(tmp_path_factory.mktemp("team"), identity_config(upstream.url) + fresh_store(),
                          env={"ASPY_TEST_CENTRAL_KEY": CENTRAL, "ASPY_LOG_LEVEL": "DEBUG"}).start()
     yield server
@@ -81,8 +70,7 @@ def team(upstream, tmp_path_factory, fresh_store):
 
 
 def api(server, path: str, token: str | None = API_TOKEN, **params) -> requests.Response:
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
-    return requests.get(f"{server.url}/api/{path}", params=params, headers=headers)
+    return api_get(server, path, token, **params)
 
 
 def stats(server, token: str = API_TOKEN, **params) -> dict:
@@ -98,7 +86,8 @@ def post(server, path: str, headers: dict | None = None) -> requests.Response:
 
 
 @pytest.mark.parametrize("api_key,authorization,expected", [
-    (KEY_A, None, h(KEY_A)), (None, f"Bearer {BEARER}", h(BEARER)), (KEY_A, f"Bearer {BEARER}", h(KEY_A)),
+    (KEY_A, None, key_hash(KEY_A)), (None, f"Bearer {BEARER}", key_hash(BEARER)),
+    (KEY_A, f"Bearer {BEARER}", key_hash(KEY_A)),
     (None, None, "anonymous"), (None, "Basic abc", "anonymous"),
 ])
 def test_user_hash_is_sha256_of_the_key_16_hex(api_key, authorization, expected):
@@ -110,33 +99,33 @@ def test_legacy_request_is_known_by_its_key_hash(team, upstream):
     assert post(team, "/v1/messages", {"x-api-key": KEY_A, "x-claude-code-session-id": sid}).status_code == 200
     assert upstream.last().target == "/v1/messages"
     session = eventually(lambda: api(team, "sessions", session=sid).json().get("sessions"))[0]
-    assert session["client"] is None and session["user"] == h(KEY_A)
+    assert session["client"] is None and session["user"] == key_hash(KEY_A)
 
 
 def test_user_query_answers_for_a_legacy_user_and_a_named_client_with_the_same_key(team):
-    before = stats(team, user=h(KEY_A))["requests"]["total"]
+    before = stats(team, user=key_hash(KEY_A))["requests"]["total"]
     post(team, "/v1/messages", {"x-api-key": KEY_A})
     post(team, "/dev-1/v1/messages", {"x-api-key": KEY_A})
-    answer = eventually(lambda: (s := stats(team, user=h(KEY_A)))["requests"]["total"] == before + 2 and s)
+    answer = eventually(lambda: (s := stats(team, user=key_hash(KEY_A)))["requests"]["total"] == before + 2 and s)
     assert answer["requests"]["failed"] == 0
-    users = {(s["client"], s["user"]) for s in api(team, "sessions", user=h(KEY_A)).json()["sessions"]}
-    assert {(None, h(KEY_A)), ("dev-1", h(KEY_A))} <= users
+    users = {(s["client"], s["user"]) for s in api(team, "sessions", user=key_hash(KEY_A)).json()["sessions"]}
+    assert {(None, key_hash(KEY_A)), ("dev-1", key_hash(KEY_A))} <= users
     for endpoint in ("events", "sessions", "context"):
-        assert api(team, endpoint, user=h(KEY_A)).status_code == 200
+        assert api(team, endpoint, user=key_hash(KEY_A)).status_code == 200
 
 
 def test_bearer_token_is_hashed_when_there_is_no_api_key(team):
     post(team, "/v1/messages", {"Authorization": f"Bearer {BEARER}"})
-    found = eventually(lambda: api(team, "sessions", user=h(BEARER)).json()["sessions"])
-    assert found[0]["user"] == h(BEARER)
+    found = eventually(lambda: api(team, "sessions", user=key_hash(BEARER)).json()["sessions"])
+    assert found[0]["user"] == key_hash(BEARER)
 
 
 def test_a_client_takes_over_its_legacy_hash_for_new_traffic_and_queries(team):
     post(team, "/v1/messages", {"x-api-key": KEY_B})
     by_client = eventually(lambda: (s := stats(team, client="owner"))["requests"]["total"] >= 1 and s)
-    assert stats(team, user=h(KEY_B)) == by_client
+    assert stats(team, user=key_hash(KEY_B)) == by_client
     session = api(team, "sessions", client="owner").json()["sessions"][0]
-    assert session["client"] == "owner" and session["user"] == h(KEY_B) and session["provider"] == "fake"
+    assert session["client"] == "owner" and session["user"] == key_hash(KEY_B) and session["provider"] == "fake"
 
 
 def test_proxy_token_routes_to_its_client(team, upstream):
@@ -230,6 +219,7 @@ def test_listening_beyond_loopback_without_api_token_is_announced(caplog):
     assert "anyone who can reach this address can read every recorded conversation" in caplog.text
 
 
+@pytest.mark.e2e
 def test_token_new_makes_a_pt_token_and_can_store_it_keeping_comments(tmp_path):
     config = tmp_path / "config.toml"
     config.write_text('# my proxy\n[clients.dev-1]\nname = "Dev"  # the laptop\nprovider = "anthropic"\n')

@@ -4,7 +4,6 @@ from __future__ import annotations
 import os
 import signal
 import sqlite3
-import subprocess
 import threading
 import time
 import uuid
@@ -15,11 +14,9 @@ import requests
 
 from aspy.journal import Journal
 from aspy.records import Exchange, Request, Response
-from conftest import API_KEY, standard_config
-from test_sessions_api import eventually
+from helpers import API_KEY, MESSAGE, eventually, standard_config, workers_of
 
-MESSAGE = {"model": "claude-sonnet-4-5-20250929", "max_tokens": 8, "stream": True,
-           "messages": [{"role": "user", "content": "hello"}]}
+STREAMED = MESSAGE | {"stream": True}
 
 
 def exchange(status: int | None = None, complete: bool = False) -> Exchange:
@@ -99,12 +96,6 @@ def test_segments_are_deleted_once_stored(tmp_path, monkeypatch):
     assert len(list(tmp_path.glob("*.log"))) == 1
 
 
-def workers_of(server) -> list[int]:
-    """Return the pids of a gunicorn master's workers."""
-    out = subprocess.run(["pgrep", "-P", str(server.proc.pid)], capture_output=True, text=True).stdout
-    return [int(pid) for pid in out.split()]
-
-
 def test_sigkill_of_a_worker_under_load_loses_no_exchange(start_aspy, upstream):
     server = start_aspy(standard_config(upstream.url))
     session = str(uuid.uuid4())
@@ -113,7 +104,7 @@ def test_sigkill_of_a_worker_under_load_loses_no_exchange(start_aspy, upstream):
 
     def turn(_):
         try:
-            r = requests.post(f"{server.url}/dev-1/v1/messages", json=MESSAGE, timeout=30, headers={
+            r = requests.post(f"{server.url}/dev-1/v1/messages", json=STREAMED, timeout=30, headers={
                 "x-api-key": API_KEY, "x-claude-code-session-id": session, "x-fake-events": "10",
                 "x-fake-delay": "20"})
             r.content
@@ -138,14 +129,14 @@ def test_sigkill_of_a_worker_under_load_loses_no_exchange(start_aspy, upstream):
 def test_a_restart_during_a_store_outage_loses_nothing(start_aspy, upstream, tmp_path):
     server = start_aspy(standard_config(upstream.url))
     session = str(uuid.uuid4())
-    requests.post(f"{server.url}/dev-1/v1/messages", json=MESSAGE, headers={"x-claude-code-session-id": session})
+    requests.post(f"{server.url}/dev-1/v1/messages", json=STREAMED, headers={"x-claude-code-session-id": session})
     eventually(lambda: requests.get(f"{server.url}/api/stats", params={"session": session}).ok)
     database = tmp_path / "state" / "aspy" / "aspy.db"
     # Another process holds the database: every write fails while the proxy keeps forwarding.
     holder = sqlite3.connect(database, isolation_level=None)
     holder.execute("BEGIN EXCLUSIVE")
     for _ in range(20):
-        r = requests.post(f"{server.url}/dev-1/v1/messages", json=MESSAGE,
+        r = requests.post(f"{server.url}/dev-1/v1/messages", json=STREAMED,
                           headers={"x-claude-code-session-id": session})
         assert r.status_code == 200
         r.content
@@ -163,13 +154,13 @@ def test_a_restart_during_a_store_outage_loses_nothing(start_aspy, upstream, tmp
 
 def test_health_speaks_for_the_whole_host_while_writes_fail_and_clears_after(start_aspy, upstream, tmp_path):
     server = start_aspy(standard_config(upstream.url))
-    requests.post(f"{server.url}/dev-1/v1/messages", json=MESSAGE).content
+    requests.post(f"{server.url}/dev-1/v1/messages", json=STREAMED).content
     eventually(lambda: requests.get(f"{server.url}/api/stats").json()["requests"]["total"] == 1)
     holder = sqlite3.connect(tmp_path / "state" / "aspy" / "aspy.db", isolation_level=None)
     holder.execute("BEGIN EXCLUSIVE")
     try:
         for _ in range(6):
-            requests.post(f"{server.url}/dev-1/v1/messages", json=MESSAGE).content
+            requests.post(f"{server.url}/dev-1/v1/messages", json=STREAMED).content
         # Whichever worker answers (one of them may never have tried to write), the host is degraded.
         eventually(lambda: requests.get(f"{server.url}/health").json()["host"]["failing_workers"] >= 1, timeout=20)
         answers = [requests.get(f"{server.url}/health").json() for _ in range(12)]

@@ -9,44 +9,38 @@ import uuid
 
 import anyio
 import pytest
-import requests
-from mcp import ClientSession, StdioServerParameters, stdio_client
 
-from conftest import API_KEY, standard_config
-from test_clients import claude_cli
-from test_sessions_api import eventually
+from helpers import API_KEY, AspyProcess, claude_cli, eventually, free_port, send_message, standard_config, stats_when
 
 CLIENTS = ('\n[clients.mcp-a]\nname = "MCP A"\nprovider = "fake"\n[clients.mcp-b]\nname = "MCP B"\nprovider = "fake"\n'
            # Claude Code's own test has a client of its own, so its sessions never change the others' answers.
            '[clients.mcp-c]\nname = "MCP C"\nprovider = "fake"\n')
-MODEL = "claude-sonnet-4-5-20250929"
 
 
 def send(server, client: str, session: str, prompt: str = "hello", **headers) -> None:
-    r = requests.post(f"{server.url}/{client}/v1/messages", headers={"x-api-key": API_KEY,
-                      "x-claude-code-session-id": session, **headers},
-                      json={"model": MODEL, "max_tokens": 8, "messages": [{"role": "user", "content": prompt}]})
+    r = send_message(server, client, prompt, headers={"x-claude-code-session-id": session, **headers})
     assert r.status_code == 200
 
 
 @pytest.fixture(scope="module")
 def two_clients(upstream, tmp_path_factory):
     """aspy with traffic from two clients: mcp-a in two sessions, mcp-b in one."""
-    from conftest import AspyProcess
-
     server = AspyProcess(tmp_path_factory.mktemp("mcp"), standard_config(upstream.url, CLIENTS)).start()
     server.sessions = {"a-old": f"a-old-{uuid.uuid4()}", "a-new": f"a-new-{uuid.uuid4()}", "b": f"b-{uuid.uuid4()}"}
     send(server, "mcp-a", server.sessions["a-old"], "the quokka smiles", **{"x-fake-tool": "Read"})
     send(server, "mcp-b", server.sessions["b"], "the quokka frowns")
     send(server, "mcp-a", server.sessions["a-new"], "latest words", **{"x-fake-usage": json.dumps(
         {"input_tokens": 150_000, "output_tokens": 3})})
-    eventually(lambda: requests.get(f"{server.url}/api/stats").json()["requests"]["total"] == 3)
+    stats_when(server, 3)
     yield server
     server.stop()
 
 
 def call_tools(env: dict, calls: list[tuple[str, dict]]) -> tuple[list, list]:
     """Start `aspy mcp` with this environment, list its tools and make the calls."""
+    # Imported here: the MCP SDK takes a second to import, which a run without these tests need not pay.
+    from mcp import ClientSession, StdioServerParameters, stdio_client
+
     async def main():
         params = StdioServerParameters(command=sys.executable, args=["-m", "aspy", "mcp"],
                                        env={"PATH": os.environ["PATH"], **env})
@@ -112,7 +106,6 @@ def test_own_client_can_be_given_by_aspy_client_id(two_clients):
 
 
 def test_an_unreachable_api_is_a_tool_error_with_a_clear_message(two_clients):
-    from conftest import free_port
     _, [result] = call_tools({"ASPY_URL": f"http://127.0.0.1:{free_port()}", "ASPY_CLIENT_ID": "mcp-a"},
                              [("aspy_stats", {})])
     assert result.is_error and "cannot reach aspy at http://127.0.0.1:" in result.content[0].text
@@ -126,10 +119,8 @@ def test_api_errors_become_tool_errors(two_clients):
 def test_the_proxy_token_in_the_base_url_is_the_bearer_token(start_aspy, upstream):
     token = "pt_" + "McpTokenForClientA_abcdefghijk"
     server = start_aspy(standard_config(upstream.url, CLIENTS.replace(
-        'name = "MCP A"', f'name = "MCP A"\nproxy_token = "{token}"')).replace(
-        "[server]\n", '[server]\napi_token = "the-admin-token-0123456789"\n'))
-    r = requests.post(f"{server.url}/{token}/v1/messages", headers={"x-api-key": API_KEY},
-                      json={"model": MODEL, "max_tokens": 8, "messages": [{"role": "user", "content": "x"}]})
+        'name = "MCP A"', f'name = "MCP A"\nproxy_token = "{token}"'), api_token="the-admin-token-0123456789"))
+    r = send_message(server, token, "x")
     assert r.status_code == 200
     env = {"ANTHROPIC_BASE_URL": f"{server.url}/{token}"}
     _, [stats, everyone] = call_tools(env, [("aspy_stats", {}), ("aspy_stats", {"all_clients": True})])

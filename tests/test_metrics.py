@@ -21,32 +21,25 @@ import requests
 from aspy.metrics import failure_kind, status_class
 from aspy.records import CLIENT_WENT_AWAY, Exchange, Observation, Request, Response
 from aspy.sessions import failed_exchange
-from conftest import API_KEY, free_port, standard_config
-from test_journal import workers_of
-from test_sessions_api import eventually
+from helpers import API_KEY, MODEL, eventually, free_port, send_message, standard_config, workers_of
 
 PROMETHEUS = Path("/usr/bin/prometheus")
 PROMTOOL = Path("/usr/bin/promtool")
 API_TOKEN = "metrics-admin-token-0123456789"
 PROXY_TOKEN = "pt_metricsmetricsmetricsmetrics0123"
-MODEL = "claude-sonnet-4-5-20250929"
 ADMIN = {"Authorization": f"Bearer {API_TOKEN}"}
 TOKENED = f'\n[clients.tok]\nname = "Token client"\nprovider = "fake"\nproxy_token = "{PROXY_TOKEN}"\n'
 
 
 def config(upstream_url: str) -> str:
     """The standard clients, a proxy-token client, and an API token."""
-    return standard_config(upstream_url, TOKENED).replace("[server]\n", f'[server]\napi_token = "{API_TOKEN}"\n', 1)
+    return standard_config(upstream_url, TOKENED, api_token=API_TOKEN)
 
 
 def send(server, client: str = "dev-1", **headers: str) -> int:
     """Send one streamed Messages request (``x_fake_events="3"`` is the header x-fake-events); return its status."""
     headers = {name.replace("_", "-"): value for name, value in headers.items()}
-    r = requests.post(f"{server.url}/{client}/v1/messages", headers={"x-api-key": API_KEY, **headers},
-                      json={"model": MODEL, "max_tokens": 8, "stream": True,
-                            "messages": [{"role": "user", "content": "hello"}]})
-    r.content
-    return r.status_code
+    return send_message(server, client, stream=True, headers=headers).status_code
 
 
 def scrape(server) -> str:

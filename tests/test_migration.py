@@ -1,7 +1,6 @@
 """`aspy migrate`: from an old hash-based setup to named clients, and old event logs imported."""
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import subprocess
@@ -11,17 +10,12 @@ import tomllib
 import pytest
 import requests
 
-from conftest import FIXTURES
-from test_sessions_api import eventually
+from helpers import FIXTURES, api_get, key_hash, stats_when
 
 KEY_C = "sk-ant-api03-carol-key-0000000001"
 KEY_D = "sk-ant-api03-dave-key-00000000002"
 LOGS = FIXTURES / "legacy-aspy-logs"
 SAMPLE_HASH = "b0acf41e12907b7b"
-
-
-def h(key: str) -> str:
-    return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
 def old_setup(upstream_url: str) -> str:
@@ -47,7 +41,7 @@ def migrate(server, *args: str) -> subprocess.CompletedProcess:
 
 
 def stats(server, **params) -> dict:
-    return requests.get(f"{server.url}/api/stats", params=params).json()
+    return api_get(server, "stats", **params).json()
 
 
 def send(server, key: str, path: str = "/v1/messages") -> None:
@@ -65,18 +59,19 @@ def old(start_aspy, upstream, fresh_store):
     send(server, KEY_C)
     send(server, KEY_C)
     send(server, KEY_D)
-    eventually(lambda: stats(server)["requests"]["total"] == 3)
+    stats_when(server, 3)
     return server
 
 
 def test_the_plan_lists_each_hash_and_changes_nothing(old):
     config_before = old.config.read_bytes()
     stats_before = stats(old)
-    done = migrate(old, "--map", f"{h(KEY_C)}=carol")
+    done = migrate(old, "--map", f"{key_hash(KEY_C)}=carol")
     assert done.returncode == 0, done.stderr
-    lines = {line.split()[0]: line for line in done.stdout.splitlines() if line[:16] in (h(KEY_C), h(KEY_D))}
-    assert "carol (new client)" in lines[h(KEY_C)] and " 2 " in lines[h(KEY_C)]
-    assert f"legacy-{h(KEY_D)[:8]} (new client)" in lines[h(KEY_D)]
+    lines = {line.split()[0]: line for line in done.stdout.splitlines()
+             if line[:16] in (key_hash(KEY_C), key_hash(KEY_D))}
+    assert "carol (new client)" in lines[key_hash(KEY_C)] and " 2 " in lines[key_hash(KEY_C)]
+    assert f"legacy-{key_hash(KEY_D)[:8]} (new client)" in lines[key_hash(KEY_D)]
     assert "Nothing changed" in done.stdout
     assert old.config.read_bytes() == config_before
     assert stats(old) == stats_before
@@ -85,20 +80,20 @@ def test_the_plan_lists_each_hash_and_changes_nothing(old):
 
 def test_apply_twice_writes_clients_once_keeping_comments_and_re_attributes_history(old, start_aspy):
     original = old.config.read_text()
-    first = migrate(old, "--apply", "--map", f"{h(KEY_C)}=carol")
+    first = migrate(old, "--apply", "--map", f"{key_hash(KEY_C)}=carol")
     assert first.returncode == 0, first.stderr
     assert "Re-attributed 2 sessions" in first.stdout
     migrated = old.config.read_text()
     for comment in ("# aspy on the team box -- keep this comment", "# the usual port", "# the only upstream"):
         assert comment in migrated
     config = tomllib.loads(migrated)
-    assert config["clients"]["carol"]["legacy_user_hashes"] == [h(KEY_C)]
-    assert config["clients"][f"legacy-{h(KEY_D)[:8]}"] == {
-        "name": f"Legacy key {h(KEY_D)[:8]}", "provider": "fake", "legacy_user_hashes": [h(KEY_D)]}
+    assert config["clients"]["carol"]["legacy_user_hashes"] == [key_hash(KEY_C)]
+    assert config["clients"][f"legacy-{key_hash(KEY_D)[:8]}"] == {
+        "name": f"Legacy key {key_hash(KEY_D)[:8]}", "provider": "fake", "legacy_user_hashes": [key_hash(KEY_D)]}
     [backup] = old.config.parent.glob("config.toml.bak-*")
     assert backup.read_text() == original
 
-    second = migrate(old, "--apply", "--map", f"{h(KEY_C)}=carol")
+    second = migrate(old, "--apply", "--map", f"{key_hash(KEY_C)}=carol")
     assert second.returncode == 0 and "Nothing to migrate" in second.stdout
     assert old.config.read_text() == migrated
     assert len(list(old.config.parent.glob("config.toml.bak-*"))) == 1
@@ -109,26 +104,26 @@ def test_apply_twice_writes_clients_once_keeping_comments_and_re_attributes_hist
     server.env = old.env
     carol = stats(server, client="carol")
     assert carol["requests"]["total"] == 2
-    assert stats(server, user=h(KEY_C)) == carol
+    assert stats(server, user=key_hash(KEY_C)) == carol
     sessions = requests.get(f"{server.url}/api/sessions", params={"client": "carol"}).json()["sessions"]
-    assert sessions[0]["user"] == h(KEY_C)
+    assert sessions[0]["user"] == key_hash(KEY_C)
     send(server, KEY_C)
-    eventually(lambda: stats(server, client="carol")["requests"]["total"] == 3)
-    assert stats(server, user=h(KEY_C))["requests"]["total"] == 3
+    stats_when(server, 3, client="carol")
+    assert stats(server, user=key_hash(KEY_C))["requests"]["total"] == 3
 
 
 def test_migrating_into_an_existing_client_adds_the_hash(old):
     text = old.config.read_text() + '\n[clients.team]\nname = "The team"\nprovider = "fake"\n'
     old.config.write_text(text)
-    done = migrate(old, "--apply", "--map", f"{h(KEY_C)}=team", "--map", f"{h(KEY_D)}=team")
+    done = migrate(old, "--apply", "--map", f"{key_hash(KEY_C)}=team", "--map", f"{key_hash(KEY_D)}=team")
     assert done.returncode == 0, done.stderr
     assert sorted(tomllib.loads(old.config.read_text())["clients"]["team"]["legacy_user_hashes"]) == \
-        sorted([h(KEY_C), h(KEY_D)])
+        sorted([key_hash(KEY_C), key_hash(KEY_D)])
 
 
 @pytest.mark.parametrize("args,message", [
     (["--map", "nothex=carol"], "16-character lowercase hex"),
-    (["--map", f"{h(KEY_C)}=api"], "reserved"),
+    (["--map", f"{key_hash(KEY_C)}=api"], "reserved"),
     (["--map", "0123456789abcdef=carol"], "no legacy sessions"),
     (["--apply", "--provider", "nowhere"], "not a configured provider"),
 ])

@@ -1,13 +1,15 @@
 """The model table and pricing: every real capture billed at list price, families, overrides."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from aspy.billing import Sampling
 from aspy.config import ConfigError
 from aspy.models import family, load_models
 from aspy.records import Usage
-from test_observe import EXPECTED, SSE, billed, parse, vercel_stream
+from helpers import EXPECTED, SSE, billed, parse, vercel_stream
 
 # List prices per million tokens, copied by hand from Anthropic's pricing page:
 # input, output, 5m cache write, 1h cache write, cache read.
@@ -153,24 +155,28 @@ def test_a_bad_user_models_yaml_is_reported_with_file_model_and_key(tmp_path):
 
 
 def sdk_model_ids() -> set[str]:
-    """Return every model id the installed anthropic SDK names (its Model literal, and deprecations since 2025)."""
-    import typing
+    """Return every model id the installed anthropic SDK names (its Model literal, and deprecations since 2025).
 
-    import anthropic.types.model
-    from anthropic.resources.messages.messages import DEPRECATED_MODELS
+    Read from the SDK's source, as the names it assigns: importing the package takes two seconds.
+    """
+    import ast
+    import importlib.util
 
-    ids: set[str] = set()
+    root = Path(importlib.util.find_spec("anthropic").origin).parent
 
-    def walk(kind) -> None:
-        for arg in typing.get_args(kind):
-            if isinstance(arg, str):
-                ids.add(arg)
-            else:
-                walk(arg)
+    def assigned(path: str, name: str) -> ast.expr:
+        for node in ast.parse((root / path).read_text()).body:
+            targets = node.targets if isinstance(node, ast.Assign) else [getattr(node, "target", None)]
+            if any(isinstance(t, ast.Name) and t.id == name for t in targets):
+                return node.value
+        raise AssertionError(f"the installed SDK's {path} no longer assigns {name}")
 
-    walk(anthropic.types.model.Model)
+    # Model = Union[Literal["claude-...", ...], str]: every string in it is a model id.
+    ids = {n.value for n in ast.walk(assigned("types/model.py", "Model"))
+           if isinstance(n, ast.Constant) and isinstance(n.value, str)}
+    deprecated = ast.literal_eval(assigned("resources/messages/messages.py", "DEPRECATED_MODELS"))
     # Models retired before 2025 (Claude 1 and 2, Instant) are out of any bill aspy will see.
-    ids.update(m for m in DEPRECATED_MODELS if not m.startswith(("claude-1", "claude-2", "claude-instant")))
+    ids.update(m for m in deprecated if not m.startswith(("claude-1", "claude-2", "claude-instant")))
     return ids
 
 

@@ -2,71 +2,18 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from aspy.billing import context_of, samplings, tokens, total
+from aspy.billing import context_of, tokens
 from aspy.observe import JsonObserver, SseObserver
 from aspy.prompts import read_request
-from aspy.records import Usage
+from helpers import EXPECTED, SSE, billed, parse, vercel_stream
 
-SSE = Path(__file__).resolve().parent / "fixtures" / "real" / "sse"
 JSON = SSE.parent / "json"
-
-
-def parse(data: bytes, pieces: list[int] | None = None):
-    """Feed a stream whole, or cut at the given offsets; return the observation."""
-    observer = SseObserver()
-    cuts = [0, *sorted(set(pieces or [])), len(data)]
-    for start, end in zip(cuts, cuts[1:]):
-        observer.feed(data[start:end])
-    return observer.finish()
-
-
-def billed(obs) -> Usage:
-    """Return the tokens an observed response is billed for, all samplings together."""
-    return total(samplings(obs.usage or {}, obs.model))
-
-
-def vercel_stream() -> bytes:
-    """Turn the vercel capture (one event JSON a line) back into an event stream."""
-    lines = (SSE / "vercel-ai_code_execution_prompt_cache.chunks.txt").read_bytes().splitlines()
-    return b"".join(b"data: " + line + b"\n\n" for line in lines if line.strip())
-
-
-# name: (model, stop_reason, (input, output, cache_read, write_5m, write_1h, web_searches),
-#        tool names, thinking blocks)
-EXPECTED = {
-    "sdkpy_basic_response.sse": ("claude-3-opus-latest", "end_turn", (11, 6, 0, 0, 0, 0), [], 0),
-    "sdkpy_tool_use_response.sse": ("claude-sonnet-4-20250514", "tool_use", (377, 65, 0, 0, 0, 0),
-                                    ["get_weather"], 0),
-    "sdkpy_incomplete_partial_json_max_tokens.sse": ("claude-3-7-sonnet-20250219", "max_tokens",
-                                                     (450, 124, 0, 0, 0, 0), ["make_file"], 0),
-    "sdkpy_snapshot_555fb399_0_tool_use_haiku45.sse": ("claude-haiku-4-5-20251001", "tool_use",
-                                                       (656, 74, 0, 0, 0, 0), ["get_weather"], 0),
-    "sdkpy_snapshot_555fb399_1_text_haiku45.sse": ("claude-haiku-4-5-20251001", "end_turn",
-                                                   (770, 38, 0, 0, 0, 0), [], 0),
-    "sdkpy_snapshot_a8b7dbb8_2_structured_output_sonnet45.sse": ("claude-sonnet-4-5-20250929", "end_turn",
-                                                                 (135, 10, 0, 0, 0, 0), [], 0),
-    "llm-anthropic_plain_text_sonnet45.sse": ("claude-sonnet-4-5-20250929", "end_turn", (17, 10, 0, 0, 0, 0), [], 0),
-    "llm-anthropic_thinking_prompt_sonnet45.sse": ("claude-sonnet-4-5-20250929", "end_turn",
-                                                   (46, 84, 0, 0, 0, 0), [], 1),
-    "llm-anthropic_adaptive_thinking_opus46.sse": ("claude-opus-4-6", "end_turn", (34, 44, 0, 0, 0, 0), [], 1),
-    "llm-anthropic_thinking_then_tool_use_haiku45.sse": ("claude-haiku-4-5-20251001", "tool_use",
-                                                         (598, 92, 0, 0, 0, 0), ["fixed_version"], 1),
-    "llm-anthropic_tool_use_gzip_body_haiku45.sse": ("claude-haiku-4-5-20251001", "tool_use",
-                                                     (543, 40, 0, 0, 0, 0), ["pelican_name_generator"], 0),
-    # message_delta's input_tokens (10423) replaces message_start's (2039); one search billed.
-    "llm-anthropic_web_search_server_tool_opus41.sse": ("claude-opus-4-1-20250805", "end_turn",
-                                                        (10423, 341, 0, 0, 0, 1), ["web_search"], 0),
-    # Billed usage is the sum of the two iterations: compaction + message.
-    "pydantic-ai_compaction_cache_read_sonnet46.sse": ("claude-sonnet-4-6", "end_turn",
-                                                       (281, 91, 55096, 0, 0, 0), [], 0),
-}
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))

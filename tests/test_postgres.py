@@ -8,8 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 
-from conftest import API_KEY, POSTGRES_URL, AspyProcess, postgres_database, standard_config
-from test_sessions_api import RATES, eventually
+from helpers import API_KEY, POSTGRES_URL, RATES, AspyProcess, eventually, postgres_database, standard_config
 
 pytestmark = pytest.mark.skipif(not POSTGRES_URL, reason="PostgreSQL tests need ASPY_TEST_POSTGRES_URL, "
                                 "e.g. postgresql://postgres@127.0.0.1:5432/test")

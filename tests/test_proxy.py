@@ -12,11 +12,7 @@ import uuid
 import pytest
 import requests
 
-from conftest import API_KEY, FIXTURES, standard_config
-from test_sessions_api import eventually
-
-MESSAGE = {"model": "claude-sonnet-4-5-20250929", "max_tokens": 64,
-           "messages": [{"role": "user", "content": "hello"}]}
+from helpers import API_KEY, FIXTURES, MESSAGE, assert_anthropic_error, eventually, standard_config
 
 
 def raw_request(port: int, method: str, target: str, headers: list[tuple[str, str]],
@@ -30,15 +26,6 @@ def raw_request(port: int, method: str, target: str, headers: list[tuple[str, st
         conn.putheader("Content-Length", str(len(body)))
     conn.endheaders(body or None)
     return conn.getresponse()
-
-
-def assert_anthropic_error(response, status: int, kind: str) -> str:
-    """Check an aspy-made error: status, JSON content type, Anthropic's shape; return the message."""
-    assert response.status_code == status
-    assert response.headers["content-type"] == "application/json"
-    body = response.json()
-    assert body["type"] == "error" and body["error"]["type"] == kind
-    return body["error"]["message"]
 
 
 def test_client_segment_routes_to_its_provider(aspy, upstream):

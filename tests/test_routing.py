@@ -11,7 +11,7 @@ from aspy import routing
 from aspy.config import parse_config
 from aspy.errors import AspyError
 from aspy.routing import OPERATOR, Caller, api_caller, bearer_token, check_path, client_by_token, resolve, user_hash
-from conftest import FAKE_UPSTREAM, in_process_app
+from helpers import FAKE_UPSTREAM, in_process_app
 
 TOKEN = "pt_" + "T0kenForTheTokClient_abcdefghij"
 OTHER_TOKEN = "pt_" + "0therClientsToken_abcdefghijklm"

@@ -6,29 +6,9 @@ import time
 
 import pytest
 
-from aspy.config import parse_config
-from aspy.models import load_models
-from aspy.records import Exchange, Observation, Request, RequestFacts, Response
-from aspy.sessions import Sessions, session_key, warning_level
-from aspy.store import Horizon, Scope, open_store
-
-
-def book(tmp_path, **sessions) -> Sessions:
-    config = parse_config({"store": {"url": f"sqlite:///{tmp_path / 'aspy.db'}", "retention_days": 1},
-                           "sessions": sessions, "clients": {"dev": {"name": "Dev", "provider": "anthropic"}}}, None)
-    return Sessions(config, open_store(config.store.url), load_models())
-
-
-def exchange(key: str | None = "s1", input_tokens: int = 10, agent: str | None = None, at: float | None = None,
-             metadata: str | None = None, **headers) -> Exchange:
-    h = {"x-claude-code-session-id": key} if key else {}
-    if agent:
-        h["x-claude-code-agent-id"] = agent
-    return Exchange(started_at=at or time.time(), client="dev", provider="anthropic", user="0123456789abcdef",
-                    request=Request("POST", "/v1/messages", h | headers,
-                                    facts=RequestFacts(model="claude-sonnet-4-5", metadata_user_id=metadata)),
-                    response=Response(200, duration_ms=2.0, ttfb_ms=1.0, observation=Observation(
-                        model="claude-sonnet-4-5", usage={"input_tokens": input_tokens, "output_tokens": 1})))
+from aspy.sessions import session_key, warning_level
+from aspy.store import Horizon, Scope
+from helpers import book, exchange
 
 
 @pytest.mark.parametrize("pct,level", [(0, "normal"), (69.99, "normal"), (70, "warning"), (84.99, "warning"),

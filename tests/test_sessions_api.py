@@ -17,65 +17,29 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 
-from conftest import API_KEY, standard_config
+from helpers import (
+    API_KEY,
+    MODEL,
+    AspyProcess,
+    api_json,
+    eventually,
+    price,
+    send_message,
+    standard_config,
+    stats_when,
+    usage,
+)
 
-MODEL = "claude-sonnet-4-5-20250929"
-# Sonnet 4.5 list prices per million tokens: input, output, 5m write, 1h write, cache read.
-RATES = (3, 15, 3.75, 6, 0.30)
 EXTRA_CLIENTS = "".join(f'\n[clients.{c}]\nname = "{c.title()}"\nprovider = "fake"\n'
                         for c in ("team-a", "team-b", "solo", "reg", "keys", "tools", "ctx", "finder", "other",
                                   "probe"))
 
 
-def usage(i: int, o: int, read: int = 0, w5: int = 0, w1: int = 0) -> dict:
-    """Return an API usage object."""
-    return {"input_tokens": i, "output_tokens": o, "cache_read_input_tokens": read,
-            "cache_creation_input_tokens": w5 + w1,
-            "cache_creation": {"ephemeral_5m_input_tokens": w5, "ephemeral_1h_input_tokens": w1}}
-
-
-def price(i: int, o: int, read: int = 0, w5: int = 0, w1: int = 0) -> float:
-    """Price tokens at Sonnet 4.5 list price."""
-    return (i * RATES[0] + o * RATES[1] + w5 * RATES[2] + w1 * RATES[3] + read * RATES[4]) / 1e6
-
-
 def send(server, client: str, prompt: str = "hello", stream: bool = False, headers: dict | None = None,
          body: dict | None = None, model: str = MODEL, **tokens) -> requests.Response:
     """Send one Messages request through aspy; tokens set the usage the upstream answers with."""
-    h = {"x-api-key": API_KEY, **(headers or {})}
-    if tokens:
-        h["x-fake-usage"] = json.dumps(usage(**tokens))
-    payload = body or {"model": model, "max_tokens": 64, "messages": [{"role": "user", "content": prompt}]}
-    r = requests.post(f"{server.url}/{client}/v1/messages", json=payload | {"stream": stream}, headers=h)
-    r.content
-    return r
-
-
-def api(server, path: str, **params) -> dict:
-    """GET an API path and return its JSON."""
-    r = requests.get(f"{server.url}/api/{path}", params=params)
-    assert r.status_code == 200, r.text
-    return r.json()
-
-
-def eventually(check, timeout: float = 15.0):
-    """Poll until check() returns something truthy; return it."""
-    deadline = time.time() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.time() > deadline:
-            raise AssertionError("condition not met in time")
-        time.sleep(0.05)
-
-
-def stats_when(server, total: int, **scope) -> dict:
-    """Return /api/stats once it counts this many requests."""
-    def counted():
-        r = requests.get(f"{server.url}/api/stats", params=scope)
-        return r.status_code == 200 and r.json()["requests"]["total"] == total and r.json()
-    return eventually(counted)
+    h = {"x-fake-usage": json.dumps(usage(**tokens))} if tokens else {}
+    return send_message(server, client, prompt, model, stream, h | (headers or {}), body, max_tokens=64)
 
 
 def session_of(server, key: str) -> dict:
@@ -94,8 +58,6 @@ def key() -> str:
 @pytest.fixture(scope="module")
 def tracked(upstream, tmp_path_factory, fresh_store):
     """aspy with three workers, recording to SQLite or PostgreSQL."""
-    from conftest import AspyProcess
-
     server = AspyProcess(tmp_path_factory.mktemp("tracked"),
                          standard_config(upstream.url, EXTRA_CLIENTS) + fresh_store(), workers=3).start()
     yield server
@@ -124,13 +86,13 @@ def test_parallel_traffic_totals_are_exact_per_client_and_session(tracked):
         assert stats["cost"]["by_model"][MODEL] == pytest.approx(cost, abs=1e-6)
         assert stats["cost"]["savings_usd"] == pytest.approx(expect["read"] * (3 - 0.3) / 1e6, abs=1e-6)
         assert stats["requests"] == {"total": len(mine), "failed": 0}
-    sessions = api(tracked, "sessions", client="team-a")["sessions"]
+    sessions = api_json(tracked, "sessions", client="team-a")["sessions"]
     assert sorted(s["claude_session_id"] for s in sessions) == ["team-a-0", "team-a-1", "team-a-2"]
 
 
 def test_stats_answer_the_fixed_keys(tracked):
     send(tracked, "dev-1")
-    stats = api(tracked, "stats")
+    stats = api_json(tracked, "stats")
     assert set(stats) >= {"requests", "tokens", "cost", "tools", "sessions"}
     assert set(stats["requests"]) >= {"total", "failed"}
     assert set(stats["tokens"]) >= {"input", "output", "cache_read", "cache_write_5m", "cache_write_1h"}
@@ -168,13 +130,13 @@ def test_claude_code_header_wins_over_other_keys(tracked):
             "metadata": {"user_id": json.dumps({"session_id": other})}}
     send(tracked, "keys", body=body, headers={"x-claude-code-session-id": header_key, "x-session-id": other})
     assert session_of(tracked, header_key)["source"] == "claude_code"
-    assert api(tracked, "sessions", client="keys", limit=500)["sessions"][0]["claude_session_id"] == header_key
+    assert api_json(tracked, "sessions", client="keys", limit=500)["sessions"][0]["claude_session_id"] == header_key
 
 
 def test_keyless_requests_share_the_implicit_session(tracked):
     send(tracked, "solo")
     send(tracked, "solo", stream=True)
-    found = eventually(lambda: (s := api(tracked, "sessions", client="solo")["sessions"])
+    found = eventually(lambda: (s := api_json(tracked, "sessions", client="solo")["sessions"])
                        and s[0]["stats"]["requests"]["total"] == 2 and s)
     assert len(found) == 1 and found[0]["source"] == "implicit" and found[0]["claude_session_id"] is None
 
@@ -188,7 +150,7 @@ def test_a_registered_session_takes_keyless_traffic(tracked):
     send(tracked, "reg")
     session = eventually(lambda: (s := session_of(tracked, "reg-1"))["stats"]["requests"]["total"] == 1 and s)
     assert session["client"] == "reg" and session["source"] == "registered"
-    start = api(tracked, "events", session="reg-1", type="session_start")["events"]
+    start = api_json(tracked, "events", session="reg-1", type="session_start")["events"]
     assert start[0]["source"] == "hook"
 
 
@@ -202,14 +164,15 @@ def test_ending_a_session_archives_it_with_its_final_stats(tracked):
     assert final["status"] == "ended" and final["end_reason"] == "user_exit" and final["ended"]
     assert final["stats"]["tokens"]["input"] == 100
     assert final["stats"]["cost"]["total_usd"] == pytest.approx(price(100, 50))
-    ended = api(tracked, "sessions", status="ended", client="dev-1", limit=500)["sessions"]
+    ended = api_json(tracked, "sessions", status="ended", client="dev-1", limit=500)["sessions"]
     assert sid in [s["claude_session_id"] for s in ended]
-    assert api(tracked, "events", session=sid, type="session_end")["events"][0]["reason"] == "user_exit"
+    assert api_json(tracked, "events", session=sid, type="session_end")["events"][0]["reason"] == "user_exit"
     # The same key afterwards opens a new session; the archived one keeps its figures.
     send(tracked, "dev-1", headers={"x-claude-code-session-id": sid}, i=1, o=1)
     newest = eventually(lambda: (s := session_of(tracked, sid))["id"] != final["id"] and s)
     assert newest["status"] == "active"
-    archived = [s for s in api(tracked, "sessions", client="dev-1", limit=500)["sessions"] if s["id"] == final["id"]]
+    archived = [s for s in api_json(tracked, "sessions", client="dev-1", limit=500)["sessions"]
+                if s["id"] == final["id"]]
     assert archived[0]["stats"]["tokens"]["input"] == 100
 
 
@@ -218,7 +181,7 @@ def test_tool_results_are_correlated_with_their_calls_and_errors(tracked):
     headers = {"x-claude-code-session-id": sid}
     send(tracked, "tools", stream=True, headers=headers | {"x-fake-tool": "Bash", "x-fake-tool-id": tool_id})
     session_of(tracked, sid)
-    call = eventually(lambda: api(tracked, "events", session=sid, type="tool_call")["events"])[0]
+    call = eventually(lambda: api_json(tracked, "events", session=sid, type="tool_call")["events"])[0]
     assert call["tool"] == "Bash" and call["tool_use_id"] == tool_id and call["input"] == {"command": "ls"}
     body = {"model": MODEL, "max_tokens": 8, "messages": [
         {"role": "user", "content": "run ls"},
@@ -226,12 +189,12 @@ def test_tool_results_are_correlated_with_their_calls_and_errors(tracked):
         {"role": "user", "content": [{"type": "tool_result", "tool_use_id": tool_id, "is_error": True,
                                       "content": "ls: permission denied"}]}]}
     send(tracked, "tools", body=body, headers=headers)
-    result = eventually(lambda: api(tracked, "events", session=sid, type="tool_result")["events"])[0]
+    result = eventually(lambda: api_json(tracked, "events", session=sid, type="tool_result")["events"])[0]
     assert result["tool"] == "Bash" and result["tool_use_id"] == tool_id and result["is_error"] is True
     assert result["duration_ms"] >= 0
     tools = session_of(tracked, sid)["stats"]["tools"]
     assert tools["total_calls"] == 1 and tools["failed_calls"] == 1 and tools["by_tool"] == {"Bash": 1}
-    assert api(tracked, "stats", session=sid)["tools"]["failed_calls"] == 1
+    assert api_json(tracked, "stats", session=sid)["tools"]["failed_calls"] == 1
 
 
 def test_context_gauge_follows_the_main_thread_and_detects_compaction(tracked):
@@ -239,27 +202,27 @@ def test_context_gauge_follows_the_main_thread_and_detects_compaction(tracked):
     headers = {"x-claude-code-session-id": sid}
     send(tracked, "ctx", headers=headers, i=100_000, o=10, read=40_000, w5=10_000)
     session_of(tracked, sid)
-    ctx = eventually(lambda: (c := api(tracked, "context", session=sid))["current_tokens"] == 150_000 and c)
+    ctx = eventually(lambda: (c := api_json(tracked, "context", session=sid))["current_tokens"] == 150_000 and c)
     assert ctx["limit_tokens"] == 200_000 and ctx["usage_pct"] == 75.0 and ctx["warning_level"] == "warning"
     assert ctx["model"] == MODEL
     # A subagent's request counts toward the session but leaves the gauge alone.
     send(tracked, "ctx", headers=headers | {"x-claude-code-agent-id": "agent-1"}, i=1000, o=10)
     eventually(lambda: session_of(tracked, sid)["stats"]["requests"]["total"] == 2)
-    assert api(tracked, "context", session=sid)["current_tokens"] == 150_000
+    assert api_json(tracked, "context", session=sid)["current_tokens"] == 150_000
     send(tracked, "ctx", stream=True, headers=headers, i=20_000, o=10)
-    ctx = eventually(lambda: (c := api(tracked, "context", session=sid))["compactions"] == 1 and c)
+    ctx = eventually(lambda: (c := api_json(tracked, "context", session=sid))["compactions"] == 1 and c)
     assert ctx["current_tokens"] == 20_000 and ctx["warning_level"] == "normal"
-    compact = api(tracked, "events", session=sid, type="context_compact")["events"][0]
+    compact = api_json(tracked, "events", session=sid, type="context_compact")["events"][0]
     assert compact["before_tokens"] == 150_000 and compact["after_tokens"] == 20_000
     # The context-1m beta no longer widens Sonnet 4.5's window; a 1M model's window is 1M.
     send(tracked, "ctx", headers=headers | {"anthropic-beta": "context-1m-2025-08-07"}, i=180_000, o=1)
-    ctx = eventually(lambda: (c := api(tracked, "context", session=sid))["current_tokens"] == 180_000 and c)
+    ctx = eventually(lambda: (c := api_json(tracked, "context", session=sid))["current_tokens"] == 180_000 and c)
     assert ctx["limit_tokens"] == 200_000 and ctx["warning_level"] == "high"
     send(tracked, "ctx", headers=headers, model="claude-opus-4-6", i=900_000, o=1)
-    ctx = eventually(lambda: (c := api(tracked, "context", session=sid))["current_tokens"] == 900_000 and c)
+    ctx = eventually(lambda: (c := api_json(tracked, "context", session=sid))["current_tokens"] == 900_000 and c)
     assert ctx["limit_tokens"] == 1_000_000 and ctx["warning_level"] == "high"
-    assert api(tracked, "context", client="ctx")["session"] == session_of(tracked, sid)["id"]
-    assert any(c["session"] == ctx["session"] for c in api(tracked, "context")["contexts"])
+    assert api_json(tracked, "context", client="ctx")["session"] == session_of(tracked, sid)["id"]
+    assert any(c["session"] == ctx["session"] for c in api_json(tracked, "context")["contexts"])
 
 
 def test_search_finds_prompts_and_answers_with_snippets_and_time_ranges(tracked):
@@ -306,8 +269,8 @@ def test_requests_that_are_not_messages_calls_count_but_open_no_session(tracked)
     stats = stats_when(tracked, 4, client="probe")
     assert stats["requests"] == {"total": 4, "failed": 1}
     assert stats["sessions"] == {"active": 0, "idle": 0, "ended": 0}
-    assert api(tracked, "sessions", client="probe")["sessions"] == []
-    [probe] = [c for c in api(tracked, "clients")["clients"] if c["id"] == "probe"]
+    assert api_json(tracked, "sessions", client="probe")["sessions"] == []
+    [probe] = [c for c in api_json(tracked, "clients")["clients"] if c["id"] == "probe"]
     assert probe["active_sessions"] == 0 and probe["last_seen"] is not None
 
 
@@ -316,11 +279,11 @@ def test_failed_requests_are_counted_with_an_error_event(tracked):
     send(tracked, "dev-1", headers={"x-claude-code-session-id": sid, "x-fake-status": "529"})
     stats = stats_when(tracked, 1, session=sid)
     assert stats["requests"]["failed"] == 1
-    error = api(tracked, "events", session=sid, type="error")["events"][0]
+    error = api_json(tracked, "events", session=sid, type="error")["events"][0]
     assert error["status"] == 529 and error["error_type"] == "overloaded_error"
     send(tracked, "dev-1", headers={"x-claude-code-session-id": sid, "x-fake-status": "429", "x-fake-body":
                                     '{"type":"error","error":{"type":"rate_limit_error","message":"slow"}}'})
-    limited = eventually(lambda: api(tracked, "events", session=sid, type="rate_limit")["events"])
+    limited = eventually(lambda: api_json(tracked, "events", session=sid, type="rate_limit")["events"])
     assert limited[0]["status"] == 429
 
 
@@ -328,26 +291,26 @@ def test_events_come_newest_first_and_filter(tracked):
     sid = key()
     send(tracked, "dev-1", headers={"x-claude-code-session-id": sid, "x-fake-tool": "Read"})
     session_of(tracked, sid)
-    events = eventually(lambda: (e := api(tracked, "events", session=sid)["events"]) and len(e) >= 4 and e)
+    events = eventually(lambda: (e := api_json(tracked, "events", session=sid)["events"]) and len(e) >= 4 and e)
     assert [e["type"] for e in events] == ["tool_call", "response", "request", "session_start"]
     assert [e["id"] for e in events] == sorted((e["id"] for e in events), reverse=True)
     response = events[1]
     assert {"status", "model", "stop_reason", "usage", "cost_usd", "ttfb_ms"} <= set(response)
     for e in events:
         assert {"id", "type", "timestamp", "session", "client"} <= set(e) and e["client"] == "dev-1"
-    assert len(api(tracked, "events", session=sid, limit=2)["events"]) == 2
-    assert [e["type"] for e in api(tracked, "events", session=sid, type="request,response")["events"]] == \
+    assert len(api_json(tracked, "events", session=sid, limit=2)["events"]) == 2
+    assert [e["type"] for e in api_json(tracked, "events", session=sid, type="request,response")["events"]] == \
         ["response", "request"]
-    assert api(tracked, "events", session=sid, since="2999-01-01T00:00:00Z")["events"] == []
+    assert api_json(tracked, "events", session=sid, since="2999-01-01T00:00:00Z")["events"] == []
 
 
 def test_clients_lists_configured_clients_with_live_sessions(tracked):
     send(tracked, "other")
-    found = eventually(lambda: next((c for c in api(tracked, "clients")["clients"]
+    found = eventually(lambda: next((c for c in api_json(tracked, "clients")["clients"]
                                      if c["id"] == "other" and c["last_seen"]), None))
     assert found == {"id": "other", "name": "Other", "provider": "fake", "tags": [], "active_sessions": 1,
                      "last_seen": found["last_seen"]}
-    dev = next(c for c in api(tracked, "clients")["clients"] if c["id"] == "dev-1")
+    dev = next(c for c in api_json(tracked, "clients")["clients"] if c["id"] == "dev-1")
     assert dev["tags"] == ["dev"] and dev["name"] == "Dev Laptop"
 
 
@@ -396,12 +359,12 @@ def test_idle_and_ended_transitions(start_aspy, upstream, fresh_store):
     send(server, "dev-1", headers={"x-claude-code-session-id": sid})
     assert session_of(server, sid)["status"] == "active"
     assert eventually(lambda: session_of(server, sid)["status"] == "idle", timeout=5)
-    assert api(server, "stats")["sessions"]["idle"] == 1
+    assert api_json(server, "stats")["sessions"]["idle"] == 1
     ended = eventually(lambda: (s := session_of(server, sid))["status"] == "ended" and s, timeout=6)
     assert ended["end_reason"] == "timeout" and ended["stats"]["requests"]["total"] == 1
-    assert api(server, "stats")["sessions"] == {"active": 0, "idle": 0, "ended": 1}
+    assert api_json(server, "stats")["sessions"] == {"active": 0, "idle": 0, "ended": 1}
     # Reads derive the status at once; the writer's upkeep (every 5 s) marks the end and writes its event.
-    [end] = eventually(lambda: api(server, "events", session=sid, type="session_end")["events"], timeout=12)
+    [end] = eventually(lambda: api_json(server, "events", session=sid, type="session_end")["events"], timeout=12)
     assert end["reason"] == "timeout"
 
 
@@ -411,11 +374,11 @@ def test_figures_are_intact_after_a_restart(start_aspy, upstream, fresh_store):
     for n in range(5):
         send(server, "dev-1", stream=n % 2 == 0, headers={"x-claude-code-session-id": "restart"}, i=n + 1, o=2)
     before = stats_when(server, 5)
-    sessions_before = api(server, "sessions")
+    sessions_before = api_json(server, "sessions")
     server.stop()
     again = start_aspy(config)
-    assert api(again, "stats") == before
-    assert api(again, "sessions")["sessions"][0]["stats"] == sessions_before["sessions"][0]["stats"]
+    assert api_json(again, "stats") == before
+    assert api_json(again, "sessions")["sessions"][0]["stats"] == sessions_before["sessions"][0]["stats"]
 
 
 def test_a_read_only_store_leaves_proxying_working(start_aspy, upstream, tmp_path):
@@ -469,13 +432,13 @@ def test_every_answer_has_the_documented_keys(tracked):
     assert set(session["stats"]) >= {"requests", "tokens", "cost", "tools"}
     for stamp in ("started", "last_activity"):
         assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}\+00:00", session[stamp])
-    context = api(tracked, "context", session=sid)
+    context = api_json(tracked, "context", session=sid)
     assert set(context) >= {"session", "client", "model", "current_tokens", "limit_tokens", "usage_pct",
                             "warning_level", "compactions"}
-    assert set(api(tracked, "context")) == {"contexts"}
-    client = api(tracked, "clients")["clients"][0]
+    assert set(api_json(tracked, "context")) == {"contexts"}
+    client = api_json(tracked, "clients")["clients"][0]
     assert set(client) >= {"id", "name", "provider", "tags", "active_sessions", "last_seen"}
-    events = eventually(lambda: (e := api(tracked, "events", session=sid)["events"]) and len(e) >= 4 and e)
+    events = eventually(lambda: (e := api_json(tracked, "events", session=sid)["events"]) and len(e) >= 4 and e)
     by_type = {e["type"]: e for e in events}
     assert {"tool", "tool_use_id"} <= set(by_type["tool_call"])
     assert {"status", "model", "stop_reason", "usage", "cost_usd", "ttfb_ms"} <= set(by_type["response"])
@@ -483,7 +446,7 @@ def test_every_answer_has_the_documented_keys(tracked):
                        ["total_matches"] and r)
     assert set(found) >= {"total_matches", "results"}
     assert set(found["results"][0]) >= {"session", "client", "timestamp", "role", "snippet"}
-    over_time = api(tracked, "usage", group_by="day,client", tz="Europe/Paris")
+    over_time = api_json(tracked, "usage", group_by="day,client", tz="Europe/Paris")
     assert set(over_time) >= {"group_by", "tz", "since", "until", "rows", "total", "unpriced_models"}
     assert over_time["group_by"] == ["day", "client"] and over_time["tz"] == "Europe/Paris"
     row = over_time["rows"][0]
@@ -491,5 +454,5 @@ def test_every_answer_has_the_documented_keys(tracked):
     assert re.fullmatch(r"\d{4}-\d\d-\d\d", row["day"])
     assert set(row["tokens"]) >= {"input", "output", "cache_read", "cache_write_5m", "cache_write_1h"}
     assert set(over_time["total"]) >= {"requests", "failed", "tokens", "cost_usd", "savings_usd"}
-    [session_row] = api(tracked, "usage", group_by="session", session=sid)["rows"]
+    [session_row] = api_json(tracked, "usage", group_by="session", session=sid)["rows"]
     assert session_row["session"] == session["id"] and session_row["claude_session_id"] == sid

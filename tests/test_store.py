@@ -21,7 +21,7 @@ from aspy.store import postgres as postgres_dialect
 from aspy.store import sqlite as sqlite_dialect
 from aspy.store.rows import USAGE_COLUMNS
 from aspy.store.schema import SCHEMA_VERSION, migrations
-from conftest import POSTGRES_URL
+from helpers import POSTGRES_URL
 
 DAY = 86400
 # 2026-11-10T00:00:00Z.

@@ -12,7 +12,7 @@ import uuid
 import pytest
 import requests
 
-from conftest import API_KEY, AspyProcess
+from helpers import API_KEY, AspyProcess
 
 CLIENTS = ('\n[clients.alpha]\nname = "Alpha Laptop"\nprovider = "fake"\n'
            '[clients.beta]\nname = "Beta Runner"\nprovider = "fake"\n')

@@ -21,8 +21,7 @@ from zoneinfo import ZoneInfo
 import pytest
 import requests
 
-from conftest import API_KEY, AspyProcess, standard_config
-from test_sessions_api import eventually, usage
+from helpers import API_KEY, AspyProcess, api_get, eventually, standard_config, usage
 
 LA, KOLKATA, KATHMANDU = "America/Los_Angeles", "Asia/Kolkata", "Asia/Kathmandu"
 ADMIN = "usage-admin-token-0123456789"
@@ -83,13 +82,12 @@ def config_text(upstream_url: str, store: str) -> str:
     clients = ('\n[clients.ana]\nname = "Ana"\nprovider = "fake"\ntags = ["team-a", "dev"]\n'
                '\n[clients.bob]\nname = "Bob"\nprovider = "fake"\ntags = ["team-a"]\n'
                f'\n[clients.tok]\nname = "Tok"\nprovider = "fake"\ntags = ["solo"]\nproxy_token = "{PROXY_TOKEN}"\n')
-    text = standard_config(upstream_url, clients + store)
-    return text.replace("[server]\n", f'[server]\napi_token = "{ADMIN}"\n', 1)
+    return standard_config(upstream_url, clients + store, api_token=ADMIN)
 
 
 def get(server, path: str, token: str = ADMIN, **params) -> requests.Response:
     """GET an API path with a bearer token."""
-    return requests.get(f"{server.url}/api/{path}", params=params, headers={"Authorization": f"Bearer {token}"})
+    return api_get(server, path, token, **params)
 
 
 def figures(server, **params) -> dict:
@@ -450,23 +448,20 @@ def test_report_says_what_is_wrong(served):
 # store, a migration, or more exchanges than a test should send through a server.
 
 @pytest.fixture
-def book(store_kind, tmp_path):
+def book(store_kind, tmp_path, postgres_databases, model_table):
     """A sessions book on a new, empty store."""
     from aspy.config import parse_config
-    from aspy.models import load_models
     from aspy.sessions import Sessions
     from aspy.store import open_store
-    from conftest import postgres_database
 
-    name = f"aspy_test_{uuid.uuid4().hex[:12]}"
-    url = f"sqlite:///{tmp_path / 'aspy.db'}" if store_kind == "sqlite" else postgres_database(name, create=True)
+    url = f"sqlite:///{tmp_path / 'aspy.db'}" if store_kind == "sqlite" else postgres_databases.take()
     config = parse_config({"store": {"url": url}, "clients": {
         c: {"name": c, "provider": "anthropic", "tags": t} for c, t in CLIENTS.items()}}, None)
-    sessions = Sessions(config, open_store(url), load_models())
+    sessions = Sessions(config, open_store(url), model_table)
     yield sessions
     sessions.store.close()
     if store_kind != "sqlite":
-        postgres_database(name, create=False)
+        postgres_databases.give_back(url)
 
 
 def ask(store, by: tuple[str, ...], tz: str = "UTC", since: float | None = None, until: float | None = None,
@@ -612,6 +607,7 @@ def test_requests_outside_sessions_count_with_no_session_and_no_model(book):
     assert book.store.totals(Scope(), Horizon(0, 0)).requests == 2
 
 
+@pytest.mark.e2e
 def test_report_reads_a_store_as_it_is_and_never_migrates_it(book, tmp_path, store_kind):
     book.record([exchange(utc("2026-11-10T10:00:00"), "ana", "r-1", SONNET, dict(i=100, o=10))])
     config = tmp_path / "config.toml"

@@ -23,10 +23,11 @@ import threading
 from dataclasses import replace
 from typing import Protocol
 
+from .accounting import Accounted
 from .journal import Journal
 from .native import gevent_patched, native
 from .records import Exchange, Observation, RequestFacts, clean_text
-from .sessions import Accounted, Sessions
+from .sessions import Sessions
 from .status import WorkerStatus
 from .store import StoreError
 

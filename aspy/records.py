@@ -77,6 +77,13 @@ class Usage:
                 self.cache_write_1h, self.web_search_requests)
 
 
+def status_of(session: Session, now: float, idle_after: float, end_after: float) -> str:
+    """Return a session's status: ended as stored or past end_after, else active or idle by its last activity."""
+    if session.status == ENDED or now - session.last_activity > end_after:
+        return ENDED
+    return IDLE if now - session.last_activity > idle_after else ACTIVE
+
+
 @dataclass
 class Session:
     """One session of one identity, with its running statistics."""

@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 import requests
 
+from aspy.accounting import failed_exchange
 from aspy.metrics import failure_kind, status_class
 from aspy.records import CLIENT_WENT_AWAY, Exchange, Observation, Request, Response
-from aspy.sessions import failed_exchange
 from conftest import API_KEY, free_port, standard_config
 from test_journal import workers_of
 from test_sessions_api import eventually

@@ -6,10 +6,11 @@ import time
 
 import pytest
 
+from aspy.accounting import warning_level
 from aspy.config import parse_config
 from aspy.models import load_models
 from aspy.records import Exchange, Observation, Request, RequestFacts, Response
-from aspy.sessions import Sessions, session_key, warning_level
+from aspy.sessions import Sessions, session_key
 from aspy.store import Horizon, Scope, open_store
 
 

@@ -26,7 +26,7 @@ from .models import STANDARD, ModelTable
 from .prompts import read_request
 from .records import ANONYMOUS, ENDED, FIVE_MINUTES, Session
 from .sessions import write_tally
-from .store import Store, Transaction
+from .store import LegacyUser, Store, Transaction
 
 HASH = re.compile(r"[0-9a-f]{16}")
 IMPORTED = "imported"
@@ -40,20 +40,12 @@ class MigrationError(Exception):
 
 
 @dataclass
-class Move:
-    """One legacy key hash and the client that takes it over."""
+class Move(LegacyUser):
+    """One legacy key hash, with its figures, and the client that takes it over."""
 
-    user: str
     client: str
     new_client: bool
     in_config: bool
-    sessions: int = 0
-    requests: int = 0
-    input_tokens: int = 0
-    output_tokens: int = 0
-    cost_usd: float = 0.0
-    first_seen: float | None = None
-    last_seen: float | None = None
 
 
 def parse_map(pairs: list[str]) -> dict[str, str]:
@@ -80,12 +72,8 @@ def plan(config: Config, store: Store, mapping: dict[str, str]) -> list[Move]:
         owner = identities.owner(seen.user)
         client = mapping.get(seen.user) or (owner.id if owner else None) or f"legacy-{seen.user[:8]}"
         existing = config.clients.get(client)
-        moves.append(Move(
-            user=seen.user, client=client, new_client=existing is None,
-            in_config=existing is not None and seen.user in existing.legacy_user_hashes,
-            sessions=seen.sessions, requests=seen.requests, input_tokens=seen.input_tokens,
-            output_tokens=seen.output_tokens, cost_usd=seen.cost_usd, first_seen=seen.first_seen,
-            last_seen=seen.last_seen))
+        moves.append(Move(**vars(seen), client=client, new_client=existing is None,
+                          in_config=existing is not None and seen.user in existing.legacy_user_hashes))
     done_before = {u for u, c in mapping.items() if c in config.clients and u in config.clients[c].legacy_user_hashes}
     unseen = set(mapping) - {m.user for m in moves} - done_before
     if unseen:

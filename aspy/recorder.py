@@ -171,8 +171,10 @@ class Recorder:
             try:
                 accounted = self.sessions.record(batch)
                 written = len(batch)
-            except Exception as exc:
-                written, accounted = self._record_each(batch, exc)
+            except Exception:
+                written, accounted, failure = record_each(self.sessions, batch)
+                if failure is not None:
+                    self._failed(failure)
             if accounted and self.metrics is not None:
                 self.metrics.accounted(accounted)
             if written:
@@ -184,29 +186,6 @@ class Recorder:
                 return
             self.retry_after = RETRY_AFTER
             self.failing, self.last_error = False, None
-
-    def _record_each(self, batch: list[Exchange], error: Exception) -> tuple[int, list[Accounted]]:
-        """Record a failed batch one exchange at a time; return how many were written before the store failed.
-
-        Tells data errors from outages: an exchange the store refuses as it is (an odd type, a
-        value out of range) is recorded again with only what can be read of it. Only when even
-        that fails is the store itself failing: the rest is kept, in order, for the next try.
-        """
-        accounted: list[Accounted] = []
-        for done, exchange in enumerate(batch):
-            try:
-                accounted += self.sessions.record([exchange])
-                continue
-            except Exception as exc:
-                error = exc
-            try:
-                accounted += self.sessions.record([unreadable(exchange, error)])
-                log.error("recorded an exchange without its content, which the store refused (%s): %s",
-                          error, exchange.summary())
-            except Exception as exc:
-                self._failed(exc)
-                return done, accounted
-        return len(batch), accounted
 
     def _failed(self, exc: Exception) -> None:
         self.failing = True
@@ -226,6 +205,29 @@ class Recorder:
             else:
                 self.dropped += lost
                 log.error("store unavailable: dropped the %d oldest unrecorded exchanges", lost)
+
+
+def record_each(sessions: Sessions, batch: list[Exchange]) -> tuple[int, list[Accounted], Exception | None]:
+    """Record a failed batch one exchange at a time; return how many were written, and the store's failure.
+
+    Tells data errors from outages: an exchange the store refuses as it is (an odd type, a
+    value out of range) is recorded again with only what can be read of it. Only when even
+    that fails is the store itself failing: the rest is kept, in order, for the next try.
+    """
+    accounted: list[Accounted] = []
+    for done, exchange in enumerate(batch):
+        try:
+            accounted += sessions.record([exchange])
+            continue
+        except Exception as exc:
+            error: Exception = exc
+        try:
+            accounted += sessions.record([unreadable(exchange, error)])
+            log.error("recorded an exchange without its content, which the store refused (%s): %s",
+                      error, exchange.summary())
+        except Exception as exc:
+            return done, accounted, exc
+    return len(batch), accounted, None
 
 
 def unreadable(exchange: Exchange, error: Exception) -> Exchange:

@@ -25,9 +25,8 @@ def create_app(config: Config | None = None, test_config: dict | None = None,
     # Imported here so that gunicorn's master, and gevent before it patches, load nothing heavy.
     from flask import Flask
 
-    from . import api, dashboard, health, metrics, proxy
+    from . import api, dashboard, errors, health, metrics, proxy
     from .config import load_config, state_dir
-    from .errors import answer_exception
     from .inflight import InFlight
     from .journal import Journal, default_folder
     from .models import load_models
@@ -80,7 +79,7 @@ def create_app(config: Config | None = None, test_config: dict | None = None,
     app.register_blueprint(dashboard.bp)
     app.register_blueprint(proxy.bp)
     # Whatever goes wrong, the client gets JSON in Anthropic's shape (405, 404, a broken body, a bug).
-    app.register_error_handler(Exception, answer_exception)
+    errors.init_app(app)
     return app
 
 

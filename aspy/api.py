@@ -1,12 +1,12 @@
 """The JSON API under ``/api/``: stats, events, context, sessions, clients, session commands, search, usage.
 
-Every answer's shape is written down in docs/api.md. Errors use Anthropic's shape. With
-``[server] api_token`` set, every call needs ``Authorization: Bearer <api_token>``, or a
-client's proxy token, which then sees that client's data only.
+Every answer's shape is written down in docs/api.md. A refusal raises AspyError, which the
+app answers in Anthropic's shape (aspy/errors.py). With ``[server] api_token`` set, every call
+needs ``Authorization: Bearer <api_token>``, or a client's proxy token, which then sees that
+client's data only (aspy/routing.py tells which).
 """
 from __future__ import annotations
 
-import hmac
 import re
 import time
 from datetime import UTC, datetime
@@ -17,9 +17,10 @@ from flask import Blueprint, Response, current_app, g, jsonify, request
 from . import commands, usage
 from .accounting import warning_level
 from .config import Config
-from .errors import AspyError, error_response
+from .errors import AspyError, answer_error
 from .identity import Identities
 from .records import status_of
+from .routing import api_caller
 from .store import ACTIVE, ENDED, EVENT_TYPES, IDLE, LIVE, Horizon, ModelUsage, Scope, Session, Store, StoreError
 from .timerange import TimeRangeError, parse_time_range, parse_window, server_zone, zone
 from .usage import USD_DIGITS, tokens_json
@@ -57,36 +58,21 @@ def ledger() -> Any:
     return current_app.extensions["aspy.sessions"]
 
 
-@bp.errorhandler(AspyError)
-def aspy_error(exc: AspyError):
-    """Answer an AspyError in Anthropic's shape."""
-    return error_response(exc.status, exc.kind, exc.message)
-
-
 @bp.errorhandler(StoreError)
-def store_error(exc: StoreError):
+def store_unavailable(exc: StoreError) -> Response:
     """Answer a store failure with 503, saying what failed."""
     current_app.logger.error("API call failed on the store: %s", exc)
-    return error_response(503, "api_error", f"The store is unavailable: {exc}")
+    # The failure is the store's, not the caller's request: 503, not 500.
+    return answer_error(AspyError(503, f"The store is unavailable: {exc}"))
 
 
 @bp.before_request
 def authorize() -> None:
     """Check the API token, or a client's proxy token that limits the caller to that client."""
-    g.only_client = None
-    token = config().server.api_token
-    if token is None:
-        return
-    header = request.headers.get("Authorization", "")
-    given = header[7:].strip() if header[:7].lower() == "bearer " else ""
-    if given and hmac.compare_digest(given.encode(), token.encode()):
-        return
-    for client in config().clients.values():
-        if client.proxy_token and given and hmac.compare_digest(given.encode(), client.proxy_token.encode()):
-            g.only_client = client.id
-            return
-    raise AspyError(401,
-                    "This API needs Authorization: Bearer <api_token> (or a client's proxy token)")
+    caller = api_caller(config(), request.headers.get("Authorization"))
+    if caller is None:
+        raise AspyError(401, "This API needs Authorization: Bearer <api_token> (or a client's proxy token)")
+    g.only_client = caller.client.id if caller.client is not None else None
 
 
 def text_value(value: Any, name: str) -> str:

@@ -8,7 +8,8 @@ import sys
 from datetime import datetime
 from pathlib import Path
 
-from .config import MAX_WORKERS, Config, ConfigError, config_path, load_config, split_listen
+from .addresses import split_listen
+from .config import Config, ConfigError, ServerSettings, config_path, keys, load_config
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -109,10 +110,11 @@ def serve_command(config: Config, args: argparse.Namespace) -> int:
         except ValueError as exc:
             problems.append(f"--listen: {exc}")
     if args.workers is not None:
-        if not 1 <= args.workers <= MAX_WORKERS:
-            problems.append(f"--workers: expected a whole number of worker processes from 1 to {MAX_WORKERS}, "
-                            f"got {args.workers}")
-        overrides["workers"] = args.workers
+        try:
+            # The same rule, and words, as [server] workers.
+            overrides["workers"] = keys(ServerSettings)["workers"].rule(args.workers)
+        except ValueError as exc:
+            problems.append(f"--workers: {exc}")
     if problems:
         print(f"aspy: {ConfigError(problems)}", file=sys.stderr)
         return 2

@@ -1,17 +1,22 @@
 """The one place that makes errors in Anthropic's shape.
 
-Claude Code and the SDKs read ``{"type": "error", "error": {"type", "message"}}``; every
-error aspy itself produces, from the proxy or the API, goes through :func:`error_response`.
-:func:`answer_exception` is the app's one error handler: an :class:`AspyError`, an HTTP
-error from werkzeug's routing (404, 405), a request body that broke off while it was read,
-and any unexpected exception all leave as JSON in that shape, never as an HTML page.
+Claude Code and the SDKs read ``{"type": "error", "error": {"type", "message"}}``. A view
+that refuses a request raises :class:`AspyError` (a status and a message; the type follows
+from the status by :data:`ERROR_TYPES`), and :func:`init_app` registers the app's handlers
+that answer it: an :class:`AspyError`, an HTTP error from Werkzeug itself (404, 405, 400 for
+a body it cannot decode, 413), a request body that broke off while it was read, and any
+unexpected exception (500, logged) all leave as JSON in that shape, never as an HTML page.
+Every such answer, and those the gunicorn worker and a broken stream write, is made by
+:func:`error_body`, which takes every secret out of the message first: a proxy token, an API
+key, a URL's password, the api_token, or the credentials of the request being answered.
 """
 from __future__ import annotations
 
 import json
 import logging
+import re
 
-from flask import Response, request
+from flask import Flask, Response, current_app, has_request_context, request
 from gunicorn.http.errors import NoMoreData, ParseException
 from werkzeug.exceptions import HTTPException
 
@@ -39,6 +44,13 @@ ERROR_TYPES = {
 # chunked framing: gunicorn's parse errors, and a connection reset under the read.
 BROKEN_BODY = (NoMoreData, ParseException, ConnectionError)
 
+# Anthropic keys and OAuth tokens (sk-ant-api03-..., sk-ant-oat01-...), and the password of a URL.
+API_KEY = re.compile(r"sk-ant-[A-Za-z0-9_-]+")
+URL_PASSWORD = re.compile(r"(://[^/:@\s]*:)[^@\s/]+@")
+# Shorter values are no secret worth hiding, and replacing them would garble the message.
+SHORTEST_SECRET = 8
+HIDDEN = "…"
+
 
 class AspyError(Exception):
     """An error to answer with, in Anthropic's shape; its type follows from its status."""
@@ -56,8 +68,8 @@ def error_type(status: int) -> str:
 
 
 def error_body(kind: str, message: str) -> bytes:
-    """Return the JSON bytes of an Anthropic-shaped error."""
-    return json.dumps({"type": "error", "error": {"type": kind, "message": message}}).encode()
+    """Return the JSON bytes of an Anthropic-shaped error, its message without secrets."""
+    return json.dumps({"type": "error", "error": {"type": kind, "message": without_secrets(message)}}).encode()
 
 
 def error_response(status: int, kind: str, message: str) -> Response:
@@ -65,21 +77,51 @@ def error_response(status: int, kind: str, message: str) -> Response:
     return Response(error_body(kind, message), status=status, content_type="application/json")
 
 
-def answer_exception(exc: Exception) -> Response:
-    """Answer any exception a view raised in Anthropic's shape; log the unexpected ones."""
-    if isinstance(exc, AspyError):
-        return error_response(exc.status, exc.kind, exc.message)
-    if isinstance(exc, HTTPException):
-        status = exc.code or 500
-        response = error_response(status, error_type(status), exc.description or exc.name)
-        # A 405 names the methods that are allowed.
-        for name, value in exc.get_headers():
-            if name.lower() != "content-type":
-                response.headers[name] = value
-        return response
+def without_secrets(message: str) -> str:
+    """Return a message with every secret it might echo hidden: tokens, keys, passwords, the request's credentials."""
+    message = URL_PASSWORD.sub(r"\1" + HIDDEN + "@", API_KEY.sub("sk-ant-" + HIDDEN, redact(message)))
+    if not has_request_context():
+        return message
+    # Whatever the caller sent as credentials, whatever its form (a key of another provider, Basic).
+    secrets = [request.headers.get("x-api-key", ""), *request.headers.get("Authorization", "").split()]
+    config = current_app.config.get("ASPY")
+    if config is not None and config.server.api_token:
+        secrets.append(config.server.api_token)
+    for secret in sorted(secrets, key=len, reverse=True):
+        if len(secret) >= SHORTEST_SECRET:
+            message = message.replace(secret, HIDDEN)
+    return message
+
+
+def answer_error(exc: AspyError) -> Response:
+    """Answer an error a view raised."""
+    return error_response(exc.status, exc.kind, exc.message)
+
+
+def answer_http_error(exc: HTTPException) -> Response:
+    """Answer an HTTP error Werkzeug raised (no route for this method, a body it cannot decode), keeping its headers."""
+    status = exc.code or 500
+    response = error_response(status, error_type(status), exc.description or exc.name)
+    # A 405 names the methods that are allowed.
+    for name, value in exc.get_headers():
+        if name.lower() != "content-type":
+            response.headers[name] = value
+    return response
+
+
+def answer_unexpected(exc: Exception) -> Response:
+    """Answer any other exception: a body that broke off (400), or a failure of aspy's own (500, logged)."""
     if isinstance(exc, BROKEN_BODY):
-        return error_response(400, "invalid_request_error",
-                              "The request body broke off or its chunked framing is invalid")
+        return error_response(400, error_type(400), "The request body broke off or its chunked framing is invalid")
     # Flask logs nothing once a handler answers; the path is logged without its proxy token.
     log.error("unexpected error answering %s %s", request.method, redact(request.path), exc_info=exc)
-    return error_response(500, "api_error", "aspy failed to handle this request; see its log")
+    return error_response(500, error_type(500), "aspy failed to handle this request; see its log")
+
+
+def init_app(app: Flask) -> None:
+    """Answer every error the app's views or Werkzeug raise in Anthropic's shape."""
+    app.register_error_handler(AspyError, answer_error)
+    # Flask hands redirects (Werkzeug's RoutingException) back as they are, never to this handler.
+    app.register_error_handler(HTTPException, answer_http_error)
+    # The last resort, for the proxy's routes too: none of its answers may be an HTML page or a traceback.
+    app.register_error_handler(Exception, answer_unexpected)

@@ -19,7 +19,6 @@ exit after the writer's last batch.
 from __future__ import annotations
 
 import atexit
-import hmac
 import logging
 import os
 from collections import defaultdict
@@ -39,6 +38,7 @@ from .errors import ERROR_TYPES, AspyError, error_type
 from .models import ModelTable
 from .native import gevent_patched, native
 from .records import CLIENT_WENT_AWAY, Exchange
+from .routing import api_caller
 from .status import host_status
 from .store import StoreError
 
@@ -285,20 +285,13 @@ def _preallocate(folder: Path) -> None:
 
 def _authorize() -> None:
     """Let the api_token through when one is set; refuse a client's proxy token (403) and anything else (401)."""
-    config: Config = current_app.config["ASPY"]
-    token = config.server.api_token
-    if token is None:
-        return
-    header = request.headers.get("Authorization", "")
-    given = header[7:].strip().encode() if header[:7].lower() == "bearer " else b""
-    if given and hmac.compare_digest(given, token.encode()):
-        return
-    if given and any(c.proxy_token and hmac.compare_digest(given, c.proxy_token.encode())
-                     for c in config.clients.values()):
+    caller = api_caller(current_app.config["ASPY"], request.headers.get("Authorization"))
+    if caller is None:
+        raise AspyError(401, "/metrics needs Authorization: Bearer <api_token>")
+    if caller.client is not None:
         # Metrics speak for every client and the whole host: they are the operator's.
         raise AspyError(403, "/metrics needs the api_token; a client's proxy token "
-                                                 "reads only its own client's data, under /api/")
-    raise AspyError(401, "/metrics needs Authorization: Bearer <api_token>")
+                             "reads only its own client's data, under /api/")
 
 
 def host_gauges() -> HostGauges:

@@ -25,6 +25,7 @@ from flask import Blueprint, Response, current_app, request
 from requests.adapters import HTTPAdapter
 from requests.structures import CaseInsensitiveDict
 from requests.utils import requote_uri
+from werkzeug.http import is_hop_by_hop_header
 from werkzeug.routing import PathConverter
 from werkzeug.wsgi import ClosingIterator
 
@@ -42,31 +43,35 @@ bp = Blueprint("proxy", __name__)
 
 MAX_BODY = 32 * 1024 * 1024
 READ_CHUNK = 64 * 1024
-# RFC 9110 section 7.6.1 connection-specific fields, plus the legacy ones still seen.
-HOP_BY_HOP = frozenset({
-    "connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding",
-    "upgrade", "proxy-authenticate", "proxy-authorization",
-})
-NOT_FORWARDED = HOP_BY_HOP | {"host", "content-length", "accept-encoding"}
-NOT_RELAYED = HOP_BY_HOP | {"content-length", "content-encoding"}
+# Never passed on, besides the connection-specific fields (is_hop_by_hop): what aspy sets itself.
+NOT_FORWARDED = frozenset({"host", "content-length", "accept-encoding"})
+NOT_RELAYED = frozenset({"content-length", "content-encoding"})
 # Request headers kept on the record: session keys and context hints, never credentials.
 OBSERVED_HEADERS = ("x-claude-code-session-id", "x-session-id", "x-claude-code-agent-id",
                     "anthropic-beta", "user-agent")
 
 
-def is_hop_by_hop(name: str, connection: str | None) -> bool:
-    """Tell whether a header belongs to one connection only (and is never forwarded)."""
-    name = name.lower()
-    if name in HOP_BY_HOP:
-        return True
+def connection_tokens(connection: str | None) -> frozenset[str]:
+    """Return the header names a Connection header lists, in lowercase."""
     if not connection:
-        return False
-    return name in {t.strip().lower() for t in connection.split(",")}
+        return frozenset()
+    return frozenset(t.strip().lower() for t in connection.split(","))
+
+
+def is_hop_by_hop(name: str, named: frozenset[str]) -> bool:
+    """Tell whether a header (its lowercase name) belongs to one connection only, and is never passed on.
+
+    Those are RFC 9110's connection-specific fields (Werkzeug's list), Proxy-Connection (a
+    legacy one still seen, not in that list), and those the Connection header names.
+    """
+    return name in named or name == "proxy-connection" or is_hop_by_hop_header(name)
 
 
 def forward_headers(environ: dict, drop_credentials: bool) -> dict[str, str]:
     """Return the client's headers as they go upstream."""
-    connection = environ.get("HTTP_CONNECTION")
+    # Read from the environ, not request.headers: this runs for every request, and going
+    # through Werkzeug's EnvironHeaders makes it 1.7 times as slow (20 µs against 34).
+    named = connection_tokens(environ.get("HTTP_CONNECTION"))
     headers = {}
     for key, value in environ.items():
         if key.startswith("HTTP_"):
@@ -75,7 +80,7 @@ def forward_headers(environ: dict, drop_credentials: bool) -> dict[str, str]:
             name = "content-type"
         else:
             continue
-        if name in NOT_FORWARDED or is_hop_by_hop(name, connection):
+        if name in NOT_FORWARDED or is_hop_by_hop(name, named):
             continue
         headers[name] = value
     if drop_credentials:
@@ -89,9 +94,9 @@ def forward_headers(environ: dict, drop_credentials: bool) -> dict[str, str]:
 def relay_headers(upstream: requests.Response) -> list[tuple[str, str]]:
     """Return the upstream's response headers as they go back to the client."""
     raw = upstream.raw.headers
-    connection = raw.get("connection")
+    named = connection_tokens(raw.get("connection"))
     headers = [(k, v) for k, v in raw.items()
-               if k.lower() not in NOT_RELAYED and not is_hop_by_hop(k, connection)]
+               if k.lower() not in NOT_RELAYED and not is_hop_by_hop(k.lower(), named)]
     if upstream.headers.get("content-type", "").startswith(STREAM_TYPES):
         headers.append(("X-Accel-Buffering", "no"))
     return headers
@@ -204,12 +209,11 @@ def forward(_path: str) -> Response:
     config: Config = current_app.config["ASPY"]
     environ = request.environ
     started = time.time()
+    # The path as the client sent it, still percent-encoded (request.path is decoded). Here and
+    # below the environ is read directly, not request.headers: this runs for every request.
+    # A refusal raises AspyError, which the app answers (aspy/errors.py).
     raw_uri = environ.get("RAW_URI") or environ.get("REQUEST_URI") or environ.get("PATH_INFO", "/")
-    raw_path = raw_uri.split("?", 1)[0]
-    try:
-        route = resolve(config, raw_path, environ.get("QUERY_STRING", ""))
-    except AspyError as exc:
-        return error_response(exc.status, exc.kind, exc.message)
+    route = resolve(config, raw_uri.split("?", 1)[0], environ.get("QUERY_STRING", ""))
 
     api_key_env = route.provider.api_key_env
     headers = forward_headers(environ, drop_credentials=bool(api_key_env))

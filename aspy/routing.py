@@ -4,6 +4,11 @@ The first path segment names a client (``/dev-1/v1/messages``) or carries a clie
 token (``/pt_.../v1/messages``); a path that starts with ``/v1/`` is a legacy request for
 the legacy provider. What is left of the path is appended to the provider's base URL, and
 is checked first so that nothing in it can leave the provider's host or base path.
+
+The same questions for the API and ``/metrics``: :func:`api_caller` tells the operator (the
+``api_token``) from a client (its proxy token) by the ``Authorization: Bearer`` header. A
+proxy token is found by :func:`client_by_token` only, and a bearer token read by
+:func:`bearer_token` only, wherever they come from.
 """
 from __future__ import annotations
 
@@ -33,7 +38,7 @@ def resolve(config: Config, raw_path: str, query: str) -> Route:
     segment, _, rest = raw_path.lstrip("/").partition("/")
     rest = "/" + rest
     if segment.startswith("pt_"):
-        client = _client_by_token(config, segment)
+        client = client_by_token(config, segment)
         if client is None:
             raise AspyError(401, "Unknown proxy token")
     elif segment in config.clients:
@@ -76,20 +81,58 @@ def check_path(rest: str) -> None:
         raise AspyError(400, "Path may not contain empty segments (//)")
 
 
-def _client_by_token(config: Config, token: str) -> Client | None:
+def client_by_token(config: Config, token: str) -> Client | None:
     """Find the client owning a proxy token, comparing every token in constant time."""
     found = None
+    given = token.encode()
+    # No early return: the time taken tells nothing about which token, or how much of one, matched.
     for client in config.clients.values():
-        if client.proxy_token and hmac.compare_digest(client.proxy_token.encode(), token.encode()):
+        if client.proxy_token and hmac.compare_digest(client.proxy_token.encode(), given):
             found = client
     return found
 
 
+def bearer_token(authorization: str | None) -> str | None:
+    """Return the token of an ``Authorization: Bearer <token>`` header (any case of Bearer), or None."""
+    # Not Werkzeug's Authorization.from_header: it reads a token with an "=" inside as
+    # parameters (RFC 7235's token68 allows "=" only at the end), and an api_token may hold one.
+    if not authorization or authorization[:7].lower() != "bearer ":
+        return None
+    return authorization[7:].strip() or None
+
+
 def user_hash(api_key: str | None, authorization: str | None) -> str:
     """Return the legacy user hash: SHA-256 of the API key (or bearer token), 16 hex chars."""
-    key = api_key
-    if not key and authorization and authorization[:7].lower() == "bearer ":
-        key = authorization[7:].strip()
+    key = api_key or bearer_token(authorization)
     if not key:
         return ANONYMOUS
     return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who calls the API or /metrics: the operator, or one client by its proxy token."""
+
+    # None for the operator, who reads every client's data; else the only client this caller sees.
+    client: Client | None = None
+
+
+OPERATOR = Caller()
+
+
+def api_caller(config: Config, authorization: str | None) -> Caller | None:
+    """Return who an ``Authorization`` header proves the caller is, or None when it proves no one.
+
+    Without ``[server] api_token`` everyone is the operator; with it, the caller is the operator
+    by that token and a client by its proxy token.
+    """
+    api_token = config.server.api_token
+    if api_token is None:
+        return OPERATOR
+    given = bearer_token(authorization)
+    if given is None:
+        return None
+    if hmac.compare_digest(given.encode(), api_token.encode()):
+        return OPERATOR
+    client = client_by_token(config, given)
+    return Caller(client) if client is not None else None

@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING, Any
 from gunicorn.app.base import BaseApplication
 from gunicorn.glogging import Logger
 
-from .config import Config, ConfigError, Server, load_config, split_listen, state_dir
+from .addresses import split_listen
+from .config import Config, ConfigError, ServerSettings, load_config, state_dir
 from .logs import REDACT_TOKENS
 
 if TYPE_CHECKING:
@@ -41,7 +42,7 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def warn_if_exposed(server: Server) -> None:
+def warn_if_exposed(server: ServerSettings) -> None:
     """Say loudly when anyone who can reach aspy can read the conversations it records."""
     if server.api_token is None and not is_loopback(server.host):
         message = (f"aspy listens on {server.listen} and [server] api_token is not set: anyone who can reach "
@@ -93,7 +94,7 @@ class RedactingLogger(Logger):
             logger.addFilter(REDACT_TOKENS)
 
 
-def gunicorn_settings(server: Server) -> dict[str, Any]:
+def gunicorn_settings(server: ServerSettings) -> dict[str, Any]:
     """Return gunicorn's settings for a ``[server]`` table."""
     return {
         "bind": [server.listen],

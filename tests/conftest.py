@@ -190,3 +190,28 @@ def start_aspy(tmp_path):
     yield start
     for server in started:
         server.stop()
+
+
+# The in-process layer: aspy's app under Flask's test client, its upstream faked with `responses`.
+FAKE_UPSTREAM = "https://upstream.test"
+
+
+def in_process_app(tmp_path: Path, tables: dict | None = None):
+    """Return aspy's app in test mode on a SQLite store in tmp_path, its providers on FAKE_UPSTREAM.
+
+    The config has providers ``fake`` (the legacy one) and ``fakebase`` (under a base path) and
+    clients ``dev-1`` and ``dev-2`` on them; ``tables`` adds to it, table by table.
+    """
+    from aspy import create_app
+    from aspy.config import parse_config
+
+    data: dict = {
+        "store": {"url": f"sqlite:///{tmp_path / 'aspy.db'}"},
+        "legacy": {"provider": "fake"},
+        "providers": {"fake": {"base_url": FAKE_UPSTREAM}, "fakebase": {"base_url": FAKE_UPSTREAM + "/base/path"}},
+        "clients": {"dev-1": {"name": "Dev Laptop", "provider": "fake"},
+                    "dev-2": {"name": "CI runner", "provider": "fakebase"}},
+    }
+    for name, table in (tables or {}).items():
+        data[name] = {**data.get(name, {}), **table}
+    return create_app(parse_config(data, None), {"TESTING": True})

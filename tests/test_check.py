@@ -10,7 +10,7 @@ import uuid
 import pytest
 
 from aspy.store import open_store
-from aspy.store.sqlite import SCHEMA_VERSION
+from aspy.store.schema import SCHEMA_VERSION
 from conftest import POSTGRES_URL, free_port, postgres_database
 
 

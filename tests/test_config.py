@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -207,6 +209,62 @@ def test_the_shipped_example_config_is_valid():
 
     config = load_config(ROOT / "conf" / "config.example.toml")
     assert set(config.clients) == {"dev-1", "ci"} and config.clients["ci"].provider == "foundry"
+
+
+def declared_tables() -> dict[str, type]:
+    """Return each table heading as the docs write it, with the class its keys are declared in."""
+    from dataclasses import fields
+    from typing import get_type_hints
+
+    from aspy.config import Config
+
+    hints = get_type_hints(Config)
+    return {f"[{f.name}.<id>]" if "entry" in f.metadata else f"[{f.name}]": f.metadata.get("entry", hints[f.name])
+            for f in fields(Config) if f.metadata}
+
+
+def documented_default(spec) -> str:
+    """Write a key's default as the README's table does."""
+    from aspy.config import TABLE_NAME
+
+    if spec.required or spec.shown:
+        return "required" if spec.required else spec.shown
+    if spec.written is None or spec.written is TABLE_NAME:
+        return "none" if spec.written is None else "the table name"
+    return "`" + ("true" if spec.written is True else "[]" if spec.written == [] else json.dumps(spec.written)) + "`"
+
+
+def readme_rows() -> list[str]:
+    """Write the README's table of keys from the declarations."""
+    from aspy.config import keys
+
+    rows = []
+    for heading, declared in declared_tables().items():
+        for i, (name, spec) in enumerate(keys(declared).items()):
+            table = f" `{heading}` " if i == 0 else " "
+            rows.append(f"|{table}| `{name}` | {documented_default(spec)} | {spec.meaning} |")
+    return rows
+
+
+def test_the_readme_table_of_keys_is_the_declarations():
+    from conftest import ROOT
+
+    table = (ROOT / "README.md").read_text().split("| table | key | default | meaning |\n|---|---|---|---|\n")[1]
+    assert table.split("\n\n")[0].splitlines() == readme_rows()
+
+
+def test_the_example_config_shows_every_declared_key():
+    from aspy.config import keys
+    from conftest import ROOT
+
+    shown, heading = set(), None
+    for line in (ROOT / "conf" / "config.example.toml").read_text().splitlines():
+        if line.startswith("["):
+            table = line.strip("[]").split(".")
+            heading = f"[{table[0]}.<id>]" if len(table) > 1 else f"[{table[0]}]"
+        elif heading and (match := re.match(r"#?\s*(\w+)\s*=", line)):
+            shown.add((heading, match.group(1)))
+    assert shown == {(heading, name) for heading, declared in declared_tables().items() for name in keys(declared)}
 
 
 # Mistakes that the checker once let through, to fail at run time (a 500 on every request, a

@@ -41,9 +41,9 @@ def test_systemd_unit_is_hardened_and_outlives_graceful_shutdown():
     assert one["ProtectSystem"] == "strict" and one["ProtectHome"] == "yes" and one["PrivateTmp"] == "yes"
     assert one["CapabilityBoundingSet"] == ""
     assert "-HUP" in one["ExecReload"]
-    from aspy.config import Server
+    from aspy.config import ServerSettings
     from aspy.serving import gunicorn_settings
-    graceful = gunicorn_settings(Server())["graceful_timeout"]
+    graceful = gunicorn_settings(ServerSettings())["graceful_timeout"]
     assert graceful > LONGEST_STREAM
     assert int(one["TimeoutStopSec"]) > graceful
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from aspy.config import Server
+from aspy.config import ServerSettings
 from aspy.routing import user_hash
 from aspy.serving import warn_if_exposed
 from test_sessions_api import eventually
@@ -223,9 +223,9 @@ def test_no_secret_reaches_the_store_or_the_logs(team, upstream):
 
 def test_listening_beyond_loopback_without_api_token_is_announced(caplog):
     with caplog.at_level(logging.WARNING, logger="gunicorn.error"):
-        warn_if_exposed(Server(host="0.0.0.0", port=8080))
-        warn_if_exposed(Server(host="127.0.0.1", port=8080))
-        warn_if_exposed(Server(host="0.0.0.0", port=8080, api_token="x" * 20))
+        warn_if_exposed(ServerSettings(listen="0.0.0.0:8080"))
+        warn_if_exposed(ServerSettings(listen="127.0.0.1:8080"))
+        warn_if_exposed(ServerSettings(listen="0.0.0.0:8080", api_token="x" * 20))
     assert len(caplog.records) == 1
     assert "anyone who can reach this address can read every recorded conversation" in caplog.text
 

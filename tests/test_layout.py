@@ -27,8 +27,8 @@ LAYERS: list[tuple[str, set[str]]] = [
     ("what it costs", {"billing", "models"}),
     ("figures over time", {"usage"}),
     ("where it lives", {"store"}),
-    ("what everyone may import", {"identity", "prompts", "claude_code", "records", "config", "errors", "logs",
-                                  "native", "timerange", "status"}),
+    ("what everyone may import", {"identity", "prompts", "claude_code", "records", "config", "addresses", "errors",
+                                  "logs", "native", "timerange", "status"}),
 ]
 # The API's clients talk to a server over HTTP: they import none of its modules.
 CLIENTS = {"apiclient", "top", "mcp_server"}

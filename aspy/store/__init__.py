@@ -1,10 +1,15 @@
 """Where sessions, events and conversation text live: the records, and the store interface.
 
-Only the store modules know SQL. ``open_store(url)`` picks the implementation from the
-``[store] url``: ``sqlite:///PATH`` (embedded, the default) or ``postgresql://...``. Writes
-happen in a :meth:`Store.transaction` whose methods the sessions module calls; every write
-of one batch of exchanges is one short transaction, so all worker processes (and all hosts
-on one PostgreSQL database) see the same figures.
+Only the store modules know SQL. ``schema`` holds the tables of both dialects and ``sql`` the
+store they share, put together from ``ledger`` (sessions and their figures), ``events``
+(events, conversation text, what counted already) and ``rollup`` (figures over time, which
+``pieces`` plans), reading columns by name through ``rows`` with the WHERE fragments of
+``clauses``; ``sqlite`` and ``postgres`` give connections, locking and text search.
+
+``open_store(url)`` picks the implementation from the ``[store] url``: ``sqlite:///PATH``
+(embedded, the default) or ``postgresql://...``. Writes happen in a :meth:`Store.transaction`
+whose methods the sessions module calls; every write of one batch of exchanges is one short
+transaction, so all worker processes (and all hosts on one PostgreSQL database) see the same figures.
 """
 from __future__ import annotations
 
@@ -71,8 +76,27 @@ class Scope:
     clients: tuple[str, ...] | None = None
 
 
+@dataclass(kw_only=True)
+class Figures:
+    """What the store sums over exchanges: requests, failures, tokens, cost and savings."""
+
+    requests: int = 0
+    failed: int = 0
+    usage: Usage = field(default_factory=Usage)
+    cost_usd: float = 0.0
+    savings_usd: float = 0.0
+
+    def add(self, other: Figures) -> None:
+        """Add another's figures to these."""
+        self.requests += other.requests
+        self.failed += other.failed
+        self.usage = self.usage + other.usage
+        self.cost_usd += other.cost_usd
+        self.savings_usd += other.savings_usd
+
+
 @dataclass
-class UsageBucket:
+class UsageBucket(Figures):
     """Figures of one 15-minute bucket: a session's (or, without one, its client's traffic) for a model and price class.
 
     ``model`` is None for requests that no answer billed (probes, failures before any usage).
@@ -84,16 +108,11 @@ class UsageBucket:
     user: str
     model: str | None
     price_class: str
-    requests: int = 0
-    failed: int = 0
-    usage: Usage = field(default_factory=Usage)
-    cost_usd: float = 0.0
-    savings_usd: float = 0.0
     priced: bool = True
 
 
 @dataclass
-class UsageRow:
+class UsageRow(Figures):
     """Summed figures of one group of a usage question; keys not grouped on are None.
 
     ``day`` counts days since 1970-01-01 in the zone asked for.
@@ -104,22 +123,12 @@ class UsageRow:
     model: str | None = None
     session: str | None = None
     claude_session_id: str | None = None
-    requests: int = 0
-    failed: int = 0
-    usage: Usage = field(default_factory=Usage)
-    cost_usd: float = 0.0
-    savings_usd: float = 0.0
 
 
 @dataclass
-class Totals:
+class Totals(Figures):
     """Aggregate figures over a scope."""
 
-    requests: int = 0
-    failed: int = 0
-    usage: Usage = field(default_factory=Usage)
-    cost_usd: float = 0.0
-    savings_usd: float = 0.0
     by_model: dict[str, ModelUsage] = field(default_factory=dict)
     tool_calls: int = 0
     tool_failed: int = 0

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from decimal import Decimal
 from typing import Any
@@ -18,128 +18,22 @@ from typing import Any
 import psycopg
 from psycopg.abc import Buffer
 from psycopg.adapt import Loader
+from psycopg.rows import DictRow, dict_row
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from ..native import native
-from . import Hit, StoreError
-from .sql import SqlStore, SqlTransaction, message_filters
+from . import Hit, Scope, StoreError
+from .clauses import message_filters
+from .rows import Row
+from .schema import Dialect
+from .sql import SqlStore, SqlTransaction, schema_version
 
-SCHEMA_VERSION = 4
 # One number for aspy's advisory lock: every write, and migrations, take it.
 WRITE_LOCK = 0x61737079
-MIGRATIONS: dict[int, list[str]] = {
-    1: [
-        """CREATE TABLE sessions (
-            id TEXT PRIMARY KEY, claude_session_id TEXT, source TEXT NOT NULL, client_id TEXT,
-            client_name TEXT, provider TEXT, user_hash TEXT NOT NULL, started DOUBLE PRECISION NOT NULL,
-            last_activity DOUBLE PRECISION NOT NULL, status TEXT NOT NULL, ended DOUBLE PRECISION, end_reason TEXT,
-            requests BIGINT NOT NULL DEFAULT 0, failed BIGINT NOT NULL DEFAULT 0,
-            input_tokens BIGINT NOT NULL DEFAULT 0, output_tokens BIGINT NOT NULL DEFAULT 0,
-            cache_read BIGINT NOT NULL DEFAULT 0, cache_write_5m BIGINT NOT NULL DEFAULT 0,
-            cache_write_1h BIGINT NOT NULL DEFAULT 0, web_searches BIGINT NOT NULL DEFAULT 0,
-            cost_usd DOUBLE PRECISION NOT NULL DEFAULT 0, savings_usd DOUBLE PRECISION NOT NULL DEFAULT 0,
-            tool_calls BIGINT NOT NULL DEFAULT 0, tool_failed BIGINT NOT NULL DEFAULT 0,
-            thinking_blocks BIGINT NOT NULL DEFAULT 0, ttfb_total_ms DOUBLE PRECISION NOT NULL DEFAULT 0,
-            ttfb_count BIGINT NOT NULL DEFAULT 0, context_model TEXT,
-            context_tokens BIGINT NOT NULL DEFAULT 0, context_limit BIGINT,
-            compactions BIGINT NOT NULL DEFAULT 0)""",
-        "CREATE INDEX sessions_client ON sessions (client_id, status, last_activity)",
-        "CREATE INDEX sessions_user ON sessions (user_hash, status, last_activity)",
-        "CREATE INDEX sessions_claude ON sessions (claude_session_id)",
-        "CREATE INDEX sessions_activity ON sessions (status, last_activity)",
-        """CREATE TABLE session_models (
-            session_id TEXT NOT NULL, model TEXT NOT NULL, requests BIGINT NOT NULL,
-            input_tokens BIGINT NOT NULL, output_tokens BIGINT NOT NULL, cache_read BIGINT NOT NULL,
-            cache_write_5m BIGINT NOT NULL, cache_write_1h BIGINT NOT NULL, web_searches BIGINT NOT NULL,
-            cost_usd DOUBLE PRECISION NOT NULL, savings_usd DOUBLE PRECISION NOT NULL, priced INTEGER NOT NULL,
-            PRIMARY KEY (session_id, model))""",
-        """CREATE TABLE session_tools (
-            session_id TEXT NOT NULL, tool TEXT NOT NULL, calls BIGINT NOT NULL, failed BIGINT NOT NULL,
-            PRIMARY KEY (session_id, tool))""",
-        """CREATE TABLE events (
-            id BIGSERIAL PRIMARY KEY, session_id TEXT, client_id TEXT, user_hash TEXT,
-            type TEXT NOT NULL, timestamp DOUBLE PRECISION NOT NULL, data TEXT NOT NULL)""",
-        "CREATE INDEX events_session ON events (session_id, id)",
-        "CREATE INDEX events_time ON events (timestamp)",
-        """CREATE TABLE tool_calls (
-            tool_use_id TEXT PRIMARY KEY, session_id TEXT NOT NULL, tool TEXT NOT NULL,
-            called_at DOUBLE PRECISION NOT NULL)""",
-        """CREATE TABLE messages (
-            id BIGSERIAL PRIMARY KEY, session_id TEXT NOT NULL, client_id TEXT, user_hash TEXT,
-            role TEXT NOT NULL, timestamp DOUBLE PRECISION NOT NULL, text TEXT NOT NULL,
-            words TSVECTOR GENERATED ALWAYS AS (to_tsvector('simple', text)) STORED)""",
-        "CREATE INDEX messages_time ON messages (timestamp)",
-        "CREATE INDEX messages_words ON messages USING GIN (words)",
-    ],
-    2: [
-        """CREATE TABLE imports (
-            file_hash TEXT PRIMARY KEY, name TEXT NOT NULL, lines BIGINT NOT NULL,
-            imported_at DOUBLE PRECISION NOT NULL)""",
-        "CREATE INDEX events_user ON events (user_hash)",
-        "CREATE INDEX messages_user ON messages (user_hash)",
-    ],
-    3: [
-        """CREATE TABLE traffic (
-            client_id TEXT NOT NULL, user_hash TEXT NOT NULL, requests BIGINT NOT NULL,
-            failed BIGINT NOT NULL, last_seen DOUBLE PRECISION NOT NULL, PRIMARY KEY (client_id, user_hash))""",
-        "ALTER TABLE session_models ADD COLUMN price_class TEXT NOT NULL DEFAULT 'standard'",
-        "ALTER TABLE session_models DROP CONSTRAINT session_models_pkey",
-        "ALTER TABLE session_models ADD PRIMARY KEY (session_id, model, price_class)",
-        "CREATE INDEX session_models_unpriced ON session_models (priced)",
-        "CREATE TABLE batches (batch_id TEXT PRIMARY KEY, billed_at DOUBLE PRECISION NOT NULL)",
-        # Exchanges recorded lately, so that one given back by a worker's journal is never recorded twice.
-        "CREATE TABLE recorded (exchange_id TEXT PRIMARY KEY, recorded_at DOUBLE PRECISION NOT NULL)",
-        "CREATE INDEX recorded_at ON recorded (recorded_at)",
-    ],
-    # Figures over time (GET /api/usage): each exchange's figures in its 15-minute bucket, per
-    # session, model and price class; a summary per client in 6-hour blocks; tool calls per bucket.
-    4: [
-        """CREATE TABLE usage_rollup (
-            bucket BIGINT NOT NULL, session_id TEXT NOT NULL, client_id TEXT NOT NULL, user_hash TEXT NOT NULL,
-            model TEXT NOT NULL, price_class TEXT NOT NULL, requests BIGINT NOT NULL, failed BIGINT NOT NULL,
-            input_tokens BIGINT NOT NULL, output_tokens BIGINT NOT NULL, cache_read BIGINT NOT NULL,
-            cache_write_5m BIGINT NOT NULL, cache_write_1h BIGINT NOT NULL, web_searches BIGINT NOT NULL,
-            cost_usd DOUBLE PRECISION NOT NULL, savings_usd DOUBLE PRECISION NOT NULL, priced INTEGER NOT NULL,
-            PRIMARY KEY (bucket, session_id, client_id, user_hash, model, price_class))""",
-        "CREATE INDEX usage_rollup_session ON usage_rollup (session_id)",
-        "CREATE INDEX usage_rollup_client ON usage_rollup (client_id, bucket)",
-        "CREATE INDEX usage_rollup_time_of_day ON usage_rollup ((bucket % 86400))",
-        "CREATE INDEX usage_rollup_unpriced ON usage_rollup (model) WHERE priced = 0",
-        """CREATE TABLE usage_rollup_6h (
-            block BIGINT NOT NULL, client_id TEXT NOT NULL, model TEXT NOT NULL, price_class TEXT NOT NULL,
-            requests BIGINT NOT NULL, failed BIGINT NOT NULL, input_tokens BIGINT NOT NULL,
-            output_tokens BIGINT NOT NULL, cache_read BIGINT NOT NULL, cache_write_5m BIGINT NOT NULL,
-            cache_write_1h BIGINT NOT NULL, web_searches BIGINT NOT NULL, cost_usd DOUBLE PRECISION NOT NULL,
-            savings_usd DOUBLE PRECISION NOT NULL, priced INTEGER NOT NULL,
-            PRIMARY KEY (block, client_id, model, price_class))""",
-        "CREATE INDEX usage_rollup_6h_client ON usage_rollup_6h (client_id, block)",
-        """CREATE TABLE usage_tools (
-            bucket BIGINT NOT NULL, session_id TEXT NOT NULL, tool TEXT NOT NULL, calls BIGINT NOT NULL,
-            failed BIGINT NOT NULL, PRIMARY KEY (bucket, session_id, tool))""",
-        # Older stores kept no figures over time: each session's go to the bucket of its last
-        # activity, traffic outside sessions to that of its last request (docs/api.md says so).
-        """INSERT INTO usage_rollup SELECT floor(s.last_activity / 900)::BIGINT * 900, m.session_id,
-            COALESCE(s.client_id, ''), s.user_hash, m.model, m.price_class, m.requests, 0, m.input_tokens,
-            m.output_tokens, m.cache_read, m.cache_write_5m, m.cache_write_1h, m.web_searches, m.cost_usd,
-            m.savings_usd, m.priced FROM session_models m JOIN sessions s ON s.id = m.session_id""",
-        # Failures, and requests no answer billed, have no model there.
-        """INSERT INTO usage_rollup SELECT floor(s.last_activity / 900)::BIGINT * 900, s.id,
-            COALESCE(s.client_id, ''), s.user_hash, '', 'standard',
-            GREATEST(s.requests - COALESCE((SELECT SUM(m.requests) FROM session_models m
-                                            WHERE m.session_id = s.id), 0), 0),
-            s.failed, 0, 0, 0, 0, 0, 0, 0, 0, 1 FROM sessions s
-            WHERE s.failed > 0 OR s.requests > COALESCE((SELECT SUM(m.requests) FROM session_models m
-                                                         WHERE m.session_id = s.id), 0)""",
-        """INSERT INTO usage_rollup SELECT floor(last_seen / 900)::BIGINT * 900, '', client_id, user_hash, '', '',
-            requests, failed, 0, 0, 0, 0, 0, 0, 0, 0, 1 FROM traffic""",
-        """INSERT INTO usage_rollup_6h SELECT bucket - bucket % 21600, client_id, model, price_class, SUM(requests),
-            SUM(failed), SUM(input_tokens), SUM(output_tokens), SUM(cache_read), SUM(cache_write_5m),
-            SUM(cache_write_1h), SUM(web_searches), SUM(cost_usd), SUM(savings_usd), MIN(priced)
-            FROM usage_rollup GROUP BY 1, 2, 3, 4""",
-        """INSERT INTO usage_tools SELECT floor(s.last_activity / 900)::BIGINT * 900, t.session_id, t.tool,
-            t.calls, t.failed FROM session_tools t JOIN sessions s ON s.id = t.session_id""",
-    ],
-}
+# A tsvector of messages.text under a GIN index; searches match plainto_tsquery, ranked by ts_rank.
+SEARCH = ("ALTER TABLE messages ADD COLUMN words TSVECTOR GENERATED ALWAYS AS (to_tsvector('simple', text)) STORED",
+          "CREATE INDEX messages_words ON messages USING GIN (words)")
+DIALECT = Dialect("BIGSERIAL PRIMARY KEY", "", "GREATEST", lambda number: f"floor({number})::BIGINT", SEARCH)
 
 
 class WholeNumberLoader(Loader):
@@ -158,6 +52,7 @@ class PostgresStore(SqlStore):
     """The PostgreSQL implementation of the store."""
 
     kind = "postgresql"
+    dialect = DIALECT
 
     def __init__(self, url: str):
         self.url = url
@@ -195,39 +90,24 @@ class PostgresStore(SqlStore):
                 try:
                     pool.open(wait=True, timeout=5)
                     with pool.connection() as conn:
-                        self._migrate(conn)
+                        self.migrate(conn)
                 except (psycopg.Error, PoolTimeout) as exc:
                     pool.close()
                     raise StoreError(f"cannot open the PostgreSQL store {self._where()}: {exc}") from None
                 self._pool, self._pid = pool, os.getpid()
         return self._pool
 
-    def _migrate(self, conn: psycopg.Connection) -> None:
-        """Create the schema, or bring it up to SCHEMA_VERSION, under the write lock."""
+    @contextmanager
+    def write(self, conn: psycopg.Connection) -> Iterator[psycopg.Cursor[DictRow]]:
         with conn.transaction():
             conn.execute("SELECT pg_advisory_xact_lock(%s)", (WRITE_LOCK,))
-            conn.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
-            current = self._version(conn)
-            if current > SCHEMA_VERSION:
-                raise StoreError(f"the store's schema version {current} is newer than this aspy understands "
-                                 f"({SCHEMA_VERSION}); upgrade aspy")
-            for version in range(current + 1, SCHEMA_VERSION + 1):
-                for statement in MIGRATIONS[version]:
-                    conn.execute(statement)
-            conn.execute("INSERT INTO meta (key, value) VALUES ('schema_version', %s) "
-                         "ON CONFLICT (key) DO UPDATE SET value = excluded.value", (str(SCHEMA_VERSION),))
-
-    @staticmethod
-    def _version(conn: psycopg.Connection) -> int:
-        row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
-        return int(row[0]) if row else 0
+            yield conn.cursor(row_factory=dict_row)
 
     @contextmanager
     def transaction(self) -> Iterator[SqlTransaction]:
         try:
-            with self._connection() as conn, conn.transaction():
-                conn.execute("SELECT pg_advisory_xact_lock(%s)", (WRITE_LOCK,))
-                yield SqlTransaction(self, conn.cursor())
+            with self._connection() as conn, self.write(conn) as cur:
+                yield SqlTransaction(self, cur)
         except (psycopg.Error, PoolTimeout) as exc:
             self._drop_own()
             raise StoreError(f"writing to the PostgreSQL store {self._where()} failed: {exc}") from None
@@ -243,7 +123,7 @@ class PostgresStore(SqlStore):
         if conn is None or conn.closed:
             conn = psycopg.connect(self.url, autocommit=True, connect_timeout=5)
             _configure(conn)
-            self._migrate(conn)
+            self.migrate(conn)
             self._thread.conn = conn
         yield conn
 
@@ -257,42 +137,41 @@ class PostgresStore(SqlStore):
             except psycopg.Error:
                 pass
 
-    def query(self, statement: str, params: Iterable[Any] = ()) -> list[tuple]:
+    def query(self, statement: str, params: Iterable[Any] = ()) -> Sequence[Row]:
         pool = self._open()
         try:
             with pool.connection() as conn:
-                return conn.execute(self.sql(statement), tuple(params)).fetchall()
+                return conn.cursor(row_factory=dict_row).execute(self.sql(statement), tuple(params)).fetchall()
         except (psycopg.Error, PoolTimeout) as exc:
             raise StoreError(f"reading the PostgreSQL store {self._where()} failed: {exc}") from None
 
-    def search(self, words, since, until, scope, role, limit):
+    def search(self, words: list[str], since: float | None, until: float | None, scope: Scope,
+               role: str | None, limit: int) -> tuple[int, list[Hit]]:
         narrow, narrow_params = message_filters(since, until, scope, role)
-        where, params = "m.words @@ plainto_tsquery('simple', ?)" + narrow, [" ".join(words), *narrow_params]
-        total = self.query(f"SELECT COUNT(*) FROM messages m WHERE {where}", params)[0][0]
+        query = " ".join(words)
+        where, params = f"m.words @@ plainto_tsquery('simple', ?) AND {narrow}", [query, *narrow_params]
+        total = self.query(f"SELECT COUNT(*) AS n FROM messages m WHERE {where}", params)[0]["n"]
         rows = self.query(
             "SELECT m.session_id, m.client_id, m.timestamp, m.role, "
             "ts_headline('simple', m.text, plainto_tsquery('simple', ?), "
-            "'StartSel=**, StopSel=**, MaxWords=24, MinWords=8, MaxFragments=1, FragmentDelimiter=…'), "
+            "'StartSel=**, StopSel=**, MaxWords=24, MinWords=8, MaxFragments=1, FragmentDelimiter=…') AS snippet, "
             "ts_rank(m.words, plainto_tsquery('simple', ?)) AS score "
             f"FROM messages m WHERE {where} ORDER BY score DESC, m.timestamp DESC LIMIT ?",
-            [params[0], params[0], *params, limit])
-        return total, [Hit(session=r[0], client=r[1], timestamp=r[2], role=r[3], snippet=r[4], score=float(r[5]))
-                       for r in rows]
+            [query, query, *params, limit])
+        return total, [Hit(session=r["session_id"], client=r["client_id"], timestamp=r["timestamp"], role=r["role"],
+                           snippet=r["snippet"], score=float(r["score"])) for r in rows]
 
-    def check(self) -> dict[str, Any]:
-        version = self.query("SELECT value FROM meta WHERE key = 'schema_version'")[0][0]
-        return {"kind": self.kind, "database": self._where(), "schema_version": int(version)}
+    def location(self) -> dict[str, str]:
+        return {"database": self._where()}
 
     def inspect(self) -> dict[str, Any]:
         try:
-            with psycopg.connect(self.url, connect_timeout=5) as conn:
-                row = conn.execute("SELECT to_regclass('meta')").fetchone()
-                has_meta = row is not None and row[0]
-                version = self._version(conn) if has_meta else None
+            with psycopg.connect(self.url, connect_timeout=5, row_factory=dict_row) as conn:
+                row = conn.execute("SELECT to_regclass('meta') AS meta").fetchone()
+                version = schema_version(conn) if row is not None and row["meta"] else None
         except psycopg.Error as exc:
             raise StoreError(f"cannot reach the PostgreSQL store {self._where()}: {exc}") from None
-        return {"kind": self.kind, "database": self._where(), "schema_version": version,
-                "expected_version": SCHEMA_VERSION}
+        return self.inspected(version)
 
     def close(self) -> None:
         if self._pool is not None and self._pid == os.getpid():

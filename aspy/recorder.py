@@ -57,16 +57,15 @@ class Recorder:
 
     def __init__(self, sessions: Sessions, journal: Journal | None = None, status: WorkerStatus | None = None,
                  metrics: Counter | None = None):
-        self.sessions = sessions
-        self.journal = journal
-        # This worker's recording status, for the /health of whichever worker is asked.
-        self.status = status
-        # The host's Prometheus figures: each exchange is counted there once the store has it.
-        self.metrics = metrics
-        self.failing = False
+        self.sessions, self.journal = sessions, journal
+        # This worker's recording status, for the /health of whichever worker is asked; and the
+        # host's Prometheus figures, where each exchange is counted once the store has it.
+        self.status, self.metrics = status, metrics
+        # How the store fares: failing now, failed tries, exchanges dropped, the last error.
+        self.failing, self.failures, self.dropped = False, 0, 0
+        self.last_error: str | None = None
         # Exchanges let go from memory during a long outage, still in the journal (and how many).
-        self.spilled = False
-        self.journal_only = 0
+        self.spilled, self.journal_only = False, 0
         # Under gevent the writer is an OS thread: SQLite blocks in C, and a writer greenlet would
         # wait behind every busy request of the worker (measured: PostgreSQL then fell behind for good).
         self.in_os_thread = gevent_patched() and hasattr(sessions.store, "kind")
@@ -76,9 +75,6 @@ class Recorder:
         # gevent patches what threading.Thread starts with, so an OS thread starts from _thread.
         self._start_thread = tools("_thread", "start_new_thread")
         self.pending: list[Exchange] = []
-        self.failures = 0
-        self.dropped = 0
-        self.last_error: str | None = None
         self.retry_after = RETRY_AFTER
         # The first upkeep runs as soon as the writer starts: it prices history the table has learned.
         self.next_upkeep = 0.0

@@ -105,11 +105,14 @@ class Session:
     usage: Usage = field(default_factory=Usage)
     cost_usd: float = 0.0
     savings_usd: float = 0.0
+    # Tool calls, those whose result was an error, and thinking blocks.
     tool_calls: int = 0
     tool_failed: int = 0
     thinking_blocks: int = 0
+    # Summed over the requests the upstream answered, for the average time to first byte.
     ttfb_total_ms: float = 0.0
     ttfb_count: int = 0
+    # The context gauge: the main thread's last model, tokens and window; and compactions seen.
     context_model: str | None = None
     context_tokens: int = 0
     context_limit: int | None = None

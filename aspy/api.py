@@ -14,11 +14,13 @@ from typing import Any
 
 from flask import Blueprint, Response, current_app, g, jsonify, request
 
-from . import usage
+from . import commands, usage
+from .accounting import warning_level
 from .config import Config
 from .errors import AspyError, answer_error
+from .identity import Identities
+from .records import status_of
 from .routing import api_caller
-from .sessions import Sessions, status_of, warning_level
 from .store import ACTIVE, ENDED, EVENT_TYPES, IDLE, LIVE, Horizon, ModelUsage, Scope, Session, Store, StoreError
 from .timerange import TimeRangeError, parse_time_range, parse_window, server_zone, zone
 from .usage import USD_DIGITS, tokens_json
@@ -51,8 +53,8 @@ def store() -> Store:
     return current_app.extensions["aspy.store"]
 
 
-def sessions() -> Sessions:
-    """Return the app's sessions book."""
+def ledger() -> Any:
+    """Return the app's session ledger (aspy.sessions.Sessions), for the session commands."""
     return current_app.extensions["aspy.sessions"]
 
 
@@ -104,7 +106,7 @@ def scope(args: dict[str, Any] | None = None) -> Scope:
     if user is not None:
         if not isinstance(user, str) or not USER_HASH.fullmatch(user):
             raise bad_request("user must be a 16-character lowercase hex key hash, or 'anonymous'")
-        user_clients = tuple(c.id for c in config().clients.values() if user in c.legacy_user_hashes)
+        user_clients = Identities(config()).clients_of(user)
     if session is not None:
         found = store().get_session(session)
         if found is None or (g.only_client and found.client != g.only_client):
@@ -316,7 +318,7 @@ def start_session():
         raise AspyError(404, f"Unknown client {client!r}")
     if user is not None and not USER_HASH.fullmatch(user):
         raise bad_request("user must be a 16-character lowercase hex key hash, or 'anonymous'")
-    session, created = sessions().start(client, user, key, source)
+    session, created = commands.start_session(ledger(), client, user, key, source)
     return jsonify({"created": created, "session": session_json(store().get_session(session.id))}), \
         201 if created else 200
 
@@ -330,7 +332,7 @@ def end_session():
     found = store().get_session(key)
     if found is None or (g.only_client and found.client != g.only_client):
         raise AspyError(404, f"Unknown session {key!r}")
-    sessions().end(found.id, reason)
+    commands.end_session(ledger(), found.id, reason)
     return jsonify({"session": session_json(store().get_session(found.id))})
 
 

@@ -299,7 +299,7 @@ def _import_logs(config, store, args, models) -> int:
 
 def token_command(config: Config, args: argparse.Namespace) -> int:
     """Make a proxy token for a client; with --write, store it in config.toml."""
-    from . import migration
+    from . import config_file
 
     if args.client not in config.clients:
         print(f"aspy token: unknown client {args.client!r}; expected one of: "
@@ -308,8 +308,8 @@ def token_command(config: Config, args: argparse.Namespace) -> int:
     token = "pt_" + secrets.token_urlsafe(24)
     if args.write:
         try:
-            backup = migration.set_proxy_token(config.path or config_path(args.config), args.client, token)
-        except migration.MigrationError as exc:
+            backup = config_file.set_proxy_token(config.path or config_path(args.config), args.client, token)
+        except config_file.ConfigFileError as exc:
             print(f"aspy token: {exc}", file=sys.stderr)
             return 2
         print(f"Stored in {config.path} for [clients.{args.client}] (backup: {backup}). Restart aspy to use it.")

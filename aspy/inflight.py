@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from .config import Config
+from .identity import Identities
 from .records import STREAM_TYPES, Exchange
 
 # A change is written this long after it happens, so that a burst of requests is one write.
@@ -54,7 +55,7 @@ class InFlight:
         self.folder = folder
         self.open: dict[str, Relayed] = {}
         # Legacy key hashes a client has taken over count as that client's, as in the store.
-        self.hash_owner = {h: c.id for c in config.clients.values() for h in c.legacy_user_hashes}
+        self.identities = Identities(config)
         self._changed: threading.Event | None = None
         self._pid: int | None = None
 
@@ -93,7 +94,7 @@ class InFlight:
     def _entry(self, flight: Relayed) -> dict[str, Any]:
         exchange = flight.opened
         headers = exchange.request.headers
-        client = exchange.client or self.hash_owner.get(exchange.user)
+        client = exchange.client or self.identities.of(None, exchange.user).client_id
         return {"client": client, "user": exchange.user,
                 "session": headers.get("x-claude-code-session-id") or headers.get("x-session-id"),
                 "model": _model(flight), "method": exchange.request.method, "path": exchange.request.path,

@@ -32,13 +32,13 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from . import __version__
+from .accounting import Accounted, failed_exchange
 from .config import Config
 from .errors import ERROR_TYPES, AspyError, error_type
 from .models import ModelTable
 from .native import gevent_patched, native
 from .records import CLIENT_WENT_AWAY, Exchange
 from .routing import api_caller
-from .sessions import Accounted, failed_exchange
 from .status import host_status
 from .store import StoreError
 

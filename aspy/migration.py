@@ -1,34 +1,32 @@
 """Move an old hash-based setup to named clients, and bring in the earlier aspy's event logs.
 
 ``plan`` lists each legacy key hash seen with its figures and the client it would get;
-``apply`` writes those clients into config.toml (comments and layout kept, a backup beside
-it) and re-attributes the stored sessions; ``import_logs`` reads the earlier aspy's JSONL
-event logs into the store as archived sessions. Everything is idempotent: a second run
-finds nothing left to do.
+``apply`` writes those clients into config.toml (through :mod:`aspy.config_file`: comments
+and layout kept, a backup beside it) and re-attributes the stored sessions; ``import_logs``
+reads the earlier aspy's JSONL event logs into the store as archived sessions, counting each
+record with the same steps as live traffic (:class:`aspy.accounting.Tally`). Everything is
+idempotent: a second run finds nothing left to do.
 """
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
-import shutil
-import time
-import tomllib
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import tomlkit
-
+from .accounting import Tally, event
 from .billing import samplings
-from .config import Config, ConfigError, client_id_problem, config_path, parse_config
+from .config import Config, client_id_problem, config_path
+from .config_file import ConfigFileError, add_legacy_hashes
+from .identity import Identities
 from .models import STANDARD, ModelTable
 from .prompts import read_request
-from .records import ANONYMOUS, FIVE_MINUTES
-from .sessions import Batch
-from .store import ENDED, Event, Message, Session, Store, Transaction
+from .records import ANONYMOUS, ENDED, FIVE_MINUTES, Session
+from .sessions import write_tally
+from .store import LegacyUser, Store, Transaction
 
 HASH = re.compile(r"[0-9a-f]{16}")
 IMPORTED = "imported"
@@ -42,20 +40,12 @@ class MigrationError(Exception):
 
 
 @dataclass
-class Move:
-    """One legacy key hash and the client that takes it over."""
+class Move(LegacyUser):
+    """One legacy key hash, with its figures, and the client that takes it over."""
 
-    user: str
     client: str
     new_client: bool
     in_config: bool
-    sessions: int = 0
-    requests: int = 0
-    input_tokens: int = 0
-    output_tokens: int = 0
-    cost_usd: float = 0.0
-    first_seen: float | None = None
-    last_seen: float | None = None
 
 
 def parse_map(pairs: list[str]) -> dict[str, str]:
@@ -74,19 +64,16 @@ def parse_map(pairs: list[str]) -> dict[str, str]:
 
 def plan(config: Config, store: Store, mapping: dict[str, str]) -> list[Move]:
     """Return what a migration would do, one move per legacy key hash seen in the store."""
-    owners = {h: c.id for c in config.clients.values() for h in c.legacy_user_hashes}
+    identities = Identities(config)
     moves = []
     for seen in store.legacy_users():
         if seen.user == ANONYMOUS or not HASH.fullmatch(seen.user):
             continue
-        client = mapping.get(seen.user) or owners.get(seen.user) or f"legacy-{seen.user[:8]}"
+        owner = identities.owner(seen.user)
+        client = mapping.get(seen.user) or (owner.id if owner else None) or f"legacy-{seen.user[:8]}"
         existing = config.clients.get(client)
-        moves.append(Move(
-            user=seen.user, client=client, new_client=existing is None,
-            in_config=existing is not None and seen.user in existing.legacy_user_hashes,
-            sessions=seen.sessions, requests=seen.requests, input_tokens=seen.input_tokens,
-            output_tokens=seen.output_tokens, cost_usd=seen.cost_usd, first_seen=seen.first_seen,
-            last_seen=seen.last_seen))
+        moves.append(Move(**vars(seen), client=client, new_client=existing is None,
+                          in_config=existing is not None and seen.user in existing.legacy_user_hashes))
     done_before = {u for u, c in mapping.items() if c in config.clients and u in config.clients[c].legacy_user_hashes}
     unseen = set(mapping) - {m.user for m in moves} - done_before
     if unseen:
@@ -103,7 +90,11 @@ def apply(config: Config, store: Store, moves: list[Move], provider: str | None)
     backup = None
     additions = [m for m in moves if not m.in_config]
     if additions:
-        backup = write_clients(config.path or config_path(), additions, provider)
+        try:
+            backup = add_legacy_hashes(config.path or config_path(),
+                                       [(m.client, m.user, legacy_name(m.user)) for m in additions], provider)
+        except ConfigFileError as exc:
+            raise MigrationError(str(exc)) from None
     moved = 0
     with store.transaction() as tx:
         for move in moves:
@@ -117,60 +108,6 @@ def legacy_name(user: str) -> str:
     return f"Legacy key {user[:8]}"
 
 
-def write_clients(path: Path, moves: list[Move], provider: str) -> Path | None:
-    """Add the moves' hashes to config.toml, keeping its comments and layout; return the backup."""
-    doc = _read_toml(path)
-    if "clients" not in doc:
-        doc["clients"] = tomlkit.table(is_super_table=True)
-    clients = doc["clients"]
-    for move in moves:
-        if move.client in clients:
-            hashes = clients[move.client].setdefault("legacy_user_hashes", tomlkit.array())
-            if move.user not in hashes:
-                hashes.append(move.user)
-        else:
-            table = tomlkit.table()
-            table["name"] = legacy_name(move.user)
-            table["provider"] = provider
-            table["legacy_user_hashes"] = [move.user]
-            clients[move.client] = table
-    return _write_toml(path, doc)
-
-
-def set_proxy_token(path: Path, client: str, token: str) -> Path | None:
-    """Store a client's proxy token in config.toml, keeping its comments; return the backup."""
-    doc = _read_toml(path)
-    if client not in doc.get("clients", {}):
-        raise MigrationError(f"{path} has no [clients.{client}] table")
-    doc["clients"][client]["proxy_token"] = token
-    return _write_toml(path, doc)
-
-
-def _read_toml(path: Path) -> tomlkit.TOMLDocument:
-    """Read config.toml for editing (an empty document if there is none)."""
-    return tomlkit.parse(path.read_text(encoding="utf-8") if path.exists() else "")
-
-
-def _write_toml(path: Path, doc: tomlkit.TOMLDocument) -> Path | None:
-    """Check and write an edited config.toml atomically, keeping a backup; return it."""
-    new_text = tomlkit.dumps(doc)
-    # Never write a file aspy would refuse to start with.
-    try:
-        parse_config(tomllib.loads(new_text), path)
-    except ConfigError as exc:
-        raise MigrationError("the migrated configuration would not be valid:\n  "
-                             + "\n  ".join(exc.problems)) from None
-    backup = None
-    if path.exists():
-        backup = path.with_name(f"{path.name}.bak-{time.strftime('%Y%m%dT%H%M%S')}")
-        shutil.copy2(path, backup)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(new_text, encoding="utf-8")
-    os.replace(temporary, path)
-    return backup
-
-
 # The earlier aspy's event logs ------------------------------------------------------------
 
 
@@ -179,10 +116,8 @@ class LogSession:
     """The events of one (user, session) found in log files, as a session to archive."""
 
     session: Session
-    events: list[Event] = field(default_factory=list)
-    messages: list[Message] = field(default_factory=list)
-    # Per-model and per-tool sums, kept and written as the recorder's are.
-    shares: Batch = field(default_factory=Batch)
+    # What its records add (events and text for search too), kept and written as the recorder's are.
+    tally: Tally = field(default_factory=Tally)
     # The cache lifetime the session's last request asked for.
     cache_ttl: str = FIVE_MINUTES
 
@@ -221,7 +156,7 @@ def read_log(path: Path, config: Config, models: ModelTable) -> LogFile:
     """Read one event log into sessions; unreadable lines are counted, not fatal."""
     raw = path.read_bytes()
     log = LogFile(path=path, digest=hashlib.sha256(raw).hexdigest(), lines=0, sessions={})
-    owners = {h: c for c in config.clients.values() for h in c.legacy_user_hashes}
+    identities = Identities(config)
     for number, line in enumerate(raw.decode("utf-8", "replace").splitlines(), 1):
         if not line.strip():
             continue
@@ -237,17 +172,17 @@ def read_log(path: Path, config: Config, models: ModelTable) -> LogFile:
         if record["type"] not in IMPORTED_TYPES:
             log.skipped += 1
             continue
-        _apply_record(_log_session(log, record, at, config, owners), record, at, config, models)
+        _apply_record(_log_session(log, record, at, config, identities), record, at, config, models)
     return log
 
 
-def _log_session(log: LogFile, record: dict, at: float, config: Config, owners: dict) -> LogSession:
+def _log_session(log: LogFile, record: dict, at: float, config: Config, identities: Identities) -> LogSession:
     """Return the session a log record belongs to, opening it on first sight."""
     user = record["user_id"] if isinstance(record.get("user_id"), str) else ANONYMOUS
     key = record["session_id"] if isinstance(record.get("session_id"), str) else None
     sid = "imp_" + hashlib.sha256(f"{user}\0{key}".encode()).hexdigest()[:20]
     if sid not in log.sessions:
-        client = config.clients.get(user) or owners.get(user)
+        client = config.clients.get(user) or identities.owner(user)
         log.sessions[sid] = LogSession(Session(
             id=sid, claude_session_id=key, source=IMPORTED, client=client.id if client else None,
             client_name=client.name if client else None,
@@ -261,82 +196,60 @@ def _log_session(log: LogFile, record: dict, at: float, config: Config, owners: 
 
 
 def _apply_record(entry: LogSession, record: dict, at: float, config: Config, models: ModelTable) -> None:
-    """Add one log record (of IMPORTED_TYPES) to its session."""
-    s, kind = entry.session, record["type"]
+    """Add one log record (of IMPORTED_TYPES) to its session, with the same steps as live traffic."""
+    s, kind, tally, capture = entry.session, record["type"], entry.tally, config.capture_content
 
-    def event(name: str, **data: Any) -> None:
-        entry.events.append(Event(type=name, timestamp=at, session=s.id, client=s.client, user=s.user, data=data))
+    def note(name: str, **data: Any) -> None:
+        tally.events.append(event(s, name, at, **data))
 
     if kind == "Request":
         s.requests += 1
         body = record["body"] if isinstance(record.get("body"), dict) else {}
         facts = read_request(json.dumps(body).encode(), "application/json")
         entry.cache_ttl = facts.cache_ttl
-        entry.shares.add_bucket(at, s, facts.model or None, STANDARD, requests=1)
-        event("request", method=record.get("method"), path=record.get("path"), model=facts.model,
-              stream=facts.stream, messages=facts.message_count, tools=facts.tool_count,
-              body_bytes=record.get("body_size"), imported=True)
-        if config.capture_content and facts.prompt.strip():
-            entry.messages.append(Message(s.id, s.client, s.user, "user", at, facts.prompt))
+        tally.add_bucket(at, s, facts.model or None, STANDARD, requests=1)
+        note("request", method=record.get("method"), path=record.get("path"), model=facts.model,
+             stream=facts.stream, messages=facts.message_count, tools=facts.tool_count,
+             body_bytes=record.get("body_size"), imported=True)
+        if capture and facts.prompt.strip():
+            tally.text(s, "user", at, facts.prompt)
     elif kind == "Response":
         status = record["status"] if isinstance(record.get("status"), int) else 0
+        body = record["body"] if isinstance(record.get("body"), dict) else {}
         s.failed += status >= 400
         if status >= 400:
-            body = record["body"] if isinstance(record.get("body"), dict) else {}
-            model = body["model"] if isinstance(body.get("model"), str) else None
-            entry.shares.add_bucket(at, s, model, STANDARD, failed=1)
+            tally.add_bucket(at, s, body["model"] if isinstance(body.get("model"), str) else None, STANDARD, failed=1)
         ttfb = duration_ms(record.get("ttfb"))
-        if ttfb is not None:
-            s.ttfb_total_ms += ttfb
-            s.ttfb_count += 1
-        body = record["body"] if isinstance(record.get("body"), dict) else {}
-        event("response", status=status, model=body.get("model"), stop_reason=body.get("stop_reason"),
-              ttfb_ms=ttfb, duration_ms=duration_ms(record.get("duration")), imported=True)
+        tally.ttfb(s, ttfb)
+        note("response", status=status, model=body.get("model"), stop_reason=body.get("stop_reason"),
+             ttfb_ms=ttfb, duration_ms=duration_ms(record.get("duration")), imported=True)
         text = "".join(b.get("text", "") for b in body.get("content") or [] if isinstance(b, dict)
                        and b.get("type") == "text")
-        if config.capture_content and text.strip():
-            entry.messages.append(Message(s.id, s.client, s.user, "assistant", at, text))
+        if capture and text.strip():
+            tally.text(s, "assistant", at, text)
     elif kind == "ApiUsage":
         model = record["model"] if isinstance(record.get("model"), str) else "unknown"
         usage = {"input_tokens": record.get("input_tokens"), "output_tokens": record.get("output_tokens"),
                  "cache_read_input_tokens": record.get("cache_read_tokens"),
                  "cache_creation_input_tokens": record.get("cache_creation_tokens")}
-        # The log has no 5m/1h split: writes take the lifetime the session's last request asked for.
-        for i, part in enumerate(samplings(usage, model, ttl=entry.cache_ttl)):
-            cost = models.price(part)
-            s.usage = s.usage + part.usage
-            s.cost_usd += cost.usd
-            s.savings_usd += cost.savings_usd
-            entry.shares.add_model(s.id, model, part.usage, cost, requests=int(i == 0))
-            # The log counts requests by their Request records: the bucket takes only the tokens.
-            entry.shares.add_bucket(at, s, model, cost.price_class, part.usage, cost)
+        # The log has no 5m/1h split: writes take the lifetime the session's last request asked for. The
+        # log counts requests by their Request records: the buckets take only the tokens.
+        tally.bill(s, at, samplings(usage, model, ttl=entry.cache_ttl), models, counted=None)
     elif kind == "ToolCall":
-        s.tool_calls += 1
-        entry.shares.add_tool(s.id, record.get("tool_name") or "unknown", 1, 0)
-        entry.shares.add_tool_bucket(at, s.id, record.get("tool_name") or "unknown", 1, 0)
-        event("tool_call", tool=record.get("tool_name"), tool_use_id=record.get("id"),
-              input=record.get("input") if config.capture_content else None, imported=True)
+        tally.tool_call(s, at, record.get("tool_name") or "unknown", tool=record.get("tool_name"),
+                        tool_use_id=record.get("id"), input=record.get("input") if capture else None, imported=True)
     elif kind == "ToolResult":
         is_error = record.get("success") is False
-        s.tool_failed += is_error
-        entry.shares.add_tool(s.id, record.get("tool_name") or "unknown", 0, int(is_error))
-        entry.shares.add_tool_bucket(at, s.id, record.get("tool_name") or "unknown", 0, int(is_error))
-        event("tool_result", tool=record.get("tool_name"), tool_use_id=record.get("id"), is_error=is_error,
-              duration_ms=duration_ms(record.get("duration")), imported=True)
+        tally.tool_result(s, at, record.get("tool_name") or "unknown", is_error, at, tool=record.get("tool_name"),
+                          tool_use_id=record.get("id"), is_error=is_error,
+                          duration_ms=duration_ms(record.get("duration")), imported=True)
     elif kind == "Thinking":
-        s.thinking_blocks += 1
-        event("thinking", chars=len(str(record.get("content") or "")), preview=None, imported=True)
+        tally.thinking(s, at, chars=len(str(record.get("content") or "")), preview=None, imported=True)
     elif kind == "ContextCompact":
-        s.compactions += 1
-        event("context_compact", before_tokens=record.get("previous_context"),
-              after_tokens=record.get("new_context"), imported=True)
+        tally.compaction(s, at, before_tokens=record.get("previous_context"),
+                         after_tokens=record.get("new_context"), imported=True)
     elif kind == "Error":
-        event("error", status=None, error_type="proxy", message=str(record.get("message", ""))[:500], imported=True)
-
-
-def _int(value: Any) -> int:
-    """Return a count, 0 when missing."""
-    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+        note("error", status=None, error_type="proxy", message=str(record.get("message", ""))[:500], imported=True)
 
 
 def read_logs(folder: Path, config: Config, models: ModelTable) -> list[LogFile]:
@@ -373,6 +286,5 @@ def _store_session(tx: Transaction, entry: LogSession) -> None:
             setattr(old, name, getattr(old, name) + getattr(new, name))
         old.usage = old.usage + new.usage
         tx.save_session(old)
-    entry.shares.write_shares(tx)
-    tx.add_events(sorted(entry.events, key=lambda e: e.timestamp))
-    tx.add_messages(entry.messages)
+    entry.tally.events.sort(key=lambda e: e.timestamp)
+    write_tally(tx, entry.tally)

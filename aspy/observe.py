@@ -111,12 +111,13 @@ class JsonObserver:
         return self.obs
 
 
-class SseObserver:
-    """Parse a Messages API event stream incrementally, in time linear in its bytes.
+class EventStream:
+    """Split a ``text/event-stream`` into events incrementally, in time linear in its bytes.
 
     A line still incomplete is kept in one growing buffer (never re-joined with every
     chunk), and no event may exceed ``MAX_EVENT``: past it the observer gives up on the
-    exchange, so a hostile stream costs bounded memory.
+    exchange, so a hostile stream costs bounded memory. Each event's JSON goes to
+    :meth:`_event`, which a subclass reads.
     """
 
     def __init__(self) -> None:
@@ -127,12 +128,6 @@ class SseObserver:
         self.event: str | None = None
         self.data: list[bytes] = []
         self.data_size = 0
-        self.usage: dict = {}
-        # Open content blocks by index: [kind, parts, block, size]
-        self.blocks: dict[int, list] = {}
-        self.texts: list[str] = []
-        self.text_size = 0
-        self.stopped = False
 
     def feed(self, chunk: bytes) -> None:
         """Take the next bytes of the stream, in whatever pieces they came."""
@@ -147,7 +142,7 @@ class SseObserver:
     def give_up(self, reason: str) -> None:
         """Stop observing this exchange, say why, and let go of what was buffered."""
         self.obs.parse_error = reason
-        self.partial, self.data, self.blocks = bytearray(), [], {}
+        self.partial, self.data = bytearray(), []
 
     def _feed(self, chunk: bytes) -> None:
         if self.cr_pending:
@@ -196,6 +191,27 @@ class SseObserver:
         if isinstance(payload, dict):
             kind = payload.get("type")
             self._event(kind if isinstance(kind, str) else event, payload)
+
+    def _event(self, kind: str | None, payload: dict) -> None:
+        """Read one event (the subclass's job)."""
+
+
+class SseObserver(EventStream):
+    """Observe a Messages API event stream: message, content blocks, usage, stop, errors."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.usage: dict = {}
+        # Open content blocks by index: [kind, parts, block, size]
+        self.blocks: dict[int, list] = {}
+        self.texts: list[str] = []
+        self.text_size = 0
+        self.stopped = False
+
+    def give_up(self, reason: str) -> None:
+        """Stop observing this exchange, say why, and let go of what was buffered."""
+        super().give_up(reason)
+        self.blocks = {}
 
     def _event(self, kind: str | None, payload: dict) -> None:
         obs = self.obs

@@ -305,12 +305,12 @@ class Flight:
 
     def ended(self) -> Exchange:
         """Return the exchange's record, now that its answer has ended; let the body go."""
-        opened = self.opened
+        opened, self.done = self.opened, True
         duration_ms = (time.time() - opened.started_at) * 1000
         # A HEAD answer has no body: the server closes it without reading one.
         complete = self.complete or opened.request.method == "HEAD"
         observation = self.observer.finish() if self.observer is not None else Observation()
-        body, self.body, self.done = self.body, b"", True
+        body, self.body = self.body, b""
         facts = read_request(body, opened.request.content_type,
                              claude_code="x-claude-code-session-id" in opened.request.headers)
         return replace(opened, request=replace(opened.request, facts=facts),

@@ -23,10 +23,11 @@ import threading
 from dataclasses import replace
 from typing import Protocol
 
+from .accounting import Accounted
 from .journal import Journal
 from .native import gevent_patched, native
 from .records import Exchange, Observation, RequestFacts, clean_text
-from .sessions import Accounted, Sessions
+from .sessions import Sessions
 from .status import WorkerStatus
 from .store import StoreError
 
@@ -56,16 +57,15 @@ class Recorder:
 
     def __init__(self, sessions: Sessions, journal: Journal | None = None, status: WorkerStatus | None = None,
                  metrics: Counter | None = None):
-        self.sessions = sessions
-        self.journal = journal
-        # This worker's recording status, for the /health of whichever worker is asked.
-        self.status = status
-        # The host's Prometheus figures: each exchange is counted there once the store has it.
-        self.metrics = metrics
-        self.failing = False
+        self.sessions, self.journal = sessions, journal
+        # This worker's recording status, for the /health of whichever worker is asked; and the
+        # host's Prometheus figures, where each exchange is counted once the store has it.
+        self.status, self.metrics = status, metrics
+        # How the store fares: failing now, failed tries, exchanges dropped, the last error.
+        self.failing, self.failures, self.dropped = False, 0, 0
+        self.last_error: str | None = None
         # Exchanges let go from memory during a long outage, still in the journal (and how many).
-        self.spilled = False
-        self.journal_only = 0
+        self.spilled, self.journal_only = False, 0
         # Under gevent the writer is an OS thread: SQLite blocks in C, and a writer greenlet would
         # wait behind every busy request of the worker (measured: PostgreSQL then fell behind for good).
         self.in_os_thread = gevent_patched() and hasattr(sessions.store, "kind")
@@ -75,9 +75,6 @@ class Recorder:
         # gevent patches what threading.Thread starts with, so an OS thread starts from _thread.
         self._start_thread = tools("_thread", "start_new_thread")
         self.pending: list[Exchange] = []
-        self.failures = 0
-        self.dropped = 0
-        self.last_error: str | None = None
         self.retry_after = RETRY_AFTER
         # The first upkeep runs as soon as the writer starts: it prices history the table has learned.
         self.next_upkeep = 0.0
@@ -170,8 +167,10 @@ class Recorder:
             try:
                 accounted = self.sessions.record(batch)
                 written = len(batch)
-            except Exception as exc:
-                written, accounted = self._record_each(batch, exc)
+            except Exception:
+                written, accounted, failure = record_each(self.sessions, batch)
+                if failure is not None:
+                    self._failed(failure)
             if accounted and self.metrics is not None:
                 self.metrics.accounted(accounted)
             if written:
@@ -183,29 +182,6 @@ class Recorder:
                 return
             self.retry_after = RETRY_AFTER
             self.failing, self.last_error = False, None
-
-    def _record_each(self, batch: list[Exchange], error: Exception) -> tuple[int, list[Accounted]]:
-        """Record a failed batch one exchange at a time; return how many were written before the store failed.
-
-        Tells data errors from outages: an exchange the store refuses as it is (an odd type, a
-        value out of range) is recorded again with only what can be read of it. Only when even
-        that fails is the store itself failing: the rest is kept, in order, for the next try.
-        """
-        accounted: list[Accounted] = []
-        for done, exchange in enumerate(batch):
-            try:
-                accounted += self.sessions.record([exchange])
-                continue
-            except Exception as exc:
-                error = exc
-            try:
-                accounted += self.sessions.record([unreadable(exchange, error)])
-                log.error("recorded an exchange without its content, which the store refused (%s): %s",
-                          error, exchange.summary())
-            except Exception as exc:
-                self._failed(exc)
-                return done, accounted
-        return len(batch), accounted
 
     def _failed(self, exc: Exception) -> None:
         self.failing = True
@@ -225,6 +201,29 @@ class Recorder:
             else:
                 self.dropped += lost
                 log.error("store unavailable: dropped the %d oldest unrecorded exchanges", lost)
+
+
+def record_each(sessions: Sessions, batch: list[Exchange]) -> tuple[int, list[Accounted], Exception | None]:
+    """Record a failed batch one exchange at a time; return how many were written, and the store's failure.
+
+    Tells data errors from outages: an exchange the store refuses as it is (an odd type, a
+    value out of range) is recorded again with only what can be read of it. Only when even
+    that fails is the store itself failing: the rest is kept, in order, for the next try.
+    """
+    accounted: list[Accounted] = []
+    for done, exchange in enumerate(batch):
+        try:
+            accounted += sessions.record([exchange])
+            continue
+        except Exception as exc:
+            error: Exception = exc
+        try:
+            accounted += sessions.record([unreadable(exchange, error)])
+            log.error("recorded an exchange without its content, which the store refused (%s): %s",
+                      error, exchange.summary())
+        except Exception as exc:
+            return done, accounted, exc
+    return len(batch), accounted, None
 
 
 def unreadable(exchange: Exchange, error: Exception) -> Exchange:

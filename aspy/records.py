@@ -77,6 +77,13 @@ class Usage:
                 self.cache_write_1h, self.web_search_requests)
 
 
+def status_of(session: Session, now: float, idle_after: float, end_after: float) -> str:
+    """Return a session's status: ended as stored or past end_after, else active or idle by its last activity."""
+    if session.status == ENDED or now - session.last_activity > end_after:
+        return ENDED
+    return IDLE if now - session.last_activity > idle_after else ACTIVE
+
+
 @dataclass
 class Session:
     """One session of one identity, with its running statistics."""
@@ -98,11 +105,14 @@ class Session:
     usage: Usage = field(default_factory=Usage)
     cost_usd: float = 0.0
     savings_usd: float = 0.0
+    # Tool calls, those whose result was an error, and thinking blocks.
     tool_calls: int = 0
     tool_failed: int = 0
     thinking_blocks: int = 0
+    # Summed over the requests the upstream answered, for the average time to first byte.
     ttfb_total_ms: float = 0.0
     ttfb_count: int = 0
+    # The context gauge: the main thread's last model, tokens and window; and compactions seen.
     context_model: str | None = None
     context_tokens: int = 0
     context_limit: int | None = None

@@ -15,18 +15,20 @@ PACKAGE = Path(__file__).resolve().parent.parent / "aspy"
 # import the records.
 LAYERS: list[tuple[str, set[str]]] = [
     ("entry points", {"__main__", "cli", "serving", "worker", "__init__"}),
-    ("commands and the API's clients", {"migration", "report", "top", "mcp_server", "apiclient"}),
+    ("commands and the API's clients", {"migration", "config_file", "report", "top", "mcp_server", "apiclient"}),
     ("what is asked of the store", {"api", "health", "metrics", "dashboard"}),
+    ("what the API may change", {"commands"}),
     ("forward and stream", {"proxy"}),
     ("who is this, where does it go", {"routing"}),
     ("parse the answer", {"observe", "bedrock"}),
     ("record off the request's path", {"recorder", "journal", "inflight"}),
-    ("what it means", {"sessions"}),
+    ("the session ledger", {"sessions"}),
+    ("what an exchange adds to its session", {"accounting"}),
     ("what it costs", {"billing", "models"}),
     ("figures over time", {"usage"}),
     ("where it lives", {"store"}),
-    ("what everyone may import", {"prompts", "claude_code", "records", "config", "addresses", "errors", "logs",
-                                  "native", "timerange", "status"}),
+    ("what everyone may import", {"identity", "prompts", "claude_code", "records", "config", "addresses", "errors",
+                                  "logs", "native", "timerange", "status"}),
 ]
 # The API's clients talk to a server over HTTP: they import none of its modules.
 CLIENTS = {"apiclient", "top", "mcp_server"}

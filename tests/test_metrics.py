@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 import requests
 
+from aspy.accounting import failed_exchange
 from aspy.metrics import failure_kind, status_class
 from aspy.records import CLIENT_WENT_AWAY, Exchange, Observation, Request, Response
-from aspy.sessions import failed_exchange
 from helpers import API_KEY, MODEL, eventually, free_port, send_message, standard_config, workers_of
 
 PROMETHEUS = Path("/usr/bin/prometheus")

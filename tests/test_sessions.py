@@ -6,7 +6,8 @@ import time
 
 import pytest
 
-from aspy.sessions import session_key, warning_level
+from aspy.accounting import warning_level
+from aspy.sessions import session_key
 from aspy.store import Horizon, Scope
 from helpers import book, exchange
 

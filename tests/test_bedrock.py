@@ -145,7 +145,7 @@ MIXED = STREAM[:STARTS[5]] + THROTTLE + STREAM[STARTS[5]:]
 WHOLE_EVENTS, WHOLE = decode(MIXED)
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(st.integers(min_value=0, max_value=len(MIXED)), max_size=300))
 def test_any_split_of_the_bytes_gives_the_same_events(cuts: list[int]) -> None:
     events, decoder = decode(MIXED, cuts)
@@ -184,7 +184,7 @@ def test_corrupted_prelude_crc_stops_at_that_frame() -> None:
     assert len(events) == 7 and decoder.error is not None and "prelude CRC" in decoder.error
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=120, deadline=None)
 @given(st.integers(min_value=0, max_value=len(STREAM) - 1), st.integers(min_value=1, max_value=255),
        st.lists(st.integers(min_value=0, max_value=len(STREAM)), max_size=20))
 def test_any_changed_byte_is_caught_at_its_frame(position: int, flip: int, cuts: list[int]) -> None:
@@ -196,7 +196,7 @@ def test_any_changed_byte_is_caught_at_its_frame(position: int, flip: int, cuts:
     assert decoder.error is not None and decoder.buffered == 0
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=120, deadline=None)
 @given(st.integers(min_value=1, max_value=len(STREAM) - 1),
        st.lists(st.integers(min_value=0, max_value=len(STREAM)), max_size=20))
 def test_a_truncated_stream_is_reported_when_it_ends(length: int, cuts: list[int]) -> None:
@@ -233,7 +233,7 @@ def test_a_stopped_decoder_returns_nothing_more() -> None:
     assert decoder.feed(STREAM) == [] and decoder.buffered == 0 and decoder.frames == 0
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(st.binary(max_size=4096), st.lists(st.integers(min_value=0, max_value=4096), max_size=30))
 def test_random_garbage_never_raises_and_stays_bounded(garbage: bytes, cuts: list[int]) -> None:
     events, decoder = decode(garbage, cuts, BedrockDecoder(max_frame=1024))
@@ -243,7 +243,7 @@ def test_random_garbage_never_raises_and_stays_bounded(garbage: bytes, cuts: lis
     assert decoder.buffered == 0
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(st.integers(min_value=0, max_value=2**32 - 1), st.integers(min_value=0, max_value=2**32 - 1),
        st.binary(max_size=2048), st.lists(st.integers(min_value=0, max_value=2060), max_size=30))
 def test_any_claimed_lengths_never_raise_nor_buffer_past_the_bound(

@@ -449,7 +449,7 @@ TABLE_KEYS = {"server": ["listen", "workers", "worker_connections", "api_token",
 NAMED_KEYS = ["base_url", "name", "api_key_env", "provider", "tags", "proxy_token", "legacy_user_hashes"]
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @example({"providers": {"p": {"base_url": "http://[::1"}}})
 @example({"server": {"connect_timeout": 1e300, "upstream_timeout": "9999999999999999d"}})
 @given(st.fixed_dictionaries({}, optional={

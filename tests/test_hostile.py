@@ -292,7 +292,7 @@ def api_client(store_kind, tmp_path_factory, postgres_databases, model_table):
         postgres_databases.give_back(url)
 
 
-@settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(endpoint=st.sampled_from(ENDPOINTS), query=QUERIES, authorization=AUTHORIZATION, data=st.data())
 def test_the_api_answers_any_input_with_json_in_anthropic_shape_never_5xx(api_client, endpoint, query,
                                                                           authorization, data):

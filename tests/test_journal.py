@@ -120,8 +120,11 @@ def test_sigkill_of_a_worker_under_load_loses_no_exchange(start_aspy, upstream):
     stop.set()
     reached = sum(1 for r in upstream.requests[before:] if r.target.startswith("/v1/messages"))
     # Every exchange that reached the upstream is recorded: the killed worker's through its journal.
+    # A request the journal noted but the kill stopped before it reached the upstream is recorded
+    # too (as failed): at most one per client connection.
     stats = eventually(lambda: (s := requests.get(f"{server.url}/api/stats", params={"session": session}).json())
-                       .get("requests", {}).get("total") == reached and s, timeout=30)
+                       .get("requests", {}).get("total", 0) >= reached and s, timeout=30)
+    assert stats["requests"]["total"] <= reached + 16, (stats["requests"], reached)
     assert stats["requests"]["failed"] >= 1  # the streams cut by the kill are recorded as failed
     assert "a stopped worker left in its journal" in server.log_text()
 

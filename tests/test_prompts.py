@@ -34,7 +34,7 @@ def standard_facts(body: bytes, claude_code: bool, monkeypatch: pytest.MonkeyPat
         return read_request(body, "application/json", claude_code=claude_code)
 
 
-@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(body=bodies, claude_code=st.booleans())
 def test_a_body_reads_the_same_as_with_the_standard_parser(body, claude_code, monkeypatch):
     raw = json.dumps(body).encode()

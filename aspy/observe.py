@@ -14,6 +14,8 @@ import json
 import logging
 from typing import Any
 
+import orjson
+
 from .bedrock import BedrockDecoder
 from .prompts import BATCH_RESULTS_PATH
 from .records import BatchResult, Observation, ToolUse, clean_text
@@ -29,6 +31,8 @@ MAX_BATCH_RESULTS = 100_000
 MAX_EVENT = 4 * 1024 * 1024
 # Assistant text, thinking and each tool input are kept up to this size (for search and events).
 MAX_TEXT = 256 * 1024
+# The events read with orjson alone (read_event): of W2's 80 events, 76.
+FAST_EVENTS = frozenset({"content_block_delta", "content_block_stop", "ping"})
 
 
 def _dict(value: Any) -> dict:
@@ -44,6 +48,24 @@ def _key(value: Any) -> Any:
 def _text(value: Any) -> str | None:
     """Return a string field as clean text (no NUL, no lone surrogate), or None when it is not a string."""
     return clean_text(value) if isinstance(value, str) else None
+
+
+def read_event(data: bytes) -> Any:
+    """Parse one event's JSON as the standard library does, with orjson's speed on the events that are most of a stream.
+
+    orjson refuses a few documents json accepts (read again by json), and makes a float of an
+    integer past 64 bits where json makes an int: only a delta or a block's end, which carry
+    strings and an index, is kept from orjson, and only when its index is not a float.
+    Usage and everything else is read by json, so a count is the same whatever its size.
+    """
+    try:
+        payload = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return json.loads(data)
+    if type(payload) is dict and payload.get("type") in FAST_EVENTS \
+            and not isinstance(payload.get("index"), float):
+        return payload
+    return json.loads(data)
 
 
 def produced_output(content: Any) -> bool:
@@ -153,31 +175,30 @@ class EventStream:
             chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
         lines = chunk.split(b"\n")
         if len(lines) > 1:
-            first = lines[0]
             if self.partial:
-                self.partial += first
-                first, self.partial = bytes(self.partial), bytearray()
-            self._line(first)
-            for line in lines[1:-1]:
-                self._line(line)
+                self.partial += lines[0]
+                lines[0], self.partial = bytes(self.partial), bytearray()
+            tail = lines.pop()
+            # The line rules inline, not a call per line: a stream has three lines an event.
+            for line in lines:
+                if not line:
+                    self._dispatch()
+                elif line.startswith(b"data:"):
+                    value = line[6:] if line.startswith(b"data: ") else line[5:]
+                    self.data.append(value)
+                    self.data_size += len(value)
+                    if self.data_size > MAX_EVENT:
+                        self.give_up(f"an event over {MAX_EVENT} bytes")
+                        return
+                elif line.startswith(b"event:"):
+                    self.event = line[6:].strip().decode("utf-8", "replace")
                 if self.obs.parse_error:
                     return
-        self.partial += lines[-1]
+            self.partial += tail
+        else:
+            self.partial += chunk
         if len(self.partial) > MAX_EVENT:
             self.give_up(f"an event stream line over {MAX_EVENT} bytes")
-
-    def _line(self, line: bytes) -> None:
-        if not line:
-            self._dispatch()
-        elif line.startswith(b"data:"):
-            value = line[5:]
-            value = value[1:] if value.startswith(b" ") else value
-            self.data.append(value)
-            self.data_size += len(value)
-            if self.data_size > MAX_EVENT:
-                self.give_up(f"an event over {MAX_EVENT} bytes")
-        elif line.startswith(b"event:"):
-            self.event = line[6:].strip().decode("utf-8", "replace")
 
     def _dispatch(self) -> None:
         data, event = self.data, self.event
@@ -185,7 +206,7 @@ class EventStream:
         if not data:
             return
         try:
-            payload = json.loads(b"\n".join(data))
+            payload = read_event(data[0] if len(data) == 1 else b"\n".join(data))
         except (ValueError, RecursionError):
             return
         if isinstance(payload, dict):

@@ -8,6 +8,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from aspy import observe
 from aspy.billing import context_of, tokens
 from aspy.observe import JsonObserver, SseObserver
 from aspy.prompts import read_request
@@ -243,3 +244,44 @@ def test_deeply_nested_bodies_give_empty_facts_not_errors():
     observer = JsonObserver()
     observer.feed(b'{"type": "message", "content": ' + b"[" * 100_000 + b"]" * 100_000 + b"}")
     assert "invalid JSON" in observer.finish().parse_error
+
+
+# Any JSON value, with what tells orjson and json apart: lone surrogates, integers past 64
+# bits, NaN and infinities.
+event_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(),
+    lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=6), children, max_size=3),
+    max_leaves=12,
+)
+stream_events = st.fixed_dictionaries({
+    "type": st.sampled_from(["message_start", "content_block_start", "content_block_delta", "content_block_stop",
+                             "message_delta", "message_stop", "ping", "error", 3]),
+}, optional={"index": st.sampled_from([0, 1, 2**64, 1.0, "0"]) | event_values,
+             "delta": st.fixed_dictionaries({}, optional={"text": event_values, "partial_json": event_values,
+                                                          "stop_reason": event_values}),
+             "usage": st.dictionaries(st.sampled_from(["input_tokens", "output_tokens", "cache_read_input_tokens"]),
+                                      st.integers() | event_values, max_size=3),
+             "content_block": st.fixed_dictionaries({"type": st.sampled_from(["text", "tool_use", "fallback"])},
+                                                    optional={"input": event_values, "id": event_values}),
+             "message": st.fixed_dictionaries({}, optional={"usage": event_values, "model": event_values})})
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(events=st.lists(stream_events, max_size=8))
+def test_a_stream_reads_the_same_as_with_the_standard_parser(events, monkeypatch):
+    raw = b"".join(b"event: e\ndata: " + json.dumps(e).encode() + b"\n\n" for e in events)
+    fast = parse(raw)
+    with monkeypatch.context() as m:
+        m.setattr(observe, "read_event", json.loads)
+        standard = parse(raw)
+    assert repr(fast) == repr(standard)
+
+
+def test_a_block_whose_index_is_past_64_bits_keeps_its_text():
+    # orjson would make the delta's index a float, and the delta would miss its block.
+    index = 2**64
+    raw = b"".join(b"data: " + json.dumps(e).encode() + b"\n\n" for e in [
+        {"type": "content_block_start", "index": index, "content_block": {"type": "text", "text": ""}},
+        {"type": "content_block_delta", "index": index, "delta": {"type": "text_delta", "text": "kept"}},
+        {"type": "content_block_stop", "index": index}])
+    assert parse(raw).text == "kept"

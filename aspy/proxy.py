@@ -29,7 +29,7 @@ from werkzeug.http import is_hop_by_hop_header
 from werkzeug.routing import PathConverter
 from werkzeug.wsgi import ClosingIterator
 
-from . import records
+from . import chunked, records
 from .config import Config
 from .errors import BROKEN_BODY, AspyError, error_body, error_response, error_type
 from .native import readable
@@ -410,7 +410,10 @@ def _watch_client(client: socket.socket | None, on_hangup: Callable[[], None]) -
 def _chunks(upstream: requests.Response, content_type: str) -> Iterator[bytes]:
     """Yield the body as it arrives: chunk by chunk, or read by read for an unchunked stream."""
     if "chunked" in upstream.headers.get("transfer-encoding", "").lower():
-        # Each chunk as it comes, but never more than READ_CHUNK decoded at once: a gzip bomb
+        if chunked.readable(upstream):
+            # What one read brought, in one piece: one write to the client for what came at once.
+            return chunked.relayed_chunks(upstream, READ_CHUNK)
+        # A compressed body: each chunk as it comes, but never more than READ_CHUNK decoded at once: a gzip bomb
         # in one chunk is inflated piece by piece, not into memory whole.
         return _coalesced(upstream.raw.read_chunked(READ_CHUNK, decode_content=True), _arrived(upstream))
     if content_type.startswith(STREAM_TYPES):

@@ -18,7 +18,7 @@ LAYERS: list[tuple[str, set[str]]] = [
     ("commands and the API's clients", {"migration", "config_file", "report", "top", "mcp_server", "apiclient"}),
     ("what is asked of the store", {"api", "health", "metrics", "dashboard"}),
     ("what the API may change", {"commands"}),
-    ("forward and stream", {"proxy"}),
+    ("forward and stream", {"proxy", "chunked"}),
     ("who is this, where does it go", {"routing"}),
     ("parse the answer", {"observe", "bedrock"}),
     ("record off the request's path", {"recorder", "journal", "inflight"}),

@@ -288,6 +288,19 @@ def test_recorded_stream_is_relayed_byte_for_byte(aspy):
     assert r.content == b"".join(fixture_events(name))
 
 
+def test_streams_one_after_another_reuse_one_upstream_connection(aspy, upstream):
+    # A chunked stream read to its end hands its connection back (aspy/chunked.py): the next
+    # request on the same worker goes on it, and each stream still arrives whole.
+    with requests.Session() as session:
+        seen_before = len(upstream.requests)
+        for _ in range(5):
+            r = session.post(f"{aspy.url}/dev-1/v1/messages", json=MESSAGE | {"stream": True},
+                             headers={"x-fake-events": "3"})
+            assert r.status_code == 200 and r.text.count("event: ") == 8 and r.text.endswith("\n\n")
+    peers = {seen.peer for seen in upstream.requests[seen_before:]}
+    assert len(upstream.requests) - seen_before == 5 and len(peers) == 1
+
+
 def test_close_delimited_stream_is_relayed_as_it_arrives(aspy):
     started = time.time()
     r = requests.post(f"{aspy.url}/dev-1/v1/messages", json=MESSAGE | {"stream": True},

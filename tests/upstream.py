@@ -73,6 +73,8 @@ class Seen:
     header_list: list[tuple[str, str]]
     body: bytes
     at: float = field(default_factory=time.time)
+    # The client's address and port: requests on one kept-alive connection share it.
+    peer: tuple | None = None
 
     def json(self):
         """Return the body decoded as JSON."""
@@ -241,7 +243,7 @@ class FakeUpstream:
             body = bytes(body)
         else:
             body = await reader.readexactly(int(headers.get("content-length", 0)))
-        seen = Seen(method, target, headers, header_list, body)
+        seen = Seen(method, target, headers, header_list, body, peer=writer.get_extra_info("peername"))
         self.requests.append(seen)
         keep_alive = headers.get("connection", "").lower() != "close"
         return await self._answer(seen, writer, reader) and keep_alive

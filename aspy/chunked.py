@@ -77,7 +77,7 @@ class Dechunker:
 
 
 def readable(upstream: Response) -> bool:
-    """Tell whether a chunked answer can be read here: a body that is plain (not compressed), on a buffered socket reader.
+    """Tell whether a chunked answer can be read here: a plain body (not compressed) on a buffered socket reader.
 
     http.client gives a chunked answer a length of None; an answer with no body (to HEAD, a 204
     or a 304) has 0.

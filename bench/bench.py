@@ -4,7 +4,9 @@
     bench/run --classic [--quick] [--only-fresh] [--only-usage] [--usage-exchanges N] [--postgres URL]
 
 By default, the three workloads of the speed issue (#14) as ../shared/peer-bench defines
-them (workloads.py), direct and through aspy (2 gevent workers, SQLite, recording on):
+them (workloads.py), direct, through the floor (floor.py: the smallest Flask + requests
+proxy under gunicorn's gevent workers, recording nothing) and through aspy (2 gevent
+workers, SQLite, recording on):
 W1, a 3.3 KB stream, at 1 and 50 connections (latency, requests/s, CPU per request); W2,
 a Claude Code turn with a 400 KB request and 80 events 10 ms apart, 100 clients at once
 (turns completed, added time to first byte, CPU per request); W3, 1,000 streams open at

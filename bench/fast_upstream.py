@@ -15,9 +15,11 @@ request body (which every proxy forwards as it is):
 - ``bench:w3:N``: N events (3 to 600) one second apart.
 - otherwise (W1): a 3.3 KB stream of 24 events, written at once in one write.
 
-``GET /__stats`` answers ``{"received": n, "served": n, "open": n}``: Messages requests
-received, streams written to their last byte, streams open now. Any other request gets a
-small JSON answer (a readiness probe).
+``GET /__stats`` answers ``{"received": n, "served": n, "open": n, "floor_open": n}``: Messages
+requests received, streams written to their last byte, streams open now; the floor's
+(bench/floor.py, whose requests come under ``/floor/``) are counted apart, so that what it
+serves late never counts as aspy's, and only their open streams are given. Any other request
+gets a small JSON answer (a readiness probe).
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ import sys
 
 MODEL = "claude-sonnet-4-5-20250929"
 STATS = {"received": 0, "served": 0, "open": 0}
+FLOOR = {"received": 0, "served": 0, "open": 0}
 HEAD = (b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream; charset=utf-8\r\ncache-control: no-cache\r\n"
         b"request-id: req_bench\r\nanthropic-ratelimit-requests-remaining: 99\r\ntransfer-encoding: chunked\r\n\r\n")
 WORDS = ["I'll", "look", "at", "the", "failing", "test", "first,", "then", "read", "the", "module", "it",
@@ -182,8 +185,9 @@ async def connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter)
             method, target, body, keep_alive = request
             path = target.split("?", 1)[0]
             if method == "POST" and path.endswith("/v1/messages"):
-                STATS["received"] += 1
-                STATS["open"] += 1
+                stats = FLOOR if path.startswith("/floor/") else STATS
+                stats["received"] += 1
+                stats["open"] += 1
                 try:
                     if b"bench:w2" in body:
                         await stream(writer, W2_EVENTS, 0.05, 0.01)
@@ -192,11 +196,12 @@ async def connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter)
                     else:
                         writer.write(W1_RESPONSE)
                         await writer.drain()
-                    STATS["served"] += 1
+                    stats["served"] += 1
                 finally:
-                    STATS["open"] -= 1
+                    stats["open"] -= 1
             else:
-                writer.write(small(json.dumps(STATS).encode() if path == "/__stats" else b'{"ok":true}'))
+                stats_now = STATS | {"floor_open": FLOOR["open"]}
+                writer.write(small(json.dumps(stats_now).encode() if path == "/__stats" else b'{"ok":true}'))
                 await writer.drain()
             if not keep_alive:
                 break

@@ -96,6 +96,22 @@ def start_aspy(folder: Path, name: str, upstream_port: int, store: str = "") -> 
     return proc, port
 
 
+def start_floor(folder: Path, upstream_port: int) -> tuple[subprocess.Popen, int]:
+    """Start the floor (floor.py: Flask and requests under gevent workers, no observation); return it and its port."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gunicorn", "--worker-class", "gevent", "--workers", "2", "--worker-connections", "1000",
+         "--keep-alive", "75", "--bind", f"127.0.0.1:{port}", "floor:app"],
+        stdout=(folder / "floor.log").open("w"), stderr=subprocess.STDOUT, cwd=Path(__file__).resolve().parent,
+        env=os.environ | {"UPSTREAM": f"http://127.0.0.1:{upstream_port}"}, start_new_session=True)
+    try:
+        wait_for(port, "/ping", proc)
+    except SystemExit:
+        stop_aspy(proc, folder / "floor.log")
+        raise
+    return proc, port
+
+
 def stop_aspy(proc: subprocess.Popen, log: Path) -> None:
     """Stop aspy; kill its process group if it has not stopped within 15 s."""
     proc.send_signal(signal.SIGINT)

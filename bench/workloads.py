@@ -1,4 +1,4 @@
-"""W1, W2 and W3, direct and through aspy in the same run: the figures of the speed issue (#14).
+"""W1, W2 and W3, direct, through the floor and through aspy in the same run: the figures of the speed issue (#14).
 
 The workloads of ../shared/peer-bench (the harness that measures aspy beside nginx,
 mitmproxy and LiteLLM), against the same fast upstream (fast_upstream.py) with the same
@@ -12,6 +12,9 @@ request bodies (traffic.py):
 - W3 open streams: 1,000 streams opened at once, one event a second; the memory of all
   the server's processes (peak RSS and PSS, summed), and the latency of an extra small
   request, on a new connection, while they are open.
+
+The floor (floor.py) is the smallest proxy of aspy's shape, recording nothing: what the
+shape itself costs, so that aspy's own cost is what it adds to the floor.
 
 CPU per request is the server's process tree's utime + stime over the run (from /proc)
 divided by the requests completed; aspy's threads beside each worker's hub (its writer)
@@ -226,9 +229,10 @@ class RecordCheck:
 
 
 def wait_idle(upstream_port: int, limit: float = 90) -> None:
-    """Wait until the upstream has no stream open."""
+    """Wait until the upstream has no stream open, aspy's or the floor's."""
     deadline = time.monotonic() + limit
-    while servers.get_json(upstream_port, "/__stats")["open"] and time.monotonic() < deadline:
+    while (stats := servers.get_json(upstream_port, "/__stats"))["open"] + stats["floor_open"] \
+            and time.monotonic() < deadline:
         time.sleep(0.2)
 
 
@@ -243,21 +247,23 @@ def measure(names: list[str], knobs: Knobs, rounds: int, folder: Path) -> dict[s
     raise_descriptor_limit()
     up_port = servers.free_port()
     fake = servers.start_upstream(Path(fast_upstream.__file__), up_port)
-    results: dict[str, dict[str, list[dict]]] = {name: {"direct": [], "aspy": []} for name in names}
+    results: dict[str, dict[str, list[dict]]] = {name: {"direct": [], "floor": [], "aspy": []} for name in names}
     try:
         proc, port = servers.start_aspy(folder, "aspy", up_port)
+        floor, floor_port = servers.start_floor(folder, up_port)
         try:
-            targets = [Target("direct", up_port, "", fake.pid), Target("aspy", port, "/bench", proc.pid)]
+            targets = [Target("direct", up_port, "", fake.pid), Target("floor", floor_port, "/floor", floor.pid),
+                       Target("aspy", port, "/bench", proc.pid)]
             template = traffic.w2_template()
             runs: dict[str, Callable[[Target], dict]] = {
                 "w1": lambda t: w1(t, knobs), "w2": lambda t: w2(t, knobs, template), "w3": lambda t: w3(t, knobs)}
             started = time.monotonic()
             for round_ in range(rounds):
-                order = targets[round_ % 2:] + targets[:round_ % 2]
+                order = targets[round_ % 3:] + targets[:round_ % 3]
                 for name in names:
                     for target in order:
                         wait_idle(up_port)
-                        check = RecordCheck(targets[1], up_port) if target.name == "aspy" else None
+                        check = RecordCheck(targets[2], up_port) if target.name == "aspy" else None
                         result = runs[name](target)
                         if check is not None:
                             result["check"] = check.finish()
@@ -267,6 +273,7 @@ def measure(names: list[str], knobs: Knobs, rounds: int, folder: Path) -> dict[s
                         print(f"[{time.monotonic() - started:5.0f} s] round {round_ + 1} {name} {target.name}: {brief}",
                               flush=True)
         finally:
+            servers.stop_aspy(floor, folder / "floor.log")
             servers.stop_aspy(proc, folder / "aspy.log")
     finally:
         servers.stop_upstream(fake)
@@ -305,7 +312,7 @@ ROWS = [
 
 
 def cell(figures: dict[str, list[dict]], name: str, keys: tuple[str, ...], digits: int, compare: str) -> str:
-    """Format one target's figures on a row, aspy's compared with direct's as the row says."""
+    """Format one target's figures on a row, the floor's and aspy's compared with direct's as the row says."""
     values = [median(figures[name], k) for k in keys]
     direct = [median(figures["direct"], k) for k in keys]
     if name == "direct" or compare == "":
@@ -329,14 +336,16 @@ def report(results: dict[str, dict[str, list[dict]]], knobs: Knobs, rounds: int)
               "w3": f"W3: {knobs.w3_streams:,} streams opened at once, {knobs.w3_events} events 1 s apart; "
                     f"{knobs.w3_extra} extra requests"}
     print(f"\nmedians of {rounds} round(s); aspy: 2 gevent workers, SQLite, recording on; direct's CPU and memory "
-          f"are the upstream's own")
-    print(f"{'measure':<56}{'direct':>22}{'aspy':>22}   goal (#14)")
+          f"are the upstream's own;\nfloor: the smallest proxy of aspy's shape (Flask, requests, gunicorn's gevent "
+          f"workers; floor.py), which records nothing")
+    print(f"{'measure':<56}{'direct':>22}{'floor':>22}{'aspy':>22}   goal (#14)")
     for name in results:
         print(titles[name])
         for label, workload, keys, digits, compare, goal in ROWS:
             if workload == name:
                 figures = results[name]
                 print(f"  {label:<54}{cell(figures, 'direct', keys, digits, compare):>22}"
+                      f"{cell(figures, 'floor', keys, digits, compare):>22}"
                       f"{cell(figures, 'aspy', keys, digits, compare):>22}   {goal}")
     print("\naspy recorded every exchange? /api/stats requests.total growth vs the streams the upstream served:")
     for name, figures in results.items():

@@ -37,8 +37,24 @@ import workloads
 import wrk
 
 
+def yardstick() -> float:
+    """Return the CPU milliseconds a fixed pure-Python loop takes here now (the best of five).
+
+    A virtual machine's speed drifts, by half at times, from one hour to the next: runs are
+    compared by their figures beside this one, or better, by aspy beside the floor in one run.
+    """
+    best = float("inf")
+    for _ in range(5):
+        started = time.thread_time()
+        total = 0
+        for i in range(1_000_000):
+            total += i
+        best = min(best, time.thread_time() - started)
+    return best * 1000
+
+
 def machine() -> str:
-    """Describe the run: when, on what machine, how busy it was, and which aspy."""
+    """Describe the run: when, on what machine, how busy it was, how fast now, and which aspy."""
     model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                   if line.startswith("model name")), platform.machine())
     memory = int(Path("/proc/meminfo").read_text().split()[1]) / 2 ** 20
@@ -46,7 +62,8 @@ def machine() -> str:
                             capture_output=True, text=True).stdout.strip()
     load = " ".join(Path("/proc/loadavg").read_text().split()[:3])
     return (f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {os.cpu_count()} cores ({model}), "
-            f"{memory:.0f} GiB; load average before the start {load}; Python {platform.python_version()}\n"
+            f"{memory:.0f} GiB; load average before the start {load}; Python {platform.python_version()}; "
+            f"yardstick {yardstick():.1f} ms (a million additions in Python: smaller is faster)\n"
             f"aspy at {commit[:100]}")
 
 

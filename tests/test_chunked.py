@@ -62,3 +62,43 @@ def test_a_line_that_never_ends_is_broken_framing():
     with pytest.raises(ProtocolError):
         for _ in range(MAX_LINE // 1024 + 2):
             reader.feed(b"a" * 1024)
+
+
+def test_a_silent_stream_is_read_only_once_bytes_have_come():
+    # An empty reader reads into a buffer of the size asked and, under gevent, holds it through
+    # the wait: 64 KiB for every silent stream. The socket is read only once it has bytes.
+    pytest.importorskip("gevent")
+    import select
+    import socket
+    import threading
+    import time
+    from types import SimpleNamespace
+
+    from aspy import chunked
+
+    ours, theirs = socket.socketpair()
+    reader = ours.makefile("rb")
+    reads: list[bool] = []
+
+    class Watched:
+        def read1(self, size):
+            reads.append(bool(select.select([ours], [], [], 0)[0]))
+            return reader.read1(size)
+
+    def send_slowly():
+        for part in (b"3\r\nabc\r\n", b"2\r\nde\r\n", b"0\r\n\r\n"):
+            time.sleep(0.05)
+            theirs.sendall(part)
+
+    original = SimpleNamespace(fp=Watched(), close=lambda: None)
+    raw = SimpleNamespace(_fp=original, connection=SimpleNamespace(sock=ours), release_conn=lambda: None)
+    sender = threading.Thread(target=send_slowly)
+    sender.start()
+    try:
+        assert b"".join(chunked.relayed_chunks(SimpleNamespace(raw=raw), 65536)) == b"abcde"
+    finally:
+        sender.join()
+        ours.close()
+        theirs.close()
+    # The first read takes what the reader holds (here nothing yet: it waits there once).
+    assert len(reads) >= 3 and all(reads[1:])

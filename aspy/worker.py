@@ -21,12 +21,17 @@ it would reset them), answers every request that arrives with ``Connection: clos
 closes kept-alive connections that sit idle (for :data:`IDLE_AT_STOP`) rather than after
 ``keepalive``.
 
+Each worker has glibc give large blocks back when they are freed
+(:func:`give_back_large_blocks`), so that a burst of large request bodies does not stay in
+its memory.
+
 gunicorn's master imports this module to find the worker class, before any worker has
 patched the standard library: it imports gunicorn's gevent worker (which the master loads
 anyway) and nothing of the app.
 """
 from __future__ import annotations
 
+import ctypes
 import os
 import socket
 import time
@@ -92,6 +97,25 @@ class ClosedListener:
         return self.name
 
 
+# glibc's mallopt parameter for the size from which a block is mapped on its own.
+M_MMAP_THRESHOLD = -3
+LARGE_BLOCK = 128 * 1024
+
+
+def give_back_large_blocks() -> None:
+    """Have glibc map every block of 128 KiB or more on its own, so that freeing it gives the memory back.
+
+    glibc raises that threshold each time it frees such a block, up to 32 MiB: after a burst of
+    Claude Code turns (request bodies of hundreds of KB) the bodies then live in the heap,
+    which keeps its high-water mark. Fixed, a worker's memory falls back after the burst
+    (bench/run, W3 after W2: 222 -> 194 MiB for all processes). Elsewhere than glibc, nothing.
+    """
+    try:
+        ctypes.CDLL(None).mallopt(M_MMAP_THRESHOLD, LARGE_BLOCK)
+    except (OSError, AttributeError):
+        pass
+
+
 class AspyWorker(GeventWorker):
     """gunicorn's gevent worker: Anthropic-shaped errors, read deadlines, a reserve for /health."""
 
@@ -111,6 +135,7 @@ class AspyWorker(GeventWorker):
         """Swap gunicorn's error page for aspy's in this worker process, then run as usual."""
         # gunicorn writes every error answer through util.write_error; nothing else calls it.
         util.write_error = write_error
+        give_back_large_blocks()
         super().init_process()
 
     @property

@@ -13,6 +13,7 @@ import socket
 import threading
 import time
 
+import pytest
 import requests
 
 from helpers import MESSAGE, assert_anthropic_error, standard_config, stats_when
@@ -211,3 +212,36 @@ def test_a_graceful_stop_answers_every_request_already_sent(start_aspy, upstream
     for conn in idle:
         assert conn.sock.recv(1) == b""
     assert "Error" not in server.log_text()
+
+
+MEMORY_AFTER_A_BURST = """
+from aspy.worker import give_back_large_blocks
+give_back_large_blocks()
+def rss_kib():
+    return int(open("/proc/self/statm").read().split()[1]) * 4
+before = rss_kib()
+# glibc would raise its threshold for blocks of their own on this free, up to 1 MB...
+first = bytearray(1_000_000)
+del first
+# ...and a hundred 400 KB bodies would then live in the heap, under a small block made after them.
+bodies = [bytearray(409_600) for _ in range(100)]
+for body in bodies:
+    body[::4096] = b"x" * len(body[::4096])
+pinned = bytearray(2000)
+del bodies
+print(before, rss_kib())
+"""
+
+
+def test_a_worker_gives_back_the_memory_of_a_burst_of_large_bodies():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    if not Path("/proc/self/statm").exists():
+        pytest.skip("reads its memory from /proc")
+    out = subprocess.run([sys.executable, "-c", MEMORY_AFTER_A_BURST], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parent.parent).stdout
+    before, after = map(int, out.split())
+    # 40 MB were made and freed: without the fixed threshold, the worker keeps them all.
+    assert after - before < 10_000, (before, after)

@@ -174,29 +174,26 @@ class EventStream:
         if b"\r" in chunk:
             chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
         lines = chunk.split(b"\n")
-        if len(lines) > 1:
-            if self.partial:
-                self.partial += lines[0]
-                lines[0], self.partial = bytes(self.partial), bytearray()
-            tail = lines.pop()
-            # The line rules inline, not a call per line: a stream has three lines an event.
-            for line in lines:
-                if not line:
-                    self._dispatch()
-                elif line.startswith(b"data:"):
-                    value = line[6:] if line.startswith(b"data: ") else line[5:]
-                    self.data.append(value)
-                    self.data_size += len(value)
-                    if self.data_size > MAX_EVENT:
-                        self.give_up(f"an event over {MAX_EVENT} bytes")
-                        return
-                elif line.startswith(b"event:"):
-                    self.event = line[6:].strip().decode("utf-8", "replace")
-                if self.obs.parse_error:
-                    return
-            self.partial += tail
-        else:
-            self.partial += chunk
+        # The last piece is a line still to be completed by the next chunk.
+        tail = lines.pop()
+        if lines and self.partial:
+            self.partial += lines[0]
+            lines[0], self.partial = bytes(self.partial), bytearray()
+        # The line rules inline, not a call per line: a stream has three lines an event.
+        for line in lines:
+            if not line:
+                self._dispatch()
+            elif line.startswith(b"data:"):
+                value = line[6:] if line.startswith(b"data: ") else line[5:]
+                self.data.append(value)
+                self.data_size += len(value)
+                if self.data_size > MAX_EVENT:
+                    self.give_up(f"an event over {MAX_EVENT} bytes")
+            elif line.startswith(b"event:"):
+                self.event = line[6:].strip().decode("utf-8", "replace")
+            if self.obs.parse_error:
+                return
+        self.partial += tail
         if len(self.partial) > MAX_EVENT:
             self.give_up(f"an event stream line over {MAX_EVENT} bytes")
 

@@ -200,8 +200,8 @@ async def connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter)
                 finally:
                     stats["open"] -= 1
             else:
-                stats_now = STATS | {"floor_open": FLOOR["open"]}
-                writer.write(small(json.dumps(stats_now).encode() if path == "/__stats" else b'{"ok":true}'))
+                counts = STATS | {"floor_open": FLOOR["open"]} if path == "/__stats" else None
+                writer.write(small(json.dumps(counts).encode() if counts is not None else b'{"ok":true}'))
                 await writer.drain()
             if not keep_alive:
                 break

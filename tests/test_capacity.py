@@ -10,8 +10,11 @@ import http.client
 import json
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import requests
@@ -234,10 +237,6 @@ print(before, rss_kib())
 
 
 def test_a_worker_gives_back_the_memory_of_a_burst_of_large_bodies():
-    import subprocess
-    import sys
-    from pathlib import Path
-
     if not Path("/proc/self/statm").exists():
         pytest.skip("reads its memory from /proc")
     out = subprocess.run([sys.executable, "-c", MEMORY_AFTER_A_BURST], capture_output=True, text=True, check=True,

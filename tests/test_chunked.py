@@ -1,11 +1,18 @@
 """Reading a chunked body as it arrives: any framing, split anywhere, gives the body; broken framing is an error."""
 from __future__ import annotations
 
+import select
+import socket
+import threading
+import time
+from types import SimpleNamespace
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from urllib3.exceptions import ProtocolError
 
+from aspy import chunked
 from aspy.chunked import MAX_LINE, Dechunker
 
 
@@ -68,14 +75,6 @@ def test_a_silent_stream_is_read_only_once_bytes_have_come():
     # An empty reader reads into a buffer of the size asked and, under gevent, holds it through
     # the wait: 64 KiB for every silent stream. The socket is read only once it has bytes.
     pytest.importorskip("gevent")
-    import select
-    import socket
-    import threading
-    import time
-    from types import SimpleNamespace
-
-    from aspy import chunked
-
     ours, theirs = socket.socketpair()
     reader = ours.makefile("rb")
     reads: list[bool] = []

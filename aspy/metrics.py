@@ -21,6 +21,7 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import time
 from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
@@ -62,6 +63,8 @@ TOKEN_KINDS = ("input", "output", "cache_read", "cache_write_5m", "cache_write_1
 ERROR_KINDS = frozenset(ERROR_TYPES.values()) | {"billing_error"}
 TTFB_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 3, 5, 10, 20, 30, 60, 120, 300)
 DURATION_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600)
+# The contract's freshness (SPEC 5: in every API answer within 50 ms of the last byte) is one of them.
+LAG_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 
 def status_class(status: int) -> str:
@@ -117,8 +120,10 @@ class Metrics:
                               labels, buckets=TTFB_BUCKETS, registry=self.registry)
         self.duration = Histogram("aspy_request_duration_seconds", "Time until the response's last byte",
                                   labels, buckets=DURATION_BUCKETS, registry=self.registry)
+        self.lag = Histogram("aspy_store_lag_seconds", "Time from a response's last byte until the store has it",
+                             buckets=LAG_BUCKETS, registry=self.registry)
         self._tally: dict[tuple[Any, tuple[str, ...]], float] = defaultdict(float)
-        self._observed: list[tuple[Histogram, str, float]] = []
+        self._observed: list[tuple[Histogram, tuple[str, ...], float]] = []
         self._children: dict[tuple[Any, tuple[str, ...]], Any] = {}
         # Taken by the writer's OS thread and the hub alike, so a real lock, never gevent's.
         self._lock = native("_thread", "allocate_lock")()
@@ -145,21 +150,25 @@ class Metrics:
             log.exception("counting exchanges for /metrics failed; the proxy and the store go on")
 
     def _counts(self, records: list[Accounted]) -> tuple[list[tuple[Any, tuple[str, ...], float]],
-                                                          list[tuple[Histogram, str, float]]]:
-        """Return the counts and observations of a batch of exchanges."""
+                                                          list[tuple[Histogram, tuple[str, ...], float]]]:
+        """Return the counts and observations of a batch of exchanges, which the store has just taken."""
         counts: list[tuple[Any, tuple[str, ...], float]] = []
-        observed: list[tuple[Histogram, str, float]] = []
+        observed: list[tuple[Histogram, tuple[str, ...], float]] = []
+        taken_at = time.time()
         for record in records:
             exchange = record.exchange
             client = record.client or LEGACY
+            if not exchange.replayed:
+                # What a journal gave back waited for a restart, not for the store.
+                observed.append((self.lag, (), taken_at - exchange.ended_at))
             counts.append((self.requests, (client, status_class(exchange.status)), 1))
             if failed_exchange(exchange):
                 counts.append((self.failures, (client, failure_kind(exchange)), 1))
             response = exchange.response
             if response is not None and response.ttfb_ms is not None:
-                observed.append((self.ttfb, client, response.ttfb_ms / 1000))
+                observed.append((self.ttfb, (client,), response.ttfb_ms / 1000))
             if response is not None and response.status:
-                observed.append((self.duration, client, response.duration_ms / 1000))
+                observed.append((self.duration, (client,), response.duration_ms / 1000))
             for model, usage, usd in record.samplings:
                 model = model if self.models.find(model) else OTHER_MODEL
                 for kind, tokens in zip(TOKEN_KINDS, usage.astuple()):
@@ -178,7 +187,7 @@ class Metrics:
             log.exception("counting a failed write for /metrics failed")
 
     def _add(self, counts: list[tuple[Any, tuple[str, ...], float]],
-             observed: list[tuple[Histogram, str, float]]) -> None:
+             observed: list[tuple[Histogram, tuple[str, ...], float]]) -> None:
         with self._lock:
             for metric, labels, amount in counts:
                 self._tally[(metric, labels)] += amount
@@ -201,8 +210,8 @@ class Metrics:
         try:
             for key, amount in tally.items():
                 self._child(*key).inc(amount)
-            for histogram, client, seconds in observed:
-                self._child(histogram, (client,)).observe(seconds)
+            for histogram, labels, seconds in observed:
+                self._child(histogram, labels).observe(seconds)
         except Exception:
             log.exception("counting exchanges for /metrics failed; the proxy goes on")
 

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import http.client
 import json
+import math
 import os
+import re
 import signal
 import statistics
 import sys
@@ -126,17 +128,45 @@ def fresh_delays(port: int, prefix: str, count: int, tag: str) -> dict[str, list
     return delays
 
 
+def store_lag(port: int) -> dict[float, float]:
+    """Return aspy's histogram of store lag (last byte to the store having it): exchanges per upper bound, in s."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    conn.request("GET", "/metrics")
+    text = conn.getresponse().read().decode()
+    conn.close()
+    found = re.findall(r'^aspy_store_lag_seconds_bucket\{le="([^"]+)"\} (\S+)$', text, re.M)
+    if not found:
+        sys.exit("/metrics has no aspy_store_lag_seconds")
+    return {float(le): float(n) for le, n in found}
+
+
+def lag_figures(before: dict[float, float], after: dict[float, float], name: str) -> dict[str, float]:
+    """Return the share of exchanges the store had within 50 ms, and the buckets of p50 and p99, between two scrapes."""
+    counts = {le: after[le] - before.get(le, 0) for le in after}
+    total = counts[math.inf]
+    figures = {f"lag_{name}_count": total, f"lag_{name}_within": counts[0.05] / total * 100 if total else math.nan}
+    for pct in (50, 99):
+        figures[f"lag_{name}_p{pct}"] = min((le for le, n in counts.items() if n >= total * pct / 100),
+                                            default=math.nan)
+    return figures
+
+
 def freshness(port: int, prefix: str, count: int) -> dict[str, float]:
     """Measure freshness idle, then under wrk's load at 50 connections; return percentiles in ms."""
     figures: dict[str, float] = {}
+    lag = [store_lag(port)]
     idle = fresh_delays(port, prefix, count, "idle")
+    lag.append(store_lag(port))
     proc, script = wrk.start(f"http://127.0.0.1:{port}{prefix}/v1/messages", BODY, HEADERS, 3600, 50)
     try:
         time.sleep(1)  # let wrk open its connections and the workers settle into the load
+        lag.append(store_lag(port))
         loaded = fresh_delays(port, prefix, count, "load")
+        lag.append(store_lag(port))
     finally:
         proc.send_signal(signal.SIGINT)
     figures["load_rps"] = checked(wrk.result(proc, script))
+    figures |= lag_figures(lag[0], lag[1], "idle") | lag_figures(lag[2], lag[3], "load")
     for name, delays in (("idle", idle), ("load", loaded)):
         figures[f"fresh_{name}_trip"] = statistics.median(delays["trip"])
         figures[f"fresh_{name}_count"] = len(delays["answer"])
@@ -256,10 +286,19 @@ def report(results: dict[str, dict[str, float]], fresh_count: int) -> None:
         print(f"  {name:<18} idle {fresh_cell(figures, 'idle', 'sent')} (a poll's round trip, median: "
               f"{figures['fresh_idle_trip']:.1f}), under load {fresh_cell(figures, 'load', 'sent')} "
               f"({figures['fresh_load_trip']:.1f}; wrk: {figures['load_rps']:.0f} requests/s)")
+        print(f"  {'':<18} the store's own lag, from aspy's /metrics (aspy_store_lag_seconds): "
+              + ", ".join(f"{state} {figures[f'lag_{state}_within']:.1f} % of {figures[f'lag_{state}_count']:.0f} "
+                          f"exchanges within 50 ms, p50 <= {bound(figures[f'lag_{state}_p50'])}, "
+                          f"p99 <= {bound(figures[f'lag_{state}_p99'])}" for state in ("idle", "load")))
         for state in ("idle", "load"):
             if figures[f"fresh_{state}_count"] < fresh_count:
                 print(f"  {'':<18} {state}: stopped after {figures[f'fresh_{state}_count']:.0f} samples, "
                       f"the last never showed within {FRESH_GIVE_UP:g} s")
+
+
+def bound(seconds: float) -> str:
+    """Format a histogram bucket's upper bound in ms."""
+    return "inf" if math.isinf(seconds) else f"{seconds * 1000:g} ms"
 
 
 def fresh_cell(figures: dict[str, float], state: str, end: str) -> str:

@@ -18,8 +18,10 @@ from pathlib import Path
 import pytest
 import requests
 
-from aspy.accounting import failed_exchange
-from aspy.metrics import failure_kind, status_class
+from aspy.accounting import Accounted, failed_exchange
+from aspy.config import parse_config
+from aspy.metrics import Metrics, failure_kind, status_class
+from aspy.models import load_models
 from aspy.records import CLIENT_WENT_AWAY, Exchange, Observation, Request, Response
 from helpers import API_KEY, MODEL, eventually, free_port, send_message, standard_config, workers_of
 
@@ -198,6 +200,7 @@ def test_prometheus_counts_every_request_once_across_two_workers_with_the_stores
     assert prom.value("sum(aspy_time_to_first_byte_seconds_count)") == n
     assert prom.value("sum(aspy_request_duration_seconds_count)") == n
     assert prom.value('sum(aspy_request_duration_seconds_bucket{le="+Inf"})') == n
+    assert prom.value("aspy_store_lag_seconds_count") == n
     assert prom.value("aspy_store_up") == 1 and prom.value("aspy_workers") == 2
     assert prom.value("sum(aspy_requests_in_flight)") == 0 and prom.value("aspy_records_waiting") == 0
     # Whichever worker answers the scrape, the figures are the host's.
@@ -388,3 +391,25 @@ def test_each_server_counts_in_a_folder_of_its_own_and_stopped_servers_folders_g
     fresh_metrics_folder()
     assert os.environ["PROMETHEUS_MULTIPROC_DIR"] == str(mine) and list(mine.iterdir()) == []
     assert (running / "counter_1.db").exists() and not stopped.exists()
+
+
+def test_the_store_lag_is_the_time_from_the_last_byte_until_the_store_took_it_and_skips_replays(monkeypatch):
+    monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
+    metrics = Metrics(parse_config({}, None), load_models())
+    now = time.time()
+
+    def ended(ago: float, replayed: bool = False) -> Accounted:
+        # An answer of 2 s that ended `ago` seconds before the store took it.
+        return Accounted(Exchange(started_at=now - 2 - ago, client="dev-1", provider="fake", user="anonymous",
+                                  request=Request("POST", "/v1/messages"), response=Response(200, duration_ms=2000.0),
+                                  replayed=replayed), "dev-1")
+
+    metrics.accounted([ended(0.03), ended(0.2), ended(600, replayed=True)])
+    metrics.drain()
+
+    def bucket(le: str) -> float:
+        return metrics.registry.get_sample_value("aspy_store_lag_seconds_bucket", {"le": le})
+
+    # What a journal gave back after a restart waited for the restart, not for the store.
+    assert metrics.registry.get_sample_value("aspy_store_lag_seconds_count") == 2
+    assert (bucket("0.025"), bucket("0.05"), bucket("0.25"), bucket("+Inf")) == (0, 1, 2, 2)

@@ -9,7 +9,8 @@ set once: the :class:`Request`, the :class:`Response` (None when none came) and 
 from __future__ import annotations
 
 import re
-import uuid
+import secrets
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -262,6 +263,13 @@ class Response:
     observation: Observation = field(default_factory=Observation)
 
 
+def exchange_id() -> str:
+    """Return a new exchange id: 32 hex digits, the microsecond it was made, then 76 random bits."""
+    # In time order, ids go to the end of the store's index of recorded exchanges, one page per
+    # transaction; random ones (uuid4) touched a page each (bench: 4.5 of a 5-exchange write's 55).
+    return f"{time.time_ns() // 1000:013x}{secrets.randbits(76):019x}"
+
+
 @dataclass
 class Exchange:
     """One request and its answer as the proxy saw them: the record every later step reads.
@@ -279,7 +287,7 @@ class Exchange:
     response: Response | None = None
     error: str | None = None
     # Unique, so that an exchange given back by the journal is never recorded twice.
-    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    id: str = field(default_factory=exchange_id)
     # Given back by the journal of a worker that stopped: the store may have it already.
     replayed: bool = False
 

@@ -6,7 +6,11 @@ as it was, so that what a migration does to a real old store stays tested.
 """
 from __future__ import annotations
 
+import re
 import sqlite3
+import statistics
+import threading
+import time
 import uuid
 from contextlib import contextmanager
 from dataclasses import fields, replace
@@ -15,7 +19,7 @@ from urllib.parse import quote
 import psycopg
 import pytest
 
-from aspy.records import ENDED, Event, Message, ModelUsage, Session, Usage
+from aspy.records import ENDED, Event, Message, ModelUsage, Session, Usage, exchange_id
 from aspy.store import Horizon, Scope, StoreError, UsageBucket, open_store
 from aspy.store import postgres as postgres_dialect
 from aspy.store import sqlite as sqlite_dialect
@@ -588,3 +592,46 @@ OLD_MIGRATIONS = {
         ],
     },
 }
+
+
+def test_exchange_ids_are_unique_and_go_in_the_order_they_were_made():
+    ids = [exchange_id() for _ in range(10_000)]
+    assert len(set(ids)) == len(ids) and all(re.fullmatch("[0-9a-f]{32}", i) for i in ids)
+    # In time order, each transaction's ids go to the end of the index of recorded exchanges.
+    time.sleep(0.002)
+    later = exchange_id()
+    assert all(i < later for i in ids)
+
+
+def test_the_writer_takes_the_write_lock_within_milliseconds_of_its_release(tmp_path):
+    """SQLite's busy wait backs off to sleeps of 25 ms and more; the recorder's writer tries again every ms."""
+    store = open_store(f"sqlite:///{tmp_path / 'aspy.db'}")
+    store.query("SELECT 1")  # the file and its schema exist before the other connection holds the lock
+    other = sqlite3.connect(tmp_path / "aspy.db", isolation_level=None)
+    asked, got = threading.Event(), threading.Event()
+    delays: list[float] = []
+    released = [0.0]
+
+    def writer() -> None:
+        store.writer_thread()
+        for n in range(7):
+            asked.wait()
+            asked.clear()
+            with store.transaction() as tx:
+                delays.append(time.monotonic() - released[0])
+                tx.mark_recorded([f"lock-{n}"], time.time())
+            got.set()
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    for _ in range(7):
+        other.execute("BEGIN IMMEDIATE")
+        asked.set()
+        time.sleep(0.08)  # the writer waits meanwhile: SQLite's own wait would be in a sleep of 25 ms
+        released[0] = time.monotonic()
+        other.execute("COMMIT")
+        assert got.wait(5)
+        got.clear()
+    thread.join(5)
+    assert len(store.query("SELECT * FROM recorded WHERE exchange_id LIKE 'lock-%'")) == 7
+    assert statistics.median(delays) < 0.005, delays

@@ -3,8 +3,11 @@
 Each process keeps one connection, used under a lock. Writes are short ``BEGIN IMMEDIATE``
 transactions; SQLite's own busy wait is kept to 100 ms because it blocks the whole gevent
 worker, and a longer wait is done here by sleeping, which under gevent lets the other
-greenlets run. The file is opened, and its schema created or migrated, on first use, so a
-store that cannot be opened never stops aspy from starting or forwarding.
+greenlets run. The recorder's writer, in its own OS thread, waits for another process's
+transaction by trying again every millisecond instead: SQLite's busy wait backs off to sleeps
+of 25 to 100 ms, which under load kept one worker's writer waiting up to a quarter of a second
+while the other's wrote. The file is opened, and its schema created or migrated, on first use,
+so a store that cannot be opened never stops aspy from starting or forwarding.
 """
 from __future__ import annotations
 
@@ -26,6 +29,8 @@ from .sql import SqlStore, SqlTransaction, schema_version
 
 # How long a write waits for another process's transaction before giving up.
 WRITE_PATIENCE = 2.0
+# Seconds between two tries for the write lock: in an OS thread, and on the hub (where other greenlets run meanwhile).
+RETRY_OFF_HUB, RETRY_ON_HUB = 0.001, 0.02
 # FTS5 over messages.text, kept in step by triggers; searches MATCH quoted words, ranked by bm25.
 SEARCH = (
     """CREATE VIRTUAL TABLE messages_fts USING fts5(
@@ -69,11 +74,16 @@ class SqliteStore(SqlStore):
         self._slots: dict[tuple[int, int], tuple[sqlite3.Connection, Any]] = {}
         self._slots_lock = native("_thread", "allocate_lock")()
         self._hub_thread: int | None = None
+        self._writer_thread: int | None = None
 
     def serve_here(self) -> None:
         """Note that this OS thread runs the gevent hub that serves requests (a worker's, after fork)."""
         if gevent_patched():
             self._hub_thread = native("_thread", "get_ident")()
+
+    def writer_thread(self) -> None:
+        """Note that this OS thread is the recorder's writer: it waits for the write lock in short steps of its own."""
+        self._writer_thread = native("_thread", "get_ident")()
 
     def _on_the_hub(self) -> bool:
         """Tell whether this is the thread of the worker's hub, where blocking stops every request."""
@@ -90,7 +100,12 @@ class SqliteStore(SqlStore):
                 # The hub's greenlets share the main thread's connection under gevent's lock (one may
                 # wait for it without stopping the others); any other thread has its own, under a real lock.
                 lock = threading.Lock() if self._on_the_hub() else native("_thread", "allocate_lock")()
-                self._slots[key] = (self._open(), lock)
+                conn = self._open()
+                if self._writer_thread == key[1]:
+                    # Every statement of the writer's but BEGIN runs in a transaction it holds:
+                    # none of them waits, and _begin does BEGIN's waiting.
+                    conn.execute("PRAGMA busy_timeout = 0")
+                self._slots[key] = (conn, lock)
             return self._slots[key]
 
     def _open(self) -> sqlite3.Connection:
@@ -118,7 +133,10 @@ class SqliteStore(SqlStore):
                 if not _busy(exc) or time.monotonic() > deadline:
                     raise
                 # On the hub's thread, let other greenlets run meanwhile.
-                (time.sleep if self._on_the_hub() else native("time", "sleep"))(0.02)
+                if self._on_the_hub():
+                    time.sleep(RETRY_ON_HUB)
+                else:
+                    native("time", "sleep")(RETRY_OFF_HUB)
 
     @contextmanager
     def write(self, conn: sqlite3.Connection) -> Iterator[sqlite3.Cursor]:

@@ -113,15 +113,17 @@ class Sessions:
                     batch.accounted.append(Accounted(exchange, identity.client_id))
                     continue
                 self._apply(tx, self._session_for(tx, exchange, batch), exchange, batch)
-            for session in batch.sessions.values():
-                tx.save_session(session)
-            for session_id in sorted(batch.new_users):
-                tx.set_usage_user(session_id, batch.sessions[session_id].user)
             # A session that took a key hash in this batch has it in all its buckets.
             for bucket in batch.buckets.values():
                 if bucket.session in batch.new_users:
                     bucket.user = batch.sessions[bucket.session].user
-            write_tally(tx, batch)
+            # Only writes from here: they go to the store at once.
+            with tx.sending_together():
+                for session in batch.sessions.values():
+                    tx.save_session(session)
+                for session_id in sorted(batch.new_users):
+                    tx.set_usage_user(session_id, batch.sessions[session_id].user)
+                write_tally(tx, batch)
         self.touched.update(batch.sessions)
         return batch.accounted
 

@@ -14,7 +14,7 @@ transaction, so all worker processes (and all hosts on one PostgreSQL database) 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -154,6 +154,10 @@ class LegacyUser:
 
 class Transaction(ABC):
     """The writes of one batch, applied together or not at all."""
+
+    def sending_together(self) -> AbstractContextManager[Any]:
+        """Send the writes made within to the database at once, reading nothing back until the end."""
+        return nullcontext()
 
     @abstractmethod
     def find_session(self, client: str | None, user: str, claude_session_id: str | None,

@@ -10,7 +10,7 @@ differs (connections, locking, a few words of DDL, text search) lives in the ``s
 from __future__ import annotations
 
 from collections.abc import Iterable
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 from . import Horizon, Scope, Store, StoreError, Totals, Transaction
@@ -37,8 +37,11 @@ class SqlTransaction(LedgerWrites, EventWrites, RollupWrites, Transaction):
         self.cur.execute(self.store.sql(statement), tuple(params))
         return self.cur
 
+    def sending_together(self) -> AbstractContextManager[Any]:
+        return self.store.pipeline(self.cur)
+
     def executemany(self, statement: str, rows: Iterable[Iterable[Any]]) -> None:
-        self.cur.executemany(self.store.sql(statement), [tuple(row) for row in rows])
+        self.store.run_many(self.cur, statement, [tuple(row) for row in rows])
 
     def reattribute(self, user: str, client: str, client_name: str) -> int:
         moved = self.reattribute_sessions(user, client, client_name)
@@ -55,6 +58,14 @@ class SqlStore(LedgerReads, EventReads, RollupReads, Store):
     def sql(self, statement: str) -> str:
         """Return a statement in this dialect's placeholder style."""
         return statement
+
+    def run_many(self, cursor: Any, statement: str, rows: list[tuple]) -> None:
+        """Run one statement once for each row of parameters, on a transaction's cursor."""
+        cursor.executemany(self.sql(statement), rows)
+
+    def pipeline(self, cursor: Any) -> AbstractContextManager[Any]:
+        """Send a transaction's statements made within at once, where the database can (SQLite runs in-process)."""
+        return nullcontext()
 
     def write(self, conn: Any) -> AbstractContextManager[Any]:
         """Hold the write lock for one transaction on a connection; yield a cursor, commit at the end."""

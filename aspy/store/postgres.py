@@ -96,7 +96,7 @@ class PostgresStore(SqlStore):
             cursor.execute(self.sql(insert["head"] + ", ".join([insert["row"]] * len(chunk)) + insert["tail"]),
                            [value for row in chunk for value in row], prepare=False)
 
-    def pipeline(self, cursor: Any) -> AbstractContextManager[Any]:
+    def sending_together(self, cursor: Any) -> AbstractContextManager[Any]:
         # One round trip for a batch's writes, where each statement had its own: a round trip
         # is a wait for the interpreter lock too, behind a busy worker's hub.
         return cursor.connection.pipeline()

@@ -38,7 +38,7 @@ class SqlTransaction(LedgerWrites, EventWrites, RollupWrites, Transaction):
         return self.cur
 
     def sending_together(self) -> AbstractContextManager[Any]:
-        return self.store.pipeline(self.cur)
+        return self.store.sending_together(self.cur)
 
     def executemany(self, statement: str, rows: Iterable[Iterable[Any]]) -> None:
         self.store.run_many(self.cur, statement, [tuple(row) for row in rows])
@@ -63,7 +63,7 @@ class SqlStore(LedgerReads, EventReads, RollupReads, Store):
         """Run one statement once for each row of parameters, on a transaction's cursor."""
         cursor.executemany(self.sql(statement), rows)
 
-    def pipeline(self, cursor: Any) -> AbstractContextManager[Any]:
+    def sending_together(self, cursor: Any) -> AbstractContextManager[Any]:
         """Send a transaction's statements made within at once, where the database can (SQLite runs in-process)."""
         return nullcontext()
 

@@ -62,6 +62,26 @@ def test_two_hosts_on_one_database_share_one_session_with_exact_totals(upstream,
             host.stop()
 
 
+def test_api_reads_in_gevents_threads_answer_from_a_new_database_and_see_each_exchange(upstream, shared_database,
+                                                                                    tmp_path):
+    """In a worker the API's reads run in gevent's OS threads, on connections of their own, not the hub's pool."""
+    host = AspyProcess(tmp_path, standard_config(upstream.url) + f'\n[store]\nurl = "{shared_database}"\n').start()
+    try:
+        # The database is empty: the first read finds no schema and makes it.
+        first = requests.get(f"{host.url}/api/stats")
+        assert first.status_code == 200 and first.json()["requests"]["total"] == 0
+        for n in range(6):
+            r = requests.post(f"{host.url}/dev-1/v1/messages", headers={"x-api-key": API_KEY},
+                              json={"model": "claude-sonnet-4-5-20250929", "max_tokens": 8,
+                                    "messages": [{"role": "user", "content": f"read {n}"}]})
+            assert r.status_code == 200
+            # Each worker's reads see every exchange, whichever worker wrote it.
+            assert eventually(lambda n=n: all(requests.get(f"{host.url}/api/stats").json()["requests"]["total"]
+                                              == n + 1 for _ in range(4)))
+    finally:
+        host.stop()
+
+
 class Counting:
     """A cursor that counts the statements it sends."""
 

@@ -26,7 +26,7 @@ from ..native import native
 from . import Hit, Scope, StoreError
 from .clauses import message_filters
 from .rows import Row
-from .schema import Dialect
+from .schema import SCHEMA_VERSION, Dialect
 from .sql import SqlStore, SqlTransaction, schema_version
 
 # One number for aspy's advisory lock: every write, and migrations, take it.
@@ -141,8 +141,10 @@ class PostgresStore(SqlStore):
 
     @contextmanager
     def _connection(self) -> Iterator[psycopg.Connection]:
-        """Lend a connection: the writer thread's own (the pool belongs to the hub), or one of the pool's."""
-        if not getattr(self._thread, "own", False):
+        """Lend a connection: an OS thread's own beside a worker's hub (the pool belongs to the hub), or the pool's."""
+        # The recorder's writer, and in a worker the threads gevent runs the API's reads in.
+        own = getattr(self._thread, "own", False) or (self._hub_thread is not None and not self._on_the_hub())
+        if not own:
             with self._open().connection() as pooled:
                 yield pooled
             return
@@ -150,12 +152,21 @@ class PostgresStore(SqlStore):
         if conn is None or conn.closed:
             conn = psycopg.connect(self.url, autocommit=True, connect_timeout=5)
             _configure(conn)
-            self.migrate(conn)
+            if not self._current(conn):
+                self.migrate(conn)
             self._thread.conn = conn
         yield conn
 
+    @staticmethod
+    def _current(conn: psycopg.Connection) -> bool:
+        """Tell whether the store's schema is the one this aspy writes (so a reader's connection writes nothing)."""
+        try:
+            return schema_version(conn.cursor(row_factory=dict_row)) == SCHEMA_VERSION
+        except psycopg.errors.UndefinedTable:
+            return False
+
     def _drop_own(self) -> None:
-        """Close the writer thread's connection after a failure: the next transaction opens a fresh one."""
+        """Close an OS thread's own connection after a failure: the next use opens a fresh one."""
         conn = getattr(self._thread, "conn", None)
         if conn is not None:
             self._thread.conn = None
@@ -164,12 +175,12 @@ class PostgresStore(SqlStore):
             except psycopg.Error:
                 pass
 
-    def query(self, statement: str, params: Iterable[Any] = ()) -> Sequence[Row]:
-        pool = self._open()
+    def _query(self, statement: str, params: Iterable[Any]) -> Sequence[Row]:
         try:
-            with pool.connection() as conn:
+            with self._connection() as conn:
                 return conn.cursor(row_factory=dict_row).execute(self.sql(statement), tuple(params)).fetchall()
         except (psycopg.Error, PoolTimeout) as exc:
+            self._drop_own()
             raise StoreError(f"reading the PostgreSQL store {self._where()} failed: {exc}") from None
 
     def search(self, words: list[str], since: float | None, until: float | None, scope: Scope,

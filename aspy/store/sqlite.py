@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from ..native import gevent_patched, native
+from ..native import native
 from . import Hit, Scope, StoreError
 from .clauses import message_filters
 from .rows import Row
@@ -73,21 +73,11 @@ class SqliteStore(SqlStore):
         # gevent lock, one greenlet at a time), the recorder's own thread has another.
         self._slots: dict[tuple[int, int], tuple[sqlite3.Connection, Any]] = {}
         self._slots_lock = native("_thread", "allocate_lock")()
-        self._hub_thread: int | None = None
         self._writer_thread: int | None = None
-
-    def serve_here(self) -> None:
-        """Note that this OS thread runs the gevent hub that serves requests (a worker's, after fork)."""
-        if gevent_patched():
-            self._hub_thread = native("_thread", "get_ident")()
 
     def writer_thread(self) -> None:
         """Note that this OS thread is the recorder's writer: it waits for the write lock in short steps of its own."""
         self._writer_thread = native("_thread", "get_ident")()
-
-    def _on_the_hub(self) -> bool:
-        """Tell whether this is the thread of the worker's hub, where blocking stops every request."""
-        return self._hub_thread == native("_thread", "get_ident")()
 
     def _slot(self) -> tuple[sqlite3.Connection, Any]:
         """Return this thread's connection and its lock, opening and migrating the file on first use."""
@@ -157,15 +147,6 @@ class SqliteStore(SqlStore):
                     yield SqlTransaction(self, conn.cursor())
             except sqlite3.Error as exc:
                 raise StoreError(f"writing to the SQLite store {self.path} failed: {exc}") from None
-
-    def query(self, statement: str, params: Iterable[Any] = ()) -> Sequence[Row]:
-        if self._on_the_hub():
-            # A read blocks in C for as long as it takes: in one of gevent's OS threads the worker
-            # goes on serving meanwhile, so a slow API query delays only its own answer.
-            import gevent
-
-            return gevent.get_hub().threadpool.apply(self._query, (statement, tuple(params)))
-        return self._query(statement, params)
 
     def _query(self, statement: str, params: Iterable[Any]) -> Sequence[Row]:
         """Run one read on this thread's connection."""

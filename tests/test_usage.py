@@ -524,14 +524,16 @@ def test_buckets_recorded_without_a_price_are_priced_once_the_table_learns_the_m
 
 
 def downgrade(url: str) -> None:
-    """Make a store look as aspy before figures over time left it: schema 3, no rollup."""
+    """Make a store look as aspy before figures over time left it: schema 3, no rollup, search by trigger."""
     drop = ["DROP TABLE usage_rollup", "DROP TABLE usage_rollup_6h", "DROP TABLE usage_tools",
             "UPDATE meta SET value = '3' WHERE key = 'schema_version'"]
     if url.startswith("sqlite:///"):
         import sqlite3
 
+        from aspy.store.sqlite import SEARCH
+
         with sqlite3.connect(url[len("sqlite:///"):]) as conn:
-            for statement in drop:
+            for statement in [*drop, "DELETE FROM meta WHERE key = 'search_indexed_to'", SEARCH[1]]:
                 conn.execute(statement)
         return
     import psycopg
@@ -543,6 +545,7 @@ def downgrade(url: str) -> None:
 
 def test_an_old_store_gets_each_sessions_figures_at_its_last_activity(book):
     from aspy.store import Horizon, Scope, open_store
+    from aspy.store.schema import SCHEMA_VERSION
 
     book.record([exchange(utc("2026-11-10T09:00:00"), "ana", "old-a", SONNET, dict(i=100, o=10, read=1000)),
                  exchange(utc("2026-11-12T09:00:00"), "ana", "old-a", HAIKU, dict(i=200, o=20), tool="Read"),
@@ -556,7 +559,7 @@ def test_an_old_store_gets_each_sessions_figures_at_its_last_activity(book):
     downgrade(url)
     store = open_store(url)
     try:
-        assert store.check()["schema_version"] == 4
+        assert store.check()["schema_version"] == SCHEMA_VERSION
         rows = {(r["day"], r["claude_session_id"]): r for r in ask(store, ("day", "session"))["rows"]}
         assert set(rows) == {("2026-11-12", "old-a"), ("2026-11-11", "old-b"), ("2026-11-11", None)}
         a = rows[("2026-11-12", "old-a")]

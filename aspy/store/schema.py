@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 # The six token counts, as every table of figures holds them.
 TOKENS = ("input_tokens BIGINT NOT NULL, output_tokens BIGINT NOT NULL, cache_read BIGINT NOT NULL, "
@@ -20,7 +20,7 @@ TOKENS = ("input_tokens BIGINT NOT NULL, output_tokens BIGINT NOT NULL, cache_re
 
 @dataclass(frozen=True)
 class Dialect:
-    """What a database's DDL says in its own words."""
+    """What a database's DDL, and the upkeep of its text search, say in its own words."""
 
     # A row id that grows with every insert.
     id_pk: str
@@ -32,6 +32,10 @@ class Dialect:
     floor: Callable[[str], str]
     # Text search over messages.text (migration 1): an index the searches of the dialect read.
     search: tuple[str, ...]
+    # Migration 5: the search index kept up to date once per transaction rather than row by row.
+    search_by_transaction: tuple[str, ...] = ()
+    # Run by a transaction after it inserts messages, to index them (none where the index keeps itself).
+    index_new_messages: tuple[str, ...] = ()
 
 
 def bucket_of(d: Dialect, seconds: str) -> str:
@@ -157,5 +161,6 @@ def migrations(d: Dialect) -> list[list[str]]:
             f"""INSERT INTO usage_tools SELECT {bucket_of(d, 's.last_activity')}, t.session_id, t.tool,
                 t.calls, t.failed FROM session_tools t JOIN sessions s ON s.id = t.session_id""",
         ],
+        list(d.search_by_transaction),
     ]
 

@@ -14,6 +14,7 @@ from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 from ..native import gevent_patched, native
+from ..records import Message
 from . import Horizon, Scope, Store, StoreError, Totals, Transaction
 from .events import EventReads, EventWrites
 from .ledger import LedgerReads, LedgerWrites
@@ -44,6 +45,12 @@ class SqlTransaction(LedgerWrites, EventWrites, RollupWrites, Transaction):
 
     def executemany(self, statement: str, rows: Iterable[Iterable[Any]]) -> None:
         self.store.run_many(self.cur, statement, [tuple(row) for row in rows])
+
+    def add_messages(self, messages: list[Message]) -> None:
+        super().add_messages(messages)
+        if messages:
+            for statement in self.store.dialect.index_new_messages:
+                self.execute(statement)
 
     def reattribute(self, user: str, client: str, client_name: str) -> int:
         moved = self.reattribute_sessions(user, client, client_name)

@@ -31,7 +31,7 @@ from .sql import SqlStore, SqlTransaction, schema_version
 WRITE_PATIENCE = 2.0
 # Seconds between two tries for the write lock: in an OS thread, and on the hub (where other greenlets run meanwhile).
 RETRY_OFF_HUB, RETRY_ON_HUB = 0.001, 0.02
-# FTS5 over messages.text, kept in step by triggers; searches MATCH quoted words, ranked by bm25.
+# FTS5 over messages.text; searches MATCH quoted words, ranked by bm25.
 SEARCH = (
     """CREATE VIRTUAL TABLE messages_fts USING fts5(
         text, content='messages', content_rowid='id', tokenize='unicode61 remove_diacritics 2')""",
@@ -40,8 +40,22 @@ SEARCH = (
     """CREATE TRIGGER messages_removed AFTER DELETE ON messages BEGIN
         INSERT INTO messages_fts (messages_fts, rowid, text) VALUES ('delete', old.id, old.text); END""",
 )
+# Indexing a transaction's new messages in one statement costs a tenth of what the trigger
+# did row by row (about 3 µs a message against 25-30 µs, even for a few words). The messages
+# above the mark are the ones not indexed yet, whoever inserted them: an aspy of schema 4
+# still running beside this one during an upgrade inserts without indexing, and the next
+# transaction of this one indexes them. AUTOINCREMENT never gives an id twice.
+SEARCH_BY_TRANSACTION = (
+    """INSERT INTO meta (key, value) SELECT 'search_indexed_to', CAST(COALESCE(MAX(id), 0) AS TEXT) FROM messages""",
+    "DROP TRIGGER messages_added",
+)
+INDEX_NEW_MESSAGES = (
+    """INSERT INTO messages_fts (rowid, text) SELECT id, text FROM messages
+        WHERE id > (SELECT CAST(value AS INTEGER) FROM meta WHERE key = 'search_indexed_to')""",
+    """UPDATE meta SET value = (SELECT CAST(MAX(id) AS TEXT) FROM messages) WHERE key = 'search_indexed_to'""",
+)
 DIALECT = Dialect("INTEGER PRIMARY KEY AUTOINCREMENT", " WITHOUT ROWID", "MAX",
-                  lambda number: f"CAST({number} AS INTEGER)", SEARCH)
+                  lambda number: f"CAST({number} AS INTEGER)", SEARCH, SEARCH_BY_TRANSACTION, INDEX_NEW_MESSAGES)
 
 
 def _busy(exc: sqlite3.Error) -> bool:

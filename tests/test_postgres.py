@@ -8,7 +8,6 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 
-from aspy.store import open_store
 from helpers import API_KEY, POSTGRES_URL, RATES, AspyProcess, eventually, postgres_database, standard_config
 
 pytestmark = pytest.mark.skipif(not POSTGRES_URL, reason="PostgreSQL tests need ASPY_TEST_POSTGRES_URL, "
@@ -82,31 +81,3 @@ def test_api_reads_in_gevents_threads_answer_from_a_new_database_and_see_each_ex
         host.stop()
 
 
-class Counting:
-    """A cursor that counts the statements it sends."""
-
-    def __init__(self, cursor):
-        self.cursor, self.sent = cursor, 0
-
-    def execute(self, *args, **kwargs):
-        self.sent += 1
-        return self.cursor.execute(*args, **kwargs)
-
-    def executemany(self, statement, rows, **kwargs):
-        self.sent += len(rows)
-        return self.cursor.executemany(statement, rows, **kwargs)
-
-
-def test_a_batch_inserts_many_rows_in_few_statements_and_upserts_row_by_row(shared_database):
-    """One statement per row was most of the writer's time under load (a round trip and a GIL wait each)."""
-    store = open_store(shared_database)
-    with store.transaction() as tx:
-        tx.cur = counting = Counting(tx.cur)
-        tx.mark_recorded([f"many-{i}" for i in range(2500)], 1.0)
-        inserted = counting.sent
-        # Two rows for one key in one upsert: one statement would update the row twice, which PostgreSQL refuses.
-        tx.add_tool_usage([(0, "s_1", "Read", 1, 0), (0, "s_1", "Read", 2, 1)])
-    assert inserted == 3  # 1,000 rows at a time
-    assert store.query("SELECT COUNT(*) AS n FROM recorded WHERE exchange_id LIKE 'many-%'")[0]["n"] == 2500
-    assert [dict(r) for r in store.query("SELECT calls, failed FROM usage_tools")] == [{"calls": 3, "failed": 1}]
-    store.close()

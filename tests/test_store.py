@@ -300,6 +300,39 @@ def test_a_store_of_schema_4_keeps_its_search_index_and_indexes_new_messages_onc
     assert schema_of(url) == schema_of(fresh)
 
 
+class Counting:
+    """A cursor that counts the statements it runs."""
+
+    def __init__(self, cursor):
+        self.cursor, self.sent = cursor, 0
+
+    def execute(self, *args, **kwargs):
+        self.sent += 1
+        return self.cursor.execute(*args, **kwargs)
+
+    def executemany(self, statement, rows, **kwargs):
+        self.sent += len(rows)
+        return self.cursor.executemany(statement, rows, **kwargs)
+
+
+def test_a_batch_inserts_many_rows_in_few_statements_and_upserts_row_by_row(store):
+    """A statement per row was most of the writer's time under load: a GIL wait each; on PostgreSQL, a round trip."""
+    with store.transaction() as tx:
+        tx.cur = counting = Counting(tx.cur)
+        tx.mark_recorded([f"many-{i}" for i in range(2500)], 1.0)
+        inserted = counting.sent
+        # Two rows for one key in one upsert: one statement would update the row twice, which PostgreSQL refuses.
+        tx.add_tool_usage([(0, "s_1", "Read", 1, 0), (0, "s_1", "Read", 2, 1)])
+        tx.add_messages([Message("a", "ana", "key-a", "user", T0 + i, f"message {i} of many") for i in range(1500)])
+    assert inserted == 3  # 1,000 rows at a time
+    assert store.query("SELECT COUNT(*) AS n FROM recorded WHERE exchange_id LIKE 'many-%'")[0]["n"] == 2500
+    assert [dict(r) for r in store.query("SELECT calls, failed FROM usage_tools")] == [{"calls": 3, "failed": 1}]
+    # In the order given, each once.
+    assert [r["text"] for r in store.query("SELECT text FROM messages ORDER BY id")] == \
+        [f"message {i} of many" for i in range(1500)]
+    assert store.search(["many"], None, None, Scope(), None, 10)[0] == 1500
+
+
 def test_exchanges_batches_and_log_files_count_once(store):
     with store.transaction() as tx:
         assert tx.already_recorded(["a", "b"]) == set()

@@ -9,7 +9,6 @@ its requests land. Search uses PostgreSQL's own full-text search.
 from __future__ import annotations
 
 import os
-import re
 import threading
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
@@ -34,10 +33,6 @@ WRITE_LOCK = 0x61737079
 # A tsvector of messages.text under a GIN index; searches match plainto_tsquery, ranked by ts_rank.
 SEARCH = ("ALTER TABLE messages ADD COLUMN words TSVECTOR GENERATED ALWAYS AS (to_tsvector('simple', text)) STORED",
           "CREATE INDEX messages_words ON messages USING GIN (words)")
-# An INSERT of one row of placeholders, which run_many sends as many rows at once.
-MANY_ROWS = re.compile(r"(?P<head>INSERT INTO .+? VALUES )(?P<row>\(\?(?:, \?)*\))(?P<tail>.*)", re.S)
-# Rows per statement, within the 65,535 parameters PostgreSQL takes in one.
-ROWS_AT_ONCE, MAX_PARAMETERS = 1000, 65_535
 DIALECT = Dialect("BIGSERIAL PRIMARY KEY", "", "GREATEST", lambda number: f"floor({number})::BIGINT", SEARCH)
 
 
@@ -58,6 +53,7 @@ class PostgresStore(SqlStore):
 
     kind = "postgresql"
     dialect = DIALECT
+    max_parameters = 65_535
 
     def __init__(self, url: str):
         self.url = url
@@ -79,22 +75,8 @@ class PostgresStore(SqlStore):
         # psycopg reads % as the start of a placeholder: a modulo is written %%.
         return statement.replace("%", "%%").replace("?", "%s")
 
-    def run_many(self, cursor: Any, statement: str, rows: list[tuple]) -> None:
-        """Run an INSERT of many rows as statements of up to ROWS_AT_ONCE rows each; anything else, row by row.
-
-        psycopg sends each row of an executemany as a statement of its own through its pipeline:
-        for a batch's events, messages and marks that was most of the writer's time under load.
-        An upsert stays row by row: PostgreSQL refuses one statement that updates a row twice.
-        """
-        insert = MANY_ROWS.fullmatch(statement)
-        if insert is None or "DO UPDATE" in insert["tail"] or len(rows) < 2:
-            cursor.executemany(self.sql(statement), rows)
-            return
-        at_once = min(ROWS_AT_ONCE, MAX_PARAMETERS // len(rows[0]))
-        for start in range(0, len(rows), at_once):
-            chunk = rows[start:start + at_once]
-            cursor.execute(self.sql(insert["head"] + ", ".join([insert["row"]] * len(chunk)) + insert["tail"]),
-                           [value for row in chunk for value in row], prepare=False)
+    def run_once(self, cursor: Any, statement: str, params: list[Any]) -> None:
+        cursor.execute(statement, params, prepare=False)
 
     def sending_together(self, cursor: Any) -> AbstractContextManager[Any]:
         # One round trip for a batch's writes, where each statement had its own: a round trip

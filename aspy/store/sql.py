@@ -9,6 +9,7 @@ differs (connections, locking, a few words of DDL, text search) lives in the ``s
 """
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any
@@ -21,6 +22,11 @@ from .ledger import LedgerReads, LedgerWrites
 from .rollup import RollupReads, RollupWrites
 from .rows import Row
 from .schema import SCHEMA_VERSION, Dialect, migrations
+
+# An INSERT of one row of placeholders, which run_many sends as many rows at once.
+MANY_ROWS = re.compile(r"(?P<head>INSERT INTO .+? VALUES )(?P<row>\(\?(?:, \?)*\))(?P<tail>.*)", re.S)
+# Rows per statement of run_many.
+ROWS_AT_ONCE = 1000
 
 
 def schema_version(cursor: Any) -> int | None:
@@ -63,6 +69,8 @@ class SqlStore(LedgerReads, EventReads, RollupReads, Store):
 
     kind: str
     dialect: Dialect
+    # The most parameters the database takes in one statement (SQLite's since 3.32).
+    max_parameters = 32_766
     # The OS thread of the worker's gevent hub, once serve_here has named it.
     _hub_thread: int | None = None
 
@@ -95,8 +103,26 @@ class SqlStore(LedgerReads, EventReads, RollupReads, Store):
         return statement
 
     def run_many(self, cursor: Any, statement: str, rows: list[tuple]) -> None:
-        """Run one statement once for each row of parameters, on a transaction's cursor."""
-        cursor.executemany(self.sql(statement), rows)
+        """Run an INSERT of many rows as statements of up to ROWS_AT_ONCE rows each; anything else, row by row.
+
+        Row by row, psycopg sends each row as a statement of its own, and SQLite steps each one
+        apart, giving up the interpreter lock for each step and waiting for it again behind a
+        busy worker's hub. An upsert stays row by row: PostgreSQL refuses one statement that
+        updates a row twice.
+        """
+        insert = MANY_ROWS.fullmatch(statement)
+        if insert is None or "DO UPDATE" in insert["tail"] or len(rows) < 2:
+            cursor.executemany(self.sql(statement), rows)
+            return
+        at_once = min(ROWS_AT_ONCE, self.max_parameters // len(rows[0]))
+        for start in range(0, len(rows), at_once):
+            chunk = rows[start:start + at_once]
+            self.run_once(cursor, self.sql(insert["head"] + ", ".join([insert["row"]] * len(chunk)) + insert["tail"]),
+                          [value for row in chunk for value in row])
+
+    def run_once(self, cursor: Any, statement: str, params: list[Any]) -> None:
+        """Run a statement made for one batch's rows."""
+        cursor.execute(statement, params)
 
     def sending_together(self, cursor: Any) -> AbstractContextManager[Any]:
         """Send a transaction's statements made within at once, where the database can (SQLite runs in-process)."""
